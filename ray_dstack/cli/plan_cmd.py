@@ -1,0 +1,64 @@
+"""`ray-dstack plan FILE` (the Serve config a file becomes) and `ray-dstack schema` (JSON Schema)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from ray_dstack.cli import output
+from ray_dstack.errors import UsageError
+
+
+def parse_env_args(pairs: list[str] | None) -> dict[str, str]:
+    """`-e K=V` options → dict; `-e K` takes K from the caller's environment (like docker)."""
+    import os
+
+    result: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not key:
+            raise UsageError(f"Invalid -e value `{pair}`: expected KEY=VALUE")
+        if not sep:
+            if key not in os.environ:
+                raise UsageError(f"-e {key}: environment variable {key} is not set")
+            value = os.environ[key]
+        result[key] = value
+    return result
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ray_dstack.config import load_service
+    from ray_dstack.plan import build_plan
+
+    loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
+    plan = build_plan(loaded)
+    data = plan.to_display_dict()
+    if args.json:
+        output.print_json({"serve_config": data, "gpu_types": plan.gpu_types, "warnings": plan.warnings,
+                           "requirements": plan.requirements})
+        return 0
+    header = "".join(f"# {line}\n" for line in plan.summary_lines())
+    sys.stdout.write(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    sys.stdout.flush()
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from ray_dstack.config import ServiceConfig
+
+    output.print_json(ServiceConfig.model_json_schema())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plan", help="Show the Serve config a .dstack.yml becomes (nothing is deployed)")
+    p.add_argument("file", help="A service configuration (*.dstack.yml)")
+    p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE",
+                   help="Set an env variable placeholder (repeatable)")
+    p.add_argument("--name", help="Service name (default: `name` in the file, else the file name)")
+    p.add_argument("--json", action="store_true", help="Print JSON instead of YAML")
+    p.set_defaults(func=_plan)
+    s = subparsers.add_parser("schema", help="Print the JSON Schema of the service configuration")
+    s.set_defaults(func=_schema)

@@ -1,0 +1,356 @@
+"""`deploy`, `status`, `list`, `logs`, `delete`: services on a Ray cluster, through its dashboard API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_dstack.cli import output
+from ray_dstack.cluster import apps
+from ray_dstack.cluster.dashboard import DashboardClient
+from ray_dstack.cluster.local import connect
+from ray_dstack.cluster.rollout import wait_for_service
+from ray_dstack.errors import RayDstackError, UsageError
+from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
+
+TOKEN_ENV = "RAY_DSTACK_TOKEN"
+DEFAULT_DEPLOY_TIMEOUT_S = 900.0
+
+
+def parse_env_overrides(items: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise UsageError(f"-e {item!r}: expected KEY=VALUE (or KEY to take it from this environment)")
+        if not sep:
+            if key not in os.environ:
+                raise UsageError(f"-e {key}: environment variable {key} is not set")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def token_dir() -> Path:
+    return Path(os.environ.get("RAY_DSTACK_HOME", Path.home() / ".ray-dstack")) / "tokens"
+
+
+def save_token(name: str, token: str) -> Path:
+    directory = token_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    path = directory / f"{name}.token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return path
+
+
+def saved_token(name: str) -> str | None:
+    try:
+        return (token_dir() / f"{name}.token").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def resolve_token(cli_token: str | None, existing_app: dict[str, Any] | None) -> tuple[str | None, str, bool]:
+    """(token if known in clear, its digest, generated now?). A redeploy without a token keeps the old one."""
+    token = cli_token or os.environ.get(TOKEN_ENV)
+    if token:
+        return token, token_digest(token), False
+    if apps.is_service(existing_app):
+        digest = apps.service_spec(existing_app).auth.token_sha256
+        if digest:
+            return None, digest, False
+    token = secrets.token_urlsafe(24)
+    return token, token_digest(token), True
+
+
+# --- deploy -------------------------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from ray_dstack.config import load_service
+    from ray_dstack.plan import build_plan
+
+    loaded = load_service(args.file, env_overrides=parse_env_overrides(args.env), name=args.name)
+    # Plan before touching the cluster: a config the plan rejects never reaches it.
+    plan = build_plan(loaded, token_sha256=None)
+    for warning in plan.warnings:
+        output.warn(warning)
+    name = plan.name
+
+    client, started = connect(
+        args.address,
+        start_if_missing=True,
+        on_start=lambda: output.err.print("No Ray cluster found: starting a local Ray head (`ray stop` ends it)"),
+    )
+    with client:
+        details = client.serve_details()
+        apps.check_can_write(details, name)
+        existing = apps.app_configs(details).get(name)
+        token, digest, generated = (None, None, False)
+        if loaded.config.auth:
+            token, digest, generated = resolve_token(args.token, existing)
+        plan = build_plan(loaded, token_sha256=digest)
+        app_cfg = plan.to_serve_config()["applications"][0]
+        app_cfg = finalize_app_config(app_cfg, existing)
+        new_config = apps.merged_config(details, put=app_cfg, http_options=http_options(args, started))
+        previous_time = ((details.get("applications") or {}).get(name) or {}).get("last_deployed_time_s")
+
+        output.err.print(f"Deploying {name} to {client.address} ...")
+        client.put_applications(new_config)
+        if args.detach:
+            output.out.print(f"Submitted {name}; watch it with `ray-dstack status {name}`")
+            return 0
+        result = wait_for_service(
+            client,
+            name,
+            timeout_s=args.timeout,
+            on_progress=lambda line: output.err.print(f"  {line}", markup=False),
+            previous_deployed_time=previous_time,
+        )
+        if not result.ok:
+            rollback(client, name, existing)
+            raise RayDstackError(
+                f"service {name!r} did not become ready: {result.reason}\n"
+                + ("The previous version keeps serving." if existing else "Nothing was left deployed.")
+            )
+        details = client.serve_details()
+        summary = apps.service_summary(name, details["applications"][name], apps.http_base_url(details, client.address))
+    if token and (generated or args.token or os.environ.get(TOKEN_ENV)):
+        save_token(name, token)
+    print_ready(summary, token if generated else None, auth=bool(summary.get("auth")))
+    return 0
+
+
+def finalize_app_config(app_cfg: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """Resolve what needs the network (chat templates) and keep the creation time across redeploys."""
+    from ray_dstack.cluster.model_settings import resolve_model_settings
+
+    app_cfg = dict(app_cfg)
+    args = dict(app_cfg.get("args") or {})
+    args["service"] = resolve_model_settings(args["service"])
+    created = None
+    if existing and apps.is_service(existing):
+        created = (existing.get("args") or {}).get("created")
+    args["created"] = int(created or time.time())
+    app_cfg["args"] = args
+    return app_cfg
+
+
+def http_options(args: argparse.Namespace, started_locally: bool) -> dict[str, Any]:
+    host = args.http_host or ("127.0.0.1" if started_locally else "0.0.0.0")
+    return {"host": host, "port": args.http_port}
+
+
+def rollback(client: DashboardClient, name: str, existing: dict[str, Any] | None) -> None:
+    details = client.serve_details()
+    if existing is not None:
+        client.put_applications(apps.merged_config(details, put=existing))
+    else:
+        client.put_applications(apps.merged_config(details, remove=name))
+
+
+def print_ready(summary: dict[str, Any], new_token: str | None, *, auth: bool) -> None:
+    name, url = summary["name"], summary["url"]
+    con = output.out
+    con.print(f"[green]Service {name} is ready[/green]: {summary['replicas']['running']} replica(s) at {url}/")
+    token_ref = "$RAY_DSTACK_TOKEN"
+    if new_token:
+        con.print(
+            f"Token (shown once; saved to {token_dir() / (name + '.token')}):\n  {new_token}", markup=False
+        )
+        token_ref = new_token
+    auth_header = f" -H 'Authorization: Bearer {token_ref}'" if auth else ""
+    model = summary.get("model")
+    if model:
+        base = model["openai_base_url"]
+        con.print("Call it with curl:", markup=False)
+        con.print(
+            f"  curl {base}/chat/completions{auth_header} -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{model['name']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+            markup=False,
+        )
+        con.print("or the OpenAI SDK:", markup=False)
+        con.print(
+            "  from openai import OpenAI\n"
+            f"  client = OpenAI(base_url=\"{base}\", api_key=\"{token_ref if auth else 'none'}\")\n"
+            f"  print(client.chat.completions.create(model=\"{model['name']}\", "
+            "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]).choices[0].message.content)",
+            markup=False,
+        )
+    else:
+        con.print(f"Call it with:\n  curl {url}/{auth_header}", markup=False)
+
+
+# --- status / list ------------------------------------------------------------------------------------
+
+
+def _summaries(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    client, _ = connect(args.address, start_if_missing=False)
+    with client:
+        details = client.serve_details()
+        return apps.service_summaries(details, client.address), client.address
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    summaries, _ = _summaries(args)
+    if args.name:
+        match = [s for s in summaries if s["name"] == args.name]
+        if not match:
+            raise RayDstackError(f"no service named {args.name!r} on this cluster")
+        summaries = match
+    if args.json:
+        output.print_json(summaries[0] if args.name else summaries)
+        return 0
+    if not summaries:
+        output.out.print("No services deployed.")
+        return 0
+    for s in summaries:
+        _print_summary(s, detailed=True)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    summaries, _ = _summaries(args)
+    if args.json:
+        output.print_json(summaries)
+        return 0
+    from rich.table import Table
+
+    table = Table("NAME", "STATUS", "REPLICAS", "MODEL", "URL")
+    for s in summaries:
+        model = f"{s['model']['name']} ({s['model']['format']})" if s.get("model") else "-"
+        table.add_row(s["name"], s["status"], f"{s['replicas']['running']}/{s['replicas']['target']}", model, s["url"])
+    output.out.print(table)
+    return 0
+
+
+def _print_summary(s: dict[str, Any], *, detailed: bool) -> None:
+    con = output.out
+    con.print(f"[bold]{s['name']}[/bold]  {s['status']}  {s['replicas']['running']}/{s['replicas']['target']} replicas")
+    con.print(f"  url: {s['url']}/", markup=False)
+    if s.get("model"):
+        m = s["model"]
+        con.print(f"  model: {m['name']} ({m['format']}) at {m['openai_base_url']}", markup=False)
+    if s.get("scaling"):
+        sc = s["scaling"]
+        rps = "n/a" if sc.get("measured_rps") is None else f"{sc['measured_rps']:.2f}"
+        con.print(
+            f"  scaling: {sc['min']}..{sc['max']} replicas, target {sc['target_rps']:g} rps; "
+            f"measured {rps} rps, desired {sc.get('desired')}",
+            markup=False,
+        )
+    if s.get("message"):
+        con.print(f"  message: {s['message']}", markup=False)
+    if detailed:
+        for r in s["replicas"]["items"]:
+            con.print(f"  replica {r['replica_id']}: {r['state']} on node {r['node_ip']} ({r['node_id']})", markup=False)
+
+
+# --- logs / delete ------------------------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client, _ = connect(args.address, start_if_missing=False)
+    with client:
+        details = client.serve_details()
+        app = (details.get("applications") or {}).get(args.name)
+        if app is None or not apps.is_service(app.get("deployed_app_config")):
+            raise RayDstackError(f"no service named {args.name!r} on this cluster")
+        summary = apps.service_summary(args.name, app, "")
+        replicas = [r for r in summary["replicas"]["items"] if r.get("node_id") and r.get("log_file_path")]
+        if args.replica:
+            replicas = [r for r in replicas if r["replica_id"].startswith(args.replica)]
+        if not replicas:
+            raise RayDstackError(f"service {args.name!r} has no replica with logs yet")
+        if args.follow:
+            r = replicas[0]
+            for chunk in client.follow_log(node_id=r["node_id"], filename=r["log_file_path"], lines=args.lines):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            return 0
+        for r in replicas:
+            text = client.log(node_id=r["node_id"], filename=r["log_file_path"], lines=args.lines)
+            if len(replicas) > 1:
+                sys.stdout.write(f"==> replica {r['replica_id']} on {r['node_ip']} <==\n")
+            sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    client, _ = connect(args.address, start_if_missing=False)
+    with client:
+        details = client.serve_details()
+        configs = apps.app_configs(details)
+        if args.name not in configs:
+            raise RayDstackError(f"no service named {args.name!r} on this cluster")
+        if not apps.is_service(configs[args.name]):
+            raise UsageError(f"{args.name!r} is a Serve application that ray-dstack did not deploy; not deleting it")
+        apps.check_can_write(details, args.name)
+        client.put_applications(apps.merged_config(details, remove=args.name))
+        deadline = time.monotonic() + args.timeout
+        while args.name in (client.serve_details().get("applications") or {}):
+            if time.monotonic() > deadline:
+                raise RayDstackError(f"service {args.name!r} is still shutting down after {args.timeout:.0f}s")
+            time.sleep(0.5)
+    output.out.print(f"Deleted {args.name}")
+    return 0
+
+
+# --- registration -------------------------------------------------------------------------------------
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="Ray dashboard address, e.g. http://<head>:8265 (default: $RAY_ADDRESS, else the local cluster)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="deploy a service and wait until it is ready")
+    p.add_argument("file", help="path to a .dstack.yml service configuration")
+    _address(p)
+    p.add_argument("--name", help="service name (default: the file's `name`, else derived from the file name)")
+    p.add_argument("-e", "--env", action="append", metavar="K=V", help="set or fill an env variable (repeatable)")
+    p.add_argument("--token", help=f"service token (default: ${TOKEN_ENV}, else kept or generated)")
+    p.add_argument("--detach", action="store_true", help="return once submitted, without waiting")
+    p.add_argument("--timeout", type=float, default=DEFAULT_DEPLOY_TIMEOUT_S, help="seconds to wait for readiness")
+    p.add_argument("--http-port", type=int, default=apps.DEFAULT_HTTP_PORT, help="Serve HTTP port if Serve is not running yet")
+    p.add_argument("--http-host", help="Serve HTTP host if Serve is not running yet")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("status", help="show a service (or all) with replicas and where they run")
+    p.add_argument("name", nargs="?")
+    _address(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", help="list services")
+    _address(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("logs", help="print a service's logs (its commands' output and the replica's)")
+    p.add_argument("name")
+    _address(p)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--replica", help="only the replica whose id starts with this")
+    p.add_argument("-n", "--lines", type=int, default=1000, help="lines from the end of each log")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("delete", help="delete a service")
+    p.add_argument("name")
+    _address(p)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_delete)
+
+
+__all__ = ["register", "GATEWAY_ROUTE_PREFIX"]

@@ -1,0 +1,204 @@
+"""Pure functions over Serve's application details: merging a deploy into the whole set, the gateway's
+routing table, and the summaries that `status`/`list` print.
+
+Serve's REST API replaces the whole set of applications on every PUT, so a deploy reads the running set,
+changes only its own application (and the gateway that routes to models), and writes everything back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from ray_dstack.errors import RayDstackError, UsageError
+from ray_dstack.spec import (
+    GATEWAY_APP_NAME,
+    GATEWAY_DEPLOYMENT_NAME,
+    GATEWAY_IMPORT_PATH,
+    GATEWAY_ROUTE_PREFIX,
+    REPLICA_DEPLOYMENT_NAME,
+    SERVICE_IMPORT_PATH,
+    ServiceSpec,
+)
+
+OUR_IMPORT_PATHS = {SERVICE_IMPORT_PATH, GATEWAY_IMPORT_PATH}
+DEFAULT_HTTP_PORT = 8100
+
+
+def app_configs(details: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Every application's deployed config by name (None for apps deployed imperatively with serve.run)."""
+    return {
+        name: app.get("deployed_app_config")
+        for name, app in (details.get("applications") or {}).items()
+        if app.get("status") != "DELETING"
+    }
+
+
+def is_service(app_config: dict[str, Any] | None) -> bool:
+    return bool(app_config) and app_config.get("import_path") == SERVICE_IMPORT_PATH
+
+
+def service_spec(app_config: dict[str, Any]) -> ServiceSpec:
+    return ServiceSpec.model_validate(app_config["args"]["service"])
+
+
+def check_can_write(details: dict[str, Any], name: str) -> None:
+    configs = app_configs(details)
+    imperative = [n for n, cfg in configs.items() if cfg is None]
+    if imperative:
+        raise RayDstackError(
+            "this cluster runs Serve applications deployed from Python with serve.run "
+            f"({', '.join(sorted(imperative))}); Serve cannot mix them with config-file deploys. "
+            "Delete them first or use a separate cluster."
+        )
+    existing = configs.get(name)
+    if name == GATEWAY_APP_NAME or (existing is not None and existing.get("import_path") not in OUR_IMPORT_PATHS):
+        raise UsageError(
+            f"name {name!r} is already taken by a Serve application that ray-dstack did not deploy "
+            f"(import_path {existing.get('import_path') if existing else GATEWAY_IMPORT_PATH}); pick another "
+            "with --name"
+        )
+
+
+def gateway_routes(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Model name → the service that serves it, with what the gateway needs to authorise and adapt."""
+    routes: dict[str, Any] = {}
+    for name, cfg in sorted(services.items()):
+        spec = service_spec(cfg)
+        if spec.model is None:
+            continue
+        if spec.model.name in routes:
+            raise UsageError(
+                f"model.name {spec.model.name!r} is already served by service {routes[spec.model.name]['app']!r}; "
+                "two services cannot publish the same model name"
+            )
+        routes[spec.model.name] = {
+            "app": name,
+            "format": spec.model.format,
+            "auth": spec.auth.model_dump(mode="json"),
+            "created": int(cfg.get("args", {}).get("created", 0)),
+        }
+    return routes
+
+
+def gateway_app(routes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": GATEWAY_APP_NAME,
+        "route_prefix": GATEWAY_ROUTE_PREFIX,
+        "import_path": GATEWAY_IMPORT_PATH,
+        "args": {},
+        "deployments": [
+            {
+                "name": GATEWAY_DEPLOYMENT_NAME,
+                "num_replicas": 1,
+                "max_ongoing_requests": 1024,
+                "ray_actor_options": {"num_cpus": 0},
+                "user_config": {"routes": routes},
+            }
+        ],
+    }
+
+
+def merged_config(
+    details: dict[str, Any],
+    *,
+    put: dict[str, Any] | None = None,
+    remove: str | None = None,
+    http_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole Serve config after adding/replacing `put` and/or removing `remove`."""
+    configs = {n: c for n, c in app_configs(details).items() if c is not None and n != GATEWAY_APP_NAME}
+    if remove is not None:
+        configs.pop(remove, None)
+    if put is not None:
+        configs[put["name"]] = put
+    services = {n: c for n, c in configs.items() if is_service(c)}
+    routes = gateway_routes(services)
+    applications = [configs[n] for n in sorted(configs)]
+    if routes:
+        applications.append(gateway_app(routes))
+    running_http = details.get("http_options") or {}
+    http = {"host": running_http.get("host"), "port": running_http.get("port")}
+    if not http["port"]:
+        http = dict(http_options or {"host": "0.0.0.0", "port": DEFAULT_HTTP_PORT})
+    config: dict[str, Any] = {
+        "proxy_location": details.get("proxy_location") or "EveryNode",
+        "http_options": http,
+        "logging_config": {"enable_access_log": False},
+        "applications": applications,
+    }
+    return config
+
+
+def http_base_url(details: dict[str, Any], dashboard_address: str) -> str:
+    http = details.get("http_options") or {}
+    host = http.get("host") or "127.0.0.1"
+    port = http.get("port") or DEFAULT_HTTP_PORT
+    if host in ("0.0.0.0", "::", ""):
+        host = urlparse(dashboard_address).hostname or "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+def service_summary(name: str, app: dict[str, Any], base_url: str) -> dict[str, Any]:
+    cfg = app.get("deployed_app_config") or {}
+    spec = service_spec(cfg) if is_service(cfg) else None
+    deployment = (app.get("deployments") or {}).get(REPLICA_DEPLOYMENT_NAME, {})
+    replicas = deployment.get("replicas") or []
+    running = [r for r in replicas if r.get("state") == "RUNNING"]
+    route = app.get("route_prefix") or cfg.get("route_prefix") or f"/{name}"
+    summary: dict[str, Any] = {
+        "name": name,
+        "status": app.get("status"),
+        "message": app.get("message") or deployment.get("message") or "",
+        "url": base_url + (route if route != "/" else ""),
+        "replicas": {
+            "running": len(running),
+            "target": deployment.get("target_num_replicas", 0),
+            "items": [
+                {
+                    "replica_id": r.get("replica_id"),
+                    "state": r.get("state"),
+                    "node_id": r.get("node_id"),
+                    "node_ip": r.get("node_ip"),
+                    "pid": r.get("pid"),
+                    "log_file_path": r.get("log_file_path"),
+                }
+                for r in replicas
+            ],
+        },
+        "model": None,
+        "auth": spec.auth.enabled if spec else None,
+    }
+    if spec and spec.model:
+        summary["model"] = {
+            "name": spec.model.name,
+            "format": spec.model.format,
+            "openai_base_url": base_url + GATEWAY_ROUTE_PREFIX,
+        }
+    autoscaling = deployment.get("autoscaling_detail")
+    if spec and spec.scaling:
+        summary["scaling"] = {
+            "min": spec.scaling.min_replicas,
+            "max": spec.scaling.max_replicas,
+            "target_rps": spec.scaling.target,
+            "desired": deployment.get("target_num_replicas"),
+            "measured_rps": _measured_rps(autoscaling),
+        }
+    return summary
+
+
+def _measured_rps(autoscaling: dict[str, Any] | None) -> float | None:
+    if not autoscaling:
+        return None
+    metrics = autoscaling.get("metrics") or {}
+    value = metrics.get("ray_dstack_rps")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def service_summaries(details: dict[str, Any], dashboard_address: str) -> list[dict[str, Any]]:
+    base = http_base_url(details, dashboard_address)
+    return [
+        service_summary(name, app, base)
+        for name, app in sorted((details.get("applications") or {}).items())
+        if is_service(app.get("deployed_app_config"))
+    ]

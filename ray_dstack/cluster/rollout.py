@@ -1,0 +1,96 @@
+"""Watching a deploy until every replica is ready, or until it is clear it cannot become ready."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_dstack.cluster.dashboard import DashboardClient
+from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME
+
+UNSCHEDULABLE_MARKERS = ("to be scheduled", "Resources required for each replica")
+
+
+@dataclass
+class RolloutResult:
+    ok: bool
+    reason: str = ""
+    app: dict[str, Any] = field(default_factory=dict)
+
+
+def _deployment(app: dict[str, Any]) -> dict[str, Any]:
+    return (app.get("deployments") or {}).get(REPLICA_DEPLOYMENT_NAME) or {}
+
+
+def _unschedulable_reason(message: str, nodes: list[dict[str, Any]]) -> str:
+    return f"{message.strip()}\nNodes in the cluster: {describe_nodes(nodes)}"
+
+
+def describe_nodes(nodes: list[dict[str, Any]]) -> str:
+    if not nodes:
+        return "none"
+    parts = []
+    for node in nodes:
+        if node.get("state") not in (None, "ALIVE"):
+            continue
+        resources = node.get("resources_total") or {}
+        labels = node.get("labels") or {}
+        accel = labels.get("ray.io/accelerator-type") or next(
+            (k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None
+        )
+        gpus = resources.get("GPU", 0)
+        kind = f"{int(gpus)}x {accel or 'GPU'}" if gpus else "no GPU"
+        parts.append(f"{node.get('node_ip', '?')} ({kind}, {resources.get('CPU', 0):g} CPU)")
+    return "; ".join(parts) or "none alive"
+
+
+def failure_reason(app: dict[str, Any]) -> str:
+    """The most specific reason Serve gives: our replica's own error over Serve's summary."""
+    dep_message = _deployment(app).get("message") or ""
+    marker = "ServiceProcessError: "
+    if marker in dep_message:
+        return dep_message[dep_message.rindex(marker) + len(marker) :].strip()
+    return (dep_message or app.get("message") or "").strip()
+
+
+def wait_for_service(
+    client: DashboardClient,
+    name: str,
+    *,
+    timeout_s: float,
+    on_progress: Callable[[str], None],
+    poll_s: float = 1.0,
+    previous_deployed_time: float | None = None,
+) -> RolloutResult:
+    """`previous_deployed_time`: the app's `last_deployed_time_s` before this deploy (a redeploy is
+    watched only once Serve has taken the new config)."""
+    deadline = time.monotonic() + timeout_s
+    last_line = ""
+    while True:
+        details = client.serve_details()
+        app = (details.get("applications") or {}).get(name)
+        if app is not None and app.get("last_deployed_time_s") != previous_deployed_time:
+            status = app.get("status")
+            dep = _deployment(app)
+            replicas = dep.get("replicas") or []
+            states = ", ".join(f"{r.get('replica_id', '?')[:8]} {r.get('state')}" for r in replicas) or "none yet"
+            line = (
+                f"{status}: {sum(r.get('state') == 'RUNNING' for r in replicas)}/"
+                f"{dep.get('target_num_replicas', '?')} replicas running ({states})"
+            )
+            if line != last_line:
+                on_progress(line)
+                last_line = line
+            message = app.get("message") or dep.get("message") or ""
+            if status == "RUNNING" and dep.get("status") == "HEALTHY":
+                return RolloutResult(True, app=app)
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                return RolloutResult(False, reason=failure_reason(app) or status, app=app)
+            if any(marker in message for marker in UNSCHEDULABLE_MARKERS):
+                return RolloutResult(False, reason=_unschedulable_reason(message, client.nodes()), app=app)
+        if time.monotonic() > deadline:
+            what = (app or {}).get("message") or "the replicas did not become ready"
+            return RolloutResult(False, reason=f"not ready after {timeout_s:.0f}s: {what}", app=app or {})
+        time.sleep(poll_s)

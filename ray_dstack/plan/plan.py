@@ -1,0 +1,247 @@
+"""`ServiceConfig` → `ServicePlan` → Serve config dict. Pure functions: no cluster needed.
+
+GPU placement: GPU names/memory become a hard `label_selector` on the node label
+`ray.io/accelerator-type` (value `in(A10G,L4)` when a spec admits several types). Verified on Ray 2.60
+(tests/test_plan_label_selector.py, a real local `ray.init(labels=...)`): an actor whose selector matches
+the node's label runs; one whose `in(...)` list does not contain the node's label stays pending — the
+selector is a strict constraint, not a preference. `accelerator_type` in `ray_actor_options` cannot
+express "A10G or L4", so it is not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_dstack import spec as rt
+from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
+from ray_dstack.config.units import format_memory
+from ray_dstack.plan import defaults
+from ray_dstack.plan.gpus import admitted_types
+
+
+class PlanError(ConfigError):
+    """A valid configuration that cannot be mapped onto Ray (e.g. a GPU spec no known type satisfies)."""
+
+
+_PORT_RE = re.compile(r"\$\{?" + re.escape(rt.PORT_ENV_VAR) + r"\b")
+
+
+def is_secret_key(key: str) -> bool:
+    upper = key.upper()
+    return any(marker in upper for marker in defaults.SECRET_ENV_KEY_MARKERS)
+
+
+@dataclass
+class ServicePlan:
+    """How one service runs on Ray: the replica spec, the Serve deployment options and the advisories."""
+
+    name: str
+    config: ServiceConfig
+    spec: rt.ServiceSpec
+    ray_actor_options: dict[str, Any]
+    deployment: dict[str, Any]
+    gpu_types: list[str] | None  # accelerator types admitted; None = any GPU (or no GPU requested)
+    requirements: dict[str, str]  # advisory / not enforced by Ray, for display
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def route_prefix(self) -> str:
+        return f"/{self.name}"
+
+    def application(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "route_prefix": self.route_prefix,
+            "import_path": rt.SERVICE_IMPORT_PATH,
+            "args": {"service": self.spec.model_dump(mode="json")},
+            "deployments": [copy.deepcopy(self.deployment)],
+        }
+
+    def to_serve_config(self) -> dict[str, Any]:
+        """A Serve config file (`serve deploy` input); keeps env values (the replica needs them)."""
+        return {"applications": [self.application()]}
+
+    def to_display_dict(self) -> dict[str, Any]:
+        """`to_serve_config()` with secret env values replaced by `***`, for printing."""
+        data = self.to_serve_config()
+        env = data["applications"][0]["args"]["service"]["env"]
+        for key in env:
+            if is_secret_key(key):
+                env[key] = defaults.REDACTED
+        return data
+
+    def summary_lines(self) -> list[str]:
+        """Human summary: GPU types, resource requests, replicas, warnings."""
+        opts = self.ray_actor_options
+        lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}"
+                 + (" (from $" + rt.PORT_ENV_VAR + ")" if self.spec.port_from_env else " (fixed: 1 replica per node)")]
+        gpu = self.config.resources.gpu
+        if opts.get("num_gpus"):
+            admitted = ", ".join(self.gpu_types) if self.gpu_types else "any"
+            lines.append(f"GPU: {opts['num_gpus']:g} per replica ({gpu}), admitted types: {admitted}")
+        else:
+            lines.append("GPU: none")
+        request = [f"num_cpus={opts.get('num_cpus', 0):g}"]
+        if opts.get("memory"):
+            request.append(f"memory={format_memory(opts['memory'] / 1024**3)}")
+        lines.append("Ray request per replica: " + ", ".join(request))
+        if self.requirements:
+            lines.append("Not enforced by Ray: " + ", ".join(f"{k} {v}" for k, v in self.requirements.items()))
+        if "autoscaling_config" in self.deployment:
+            s = self.spec.scaling
+            assert s is not None
+            lines.append(
+                f"replicas: {s.min_replicas}..{s.max_replicas}, autoscaling at {s.target:g} rps per replica "
+                f"(window {s.window_s:g}s, up delay {s.scale_up_delay_s:g}s, down delay {s.scale_down_delay_s:g}s)"
+            )
+        else:
+            lines.append(f"replicas: {self.deployment['num_replicas']}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return lines
+
+
+def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | None = None) -> ServicePlan:
+    """Map a validated configuration onto Ray Serve. Raises `PlanError` for what Ray cannot run."""
+    if isinstance(source, LoadedService):
+        config, warnings = source.config, list(source.warnings)
+        where = source.path.name if source.path else (config.name or "<config>")
+    else:
+        config, warnings, where = source, [], config_name(source)
+    name = config_name(config)
+    res = config.resources
+    errors: list[Problem] = []
+
+    # --- resources
+    opts: dict[str, Any] = {}
+    requirements: dict[str, str] = {}
+    if "cpu" in res.model_fields_set:
+        opts["num_cpus"] = float(res.cpu.min or 0)
+    else:
+        opts["num_cpus"] = defaults.DEFAULT_NUM_CPUS
+        requirements["cpu"] = f"{res.cpu} (dstack default)"
+    if "memory" in res.model_fields_set:
+        if res.memory.min:
+            opts["memory"] = int(res.memory.min * 1024**3)
+    else:
+        if defaults.DEFAULT_MEMORY_BYTES:
+            opts["memory"] = defaults.DEFAULT_MEMORY_BYTES
+        requirements["memory"] = f"{res.memory} (dstack default)"
+    requirements["disk"] = str(res.disk.size) + ("" if "disk" in res.model_fields_set else " (dstack default)")
+    if res.shm_size is not None:
+        requirements["shm_size"] = format_memory(res.shm_size)
+    gpu_types: list[str] | None = None
+    if res.gpu is not None and (res.gpu.count.min or 0) > 0:
+        opts["num_gpus"] = float(res.gpu.count.min or 0)
+        if res.gpu.count.max != res.gpu.count.min:
+            warnings.append(f"`resources.gpu` count {res.gpu.count}: each replica requests {res.gpu.count.min} GPU(s)")
+        gpu_types = admitted_types(res.gpu)
+        if gpu_types is not None:
+            if not gpu_types:
+                errors.append(Problem("resources.gpu", None, f"No known GPU type satisfies `{res.gpu}`"))
+            else:
+                value = gpu_types[0] if len(gpu_types) == 1 else "in(" + ",".join(gpu_types) + ")"
+                opts["label_selector"] = {defaults.ACCELERATOR_LABEL_KEY: value}
+        if res.gpu.vendor and res.gpu.vendor != "nvidia" and gpu_types is None:
+            warnings.append(f"`resources.gpu.vendor: {res.gpu.vendor}` is not enforced: any GPU the cluster has may be used")
+    if errors:
+        raise PlanError(where, errors)
+
+    # --- runtime spec
+    commands = list(config.setup) + list(config.commands)
+    if not commands:
+        raise PlanError(where, [Problem("commands", None, "An `image` without `commands` cannot run on Ray: add `commands`")])
+    port_from_env = any(_PORT_RE.search(line) for line in commands)
+    probe = None
+    if config.probes:
+        p = config.probes[0]
+        probe = rt.ProbeSpec(path=p.url, interval_s=float(p.interval), timeout_s=float(p.timeout), ready_after=p.ready_after)
+        if len(config.probes) > 1:
+            warnings.append("only the first of `probes` is used")
+    model = None
+    if config.model is not None:
+        m = config.model
+        model = rt.ModelSpec(
+            type=m.type, name=m.name, format=m.format, prefix=m.prefix or "/v1",
+            chat_template=m.chat_template, eos_token=m.eos_token,
+        )
+    scaling = None
+    if config.scaling is not None:
+        s = config.scaling
+        scaling = rt.ScalingSpec(
+            metric=s.metric, target=s.target, min_replicas=config.replicas.min or 0,
+            max_replicas=config.replicas.max or 1, window_s=float(s.window),
+            scale_up_delay_s=float(s.scale_up_delay), scale_down_delay_s=float(s.scale_down_delay),
+        )
+    spec = rt.ServiceSpec(
+        name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
+        port=config.port.container_port, port_from_env=port_from_env, probe=probe,
+        auth=rt.AuthSpec(enabled=config.auth, token_sha256=token_sha256 if config.auth else None),
+        model=model, scaling=scaling,
+    )
+
+    # --- deployment
+    deployment: dict[str, Any] = {
+        "name": rt.REPLICA_DEPLOYMENT_NAME,
+        "ray_actor_options": opts,
+        "max_ongoing_requests": defaults.MAX_ONGOING_REQUESTS,
+        "health_check_period_s": defaults.HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": defaults.HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    }
+    if not port_from_env:
+        deployment["max_replicas_per_node"] = 1
+    if scaling is not None:
+        deployment["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "upscale_delay_s": defaults.SERVE_UPSCALE_DELAY_S,
+            "downscale_delay_s": defaults.SERVE_DOWNSCALE_DELAY_S,
+            "metrics_interval_s": defaults.METRICS_INTERVAL_S,
+            "look_back_period_s": defaults.LOOK_BACK_PERIOD_S,
+            "policy": {
+                "policy_function": defaults.AUTOSCALING_POLICY,
+                "policy_kwargs": {
+                    "target_rps": scaling.target,
+                    "window_s": scaling.window_s,
+                    "scale_up_delay_s": scaling.scale_up_delay_s,
+                    "scale_down_delay_s": scaling.scale_down_delay_s,
+                },
+            },
+        }
+    else:
+        deployment["num_replicas"] = config.replicas.min
+
+    # --- what this cluster does not honour
+    if config.python is not None:
+        warnings.append(f"`python: {config.python}` is not honoured on this cluster: replicas use the Python of the Ray nodes")
+    if config.image is not None:
+        warnings.append(f"`image: {config.image}` is not honoured on this cluster: commands run on the Ray node, not in the image")
+    if config.registry_auth is not None:
+        warnings.append("`registry_auth` is not honoured on this cluster (no container image is pulled)")
+    if config.entrypoint is not None:
+        warnings.append("`entrypoint` is not honoured on this cluster (no container image is run)")
+    if "home_dir" in config.model_fields_set:
+        warnings.append("`home_dir` is not honoured on this cluster")
+    if config.rate_limits:
+        warnings.append("`rate_limits` are not enforced on Ray yet")
+    if res.shm_size is not None:
+        warnings.append("`resources.shm_size` is not enforced by Ray (the node's /dev/shm is used)")
+    if config.port.local_port is not None:
+        warnings.append(f"`port` local part {config.port.local_port} is ignored: the service is reached at {'/' + name}")
+
+    return ServicePlan(
+        name=name, config=config, spec=spec, ray_actor_options=opts, deployment=deployment,
+        gpu_types=gpu_types if "num_gpus" in opts else None, requirements=requirements, warnings=warnings,
+    )
+
+
+def config_name(config: ServiceConfig) -> str:
+    if config.name:
+        return config.name
+    from ray_dstack.config import name_from_filename
+
+    return name_from_filename("")

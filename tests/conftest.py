@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_stop(env: dict[str, str] | None = None) -> None:
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@dataclass
+class CliCluster:
+    """A local Ray head started by `ray-dstack deploy` itself, driven through the console script."""
+
+    env: dict[str, str]
+    http_port: int
+    home: Path
+    deployed: list[str] = field(default_factory=list)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def run(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ray-dstack"), *args]
+        if args and args[0] == "deploy":
+            cmd += ["--http-port", str(self.http_port)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=REPO)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def status(self, name: str) -> dict:
+        proc = self.run("status", name, "--json", check=True)
+        return json.loads(proc.stdout)
+
+    def wait_until(self, predicate, timeout: float = 120, interval: float = 1.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+            except (httpx.HTTPError, AssertionError, json.JSONDecodeError) as exc:
+                last = exc
+            else:
+                if last:
+                    return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray-dstack-home")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_DSTACK_HOME"] = str(home)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    ray_stop(env)
+    cluster = CliCluster(env=env, http_port=free_port(), home=home)
+    yield cluster
+    ray_stop(env)
+
+
+def write_service(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.dstack.yml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return shutil.which("python3", path=str(BIN)) or sys.executable

@@ -1,0 +1,47 @@
+"""cluster.yaml is a valid Ray cluster launcher file offering every GPU type the examples need."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import ray.autoscaler
+import yaml
+
+from ray_dstack.config import load_service
+from ray_dstack.plan import build_plan
+from ray_dstack.plan.defaults import ACCELERATOR_LABEL_KEY
+from tests.test_configs_examples import CONFIGS, placeholder_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_validates_against_ray_schema():
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(_cluster(), schema)
+
+
+def test_gpu_nodes_labelled_consistently():
+    for name, node in _cluster()["available_node_types"].items():
+        gpus = node["resources"].get("GPU", 0)
+        if gpus:
+            label = node["labels"][ACCELERATOR_LABEL_KEY]
+            assert node["resources"].get(f"accelerator_type:{label}") == 1, name
+
+
+def test_every_example_gpu_type_offered():
+    offered = {
+        node["labels"][ACCELERATOR_LABEL_KEY]: node["resources"]["GPU"]
+        for node in _cluster()["available_node_types"].values()
+        if node.get("labels", {}).get(ACCELERATOR_LABEL_KEY)
+    }
+    for path in CONFIGS:
+        plan = build_plan(load_service(path, environ=placeholder_env(path)))
+        if plan.gpu_types:
+            fits = [t for t in plan.gpu_types if offered.get(t, 0) >= plan.ray_actor_options["num_gpus"]]
+            assert fits, f"{path.name} needs one of {plan.gpu_types} x{plan.ray_actor_options['num_gpus']}"
