@@ -18,11 +18,11 @@ def build_service(args: dict[str, Any]) -> Application:
     from ray_dstack.replica.deployment import ServiceReplica
 
     deployment = serve.deployment(name=REPLICA_DEPLOYMENT_NAME)(ServiceReplica)
-    return deployment.bind(args["service"])
+    return deployment.bind(args["service"], created=args.get("created"))
 
 
 def build_gateway(args: dict[str, Any]) -> Application:
-    from ray_dstack.gateway.router import OpenAIGateway
+    from ray_dstack.gateway.deployment import OpenAIGateway
 
     deployment = serve.deployment(name=GATEWAY_DEPLOYMENT_NAME)(OpenAIGateway)
-    return deployment.bind(args.get("routes", {}))
+    return deployment.bind()

@@ -337,7 +337,7 @@ def test_slow_first_token_is_504(tgi):
 # --- disconnects ------------------------------------------------------------------------------------------
 
 
-def wait_for(predicate, timeout=5.0):
+def wait_for(predicate, timeout=15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

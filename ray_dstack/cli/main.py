@@ -10,7 +10,7 @@ from ray_dstack.cli import output
 from ray_dstack.errors import RayDstackError
 
 # Modules under ray_dstack.cli that define `register(subparsers)`; each sets `func` on its parsers.
-COMMAND_MODULES = ["plan_cmd", "service_cmds"]
+COMMAND_MODULES = ["plan_cmd", "service_cmds", "chat_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray_dstack.cli import output
 from ray_dstack.cluster import apps
-from ray_dstack.cluster.dashboard import DashboardClient
+from ray_dstack.cluster.dashboard import ClusterError, DashboardClient
 from ray_dstack.cluster.local import connect
 from ray_dstack.cluster.rollout import wait_for_service
 from ray_dstack.errors import RayDstackError, UsageError
@@ -114,6 +114,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             on_progress=lambda line: output.err.print(f"  {line}", markup=False),
             previous_deployed_time=previous_time,
+            ray_actor_options=app_cfg["deployments"][0].get("ray_actor_options") or {},
+            # An autoscaler may still add a node that fits: then wait the whole timeout.
+            unplaceable_after_s=None if client.has_autoscaler() else 30.0,
         )
         if not result.ok:
             rollback(client, name, existing)
@@ -196,7 +199,11 @@ def _summaries(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     client, _ = connect(args.address, start_if_missing=False)
     with client:
         details = client.serve_details()
-        return apps.service_summaries(details, client.address), client.address
+        try:  # which GPU type each replica's node has; status still works without it
+            nodes = client.nodes()
+        except ClusterError:
+            nodes = None
+        return apps.service_summaries(details, client.address, nodes), client.address
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -251,7 +258,8 @@ def _print_summary(s: dict[str, Any], *, detailed: bool) -> None:
         con.print(f"  message: {s['message']}", markup=False)
     if detailed:
         for r in s["replicas"]["items"]:
-            con.print(f"  replica {r['replica_id']}: {r['state']} on node {r['node_ip']} ({r['node_id']})", markup=False)
+            gpu = f", {r['node_accelerator_type']}" if r.get("node_accelerator_type") else ""
+            con.print(f"  replica {r['replica_id']}: {r['state']} on node {r['node_ip']} ({r['node_id']}{gpu})", markup=False)
 
 
 # --- logs / delete ------------------------------------------------------------------------------------

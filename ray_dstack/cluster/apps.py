@@ -139,7 +139,21 @@ def http_base_url(details: dict[str, Any], dashboard_address: str) -> str:
     return f"http://{host}:{port}"
 
 
-def service_summary(name: str, app: dict[str, Any], base_url: str) -> dict[str, Any]:
+def node_accelerator_type(node: dict[str, Any] | None) -> str | None:
+    """A node's GPU type: its `ray.io/accelerator-type` label, else its `accelerator_type:<T>` resource."""
+    if not node:
+        return None
+    labels = node.get("labels") or {}
+    resources = node.get("resources_total") or {}
+    return labels.get("ray.io/accelerator-type") or next(
+        (k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None
+    )
+
+
+def service_summary(
+    name: str, app: dict[str, Any], base_url: str, nodes: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`nodes`: the dashboard's nodes by node_id (optional): adds each replica's node GPU type and count."""
     cfg = app.get("deployed_app_config") or {}
     spec = service_spec(cfg) if is_service(cfg) else None
     deployment = (app.get("deployments") or {}).get(REPLICA_DEPLOYMENT_NAME, {})
@@ -162,6 +176,7 @@ def service_summary(name: str, app: dict[str, Any], base_url: str) -> dict[str, 
                     "node_ip": r.get("node_ip"),
                     "pid": r.get("pid"),
                     "log_file_path": r.get("log_file_path"),
+                    **_node_info(r.get("node_id"), nodes),
                 }
                 for r in replicas
             ],
@@ -187,6 +202,14 @@ def service_summary(name: str, app: dict[str, Any], base_url: str) -> dict[str, 
     return summary
 
 
+def _node_info(node_id: str | None, nodes: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    if nodes is None:
+        return {}
+    node = nodes.get(node_id or "")
+    gpus = ((node or {}).get("resources_total") or {}).get("GPU")
+    return {"node_accelerator_type": node_accelerator_type(node), "node_gpus": gpus}
+
+
 def _measured_rps(autoscaling: dict[str, Any] | None) -> float | None:
     if not autoscaling:
         return None
@@ -195,10 +218,13 @@ def _measured_rps(autoscaling: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def service_summaries(details: dict[str, Any], dashboard_address: str) -> list[dict[str, Any]]:
+def service_summaries(
+    details: dict[str, Any], dashboard_address: str, nodes: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     base = http_base_url(details, dashboard_address)
+    by_id = None if nodes is None else {n.get("node_id"): n for n in nodes}
     return [
-        service_summary(name, app, base)
+        service_summary(name, app, base, by_id)
         for name, app in sorted((details.get("applications") or {}).items())
         if is_service(app.get("deployed_app_config"))
     ]

@@ -111,6 +111,14 @@ class DashboardClient:
         body = resp.json()
         return body.get("data", {}).get("result", {}).get("result", [])
 
+    def has_autoscaler(self) -> bool:
+        """Whether an autoscaler reports on this cluster (it may add nodes that do not exist yet)."""
+        resp = self._request("GET", "/api/cluster_status")
+        if resp.status_code != 200:
+            return False
+        data = (resp.json() or {}).get("data") or {}
+        return bool(data.get("autoscalingStatus") or data.get("autoscaling_status"))
+
     def log(self, *, node_id: str, filename: str, lines: int = 1000) -> str:
         params = {"node_id": node_id, "filename": filename.lstrip("/"), "lines": lines}
         resp = self._request("GET", "/api/v0/logs/file", params=params, timeout=60.0)

@@ -55,6 +55,55 @@ def failure_reason(app: dict[str, Any]) -> str:
     return (dep_message or app.get("message") or "").strip()
 
 
+def _selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    for key, expr in selector.items():
+        value = labels.get(key)
+        expr = expr.strip()
+        if expr.startswith("!in(") and expr.endswith(")"):
+            if value in {v.strip() for v in expr[4:-1].split(",")}:
+                return False
+        elif expr.startswith("in(") and expr.endswith(")"):
+            if value not in {v.strip() for v in expr[3:-1].split(",")}:
+                return False
+        elif expr.startswith("!"):
+            if value == expr[1:]:
+                return False
+        elif value != expr:
+            return False
+    return True
+
+
+def placement_problem(ray_actor_options: dict[str, Any], nodes: list[dict[str, Any]]) -> str | None:
+    """Why no alive node could ever host one replica (None if some node could)."""
+    need_gpus = float(ray_actor_options.get("num_gpus") or 0)
+    need_cpus = float(ray_actor_options.get("num_cpus") or 0)
+    need_mem = float(ray_actor_options.get("memory") or 0)
+    selector = ray_actor_options.get("label_selector") or {}
+    alive = [n for n in nodes if n.get("state") in (None, "ALIVE")]
+    for node in alive:
+        res = node.get("resources_total") or {}
+        if (
+            res.get("GPU", 0) >= need_gpus
+            and res.get("CPU", 0) >= need_cpus
+            and res.get("memory", float("inf")) >= need_mem
+            and _selector_matches(selector, node.get("labels") or {})
+        ):
+            return None
+    wants = []
+    if need_gpus:
+        types = ""
+        for expr in selector.values():
+            types = expr[3:-1].replace(",", " or ") if expr.startswith("in(") else expr
+        wants.append(f"{need_gpus:g} GPU" + (f" of type {types}" if types else ""))
+    wants.append(f"{need_cpus:g} CPU")
+    if need_mem:
+        wants.append(f"{need_mem / 1024**3:.1f} GiB memory")
+    return (
+        f"no node can host a replica: each needs {', '.join(wants)}. "
+        f"Nodes in the cluster: {describe_nodes(nodes)}"
+    )
+
+
 def wait_for_service(
     client: DashboardClient,
     name: str,
@@ -63,10 +112,13 @@ def wait_for_service(
     on_progress: Callable[[str], None],
     poll_s: float = 1.0,
     previous_deployed_time: float | None = None,
+    ray_actor_options: dict[str, Any] | None = None,
+    unplaceable_after_s: float | None = 30.0,
 ) -> RolloutResult:
     """`previous_deployed_time`: the app's `last_deployed_time_s` before this deploy (a redeploy is
     watched only once Serve has taken the new config)."""
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     last_line = ""
     while True:
         details = client.serve_details()
@@ -90,6 +142,17 @@ def wait_for_service(
                 return RolloutResult(False, reason=failure_reason(app) or status, app=app)
             if any(marker in message for marker in UNSCHEDULABLE_MARKERS):
                 return RolloutResult(False, reason=_unschedulable_reason(message, client.nodes()), app=app)
+            # A replica no node can host may leave Serve silent (with a label selector even the app's
+            # build task waits for a matching node), so check the nodes ourselves.
+            if (
+                ray_actor_options is not None
+                and unplaceable_after_s is not None
+                and time.monotonic() - started > unplaceable_after_s
+                and not any(r.get("state") == "RUNNING" for r in replicas)
+            ):
+                problem = placement_problem(ray_actor_options, client.nodes())
+                if problem:
+                    return RolloutResult(False, reason=problem, app=app)
         if time.monotonic() > deadline:
             what = (app or {}).get("message") or "the replicas did not become ready"
             return RolloutResult(False, reason=f"not ready after {timeout_s:.0f}s: {what}", app=app or {})

@@ -22,9 +22,11 @@ GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 AUTOSCALING_POLICY = "ray_dstack.autoscaling.policy:rps_policy"
 SERVE_UPSCALE_DELAY_S = 0.0
 SERVE_DOWNSCALE_DELAY_S = 0.0
-METRICS_INTERVAL_S = 5.0
+SERVE_DOWNSCALE_TO_ZERO_DELAY_S = 0.0
+# Replicas report their request counts this often; the policy reads the newest point of each.
+METRICS_INTERVAL_S = 1.0
 # Serve averages its metrics over this period; the policy averages RPS over `scaling.window` itself.
-LOOK_BACK_PERIOD_S = 30.0
+LOOK_BACK_PERIOD_S = 5.0
 
 # Node label Ray sets from the detected GPU (and that cluster.yaml sets explicitly); GPU names/memory
 # become a hard `label_selector` on it.

@@ -200,6 +200,7 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
             "max_replicas": scaling.max_replicas,
             "upscale_delay_s": defaults.SERVE_UPSCALE_DELAY_S,
             "downscale_delay_s": defaults.SERVE_DOWNSCALE_DELAY_S,
+            "downscale_to_zero_delay_s": defaults.SERVE_DOWNSCALE_TO_ZERO_DELAY_S,
             "metrics_interval_s": defaults.METRICS_INTERVAL_S,
             "look_back_period_s": defaults.LOOK_BACK_PERIOD_S,
             "policy": {

@@ -12,7 +12,13 @@ import socket
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+
+from ray_dstack.autoscaling import RequestCounter
+from ray_dstack.gateway import errors
+from ray_dstack.gateway.router import to_starlette
+from ray_dstack.gateway.service import GatewayResponse, ModelEndpoint
+from ray_dstack.metrics import observed_service_call
 
 from ray_dstack.replica.forward import Forwarder, make_client, upstream_path
 from ray_dstack.replica.process import ServiceProcess, ServiceProcessError, free_port, port_in_use
@@ -22,24 +28,24 @@ logger = logging.getLogger("ray.serve")
 
 
 def unauthorized() -> Response:
-    return JSONResponse(
-        {
-            "error": {
-                "message": "Missing or invalid token: send `Authorization: Bearer <token>`",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_api_key",
-            }
-        },
-        status_code=401,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+    response = to_starlette(GatewayResponse.of_error(errors.unauthorized()))
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+
+
+def is_openai_route(path: str) -> bool:
+    return path.split("?", 1)[0].rstrip("/") in OPENAI_ROUTES
 
 
 class ServiceReplica:
-    async def __init__(self, service: dict) -> None:
+    async def __init__(self, service: dict, created: int | None = None) -> None:
         self.spec = spec = ServiceSpec.model_validate(service)
         self.started_at = time.time()
+        # Requests per second for the `scaling: {metric: rps}` policy (see ray_dstack.autoscaling).
+        self.requests = RequestCounter(spec.scaling.window_s if spec.scaling else 60.0)
         if spec.port_from_env:
             port = free_port()
         else:
@@ -67,11 +73,47 @@ class ServiceReplica:
             raise
         self.client = make_client(f"http://127.0.0.1:{port}", spec.request_timeout_s)
         self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
+        self.endpoint = None
+        if spec.model is not None:
+            self.endpoint = ModelEndpoint(
+                spec.model, f"http://127.0.0.1:{port}", timeout=spec.request_timeout_s, created=created
+            )
 
+    @observed_service_call  # ray_dstack.metrics: requests, latency, TTFT, tokens of /<service>/...
     async def __call__(self, request: Request) -> Response:
         if not self.spec.auth.accepts(request.headers.get("authorization")):
             return unauthorized()
-        return await self.forwarder.forward(request, upstream_path(request))
+        path = upstream_path(request)
+        if self.endpoint is not None and is_openai_route(path):
+            body = await request.body()
+            response = to_starlette(await self.endpoint.handle(path, body, request.headers, method=request.method))
+        else:
+            response = await self.forwarder.forward(request, path)
+        self.requests.record(response.status_code)
+        return response
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.requests.stats()
+
+    async def openai(self, path: str, body: bytes):
+        """OpenAI request handed over by the `/v1` gateway (already authorised there).
+
+        Yields a head `{status, headers, stream}` first, then the body in chunks.
+        """
+        if self.endpoint is None:
+            resp = GatewayResponse.of_error(errors.not_found(f"service {self.spec.name!r} publishes no model"))
+        else:
+            resp = await self.endpoint.handle(path, body, method="POST")
+        self.requests.record(resp.status)
+        yield {"status": resp.status, "headers": resp.headers, "stream": resp.is_stream}
+        if not resp.is_stream:
+            yield resp.body
+            return
+        try:
+            async for chunk in resp.body:
+                yield chunk
+        finally:
+            await resp.aclose()
 
     async def check_health(self) -> None:
         await self.process.check_health()
@@ -94,6 +136,9 @@ class ServiceReplica:
         process = getattr(self, "process", None)
         if process is not None:
             await process.stop()
+        endpoint = getattr(self, "endpoint", None)
+        if endpoint is not None:
+            await endpoint.aclose()
         client = getattr(self, "client", None)
         if client is not None:
             await client.aclose()

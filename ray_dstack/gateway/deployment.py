@@ -1,0 +1,107 @@
+"""`OpenAIGateway`: the Serve deployment behind `/v1` that routes OpenAI requests by `model`.
+
+The routing table (model name → service application, format, auth) arrives as the deployment's
+`user_config`, rewritten by every `ray-dstack deploy`/`delete`, so routes change in place without restarting
+the gateway. A request is authorised here with the target service's token, then handed to one of that
+service's replicas through a Serve deployment handle: Serve picks the replica, and the replica talks to
+its own model server on loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ray_dstack.gateway import errors
+from ray_dstack.gateway.protocol import Model, ModelList
+from ray_dstack.gateway.router import to_starlette
+from ray_dstack.gateway.service import (
+    ROUTE_CHAT,
+    ROUTE_COMPLETIONS,
+    ROUTE_MODELS,
+    GatewayResponse,
+    requested_model,
+    route_of,
+)
+from ray_dstack.metrics import GATEWAY_MODEL_KEY, observed_gateway_call
+from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME, AuthSpec
+
+logger = logging.getLogger("ray.serve")
+
+
+class OpenAIGateway:
+    def __init__(self, routes: dict[str, Any] | None = None) -> None:
+        self._routes: dict[str, dict[str, Any]] = {}
+        self._auth: dict[str, AuthSpec] = {}
+        self._handles: dict[str, Any] = {}
+        self.reconfigure({"routes": routes or {}})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        routes = dict(config.get("routes") or {})
+        self._routes = routes
+        self._auth = {name: AuthSpec.model_validate(r.get("auth") or {}) for name, r in routes.items()}
+        apps = {r["app"] for r in routes.values()}
+        self._handles = {app: h for app, h in self._handles.items() if app in apps}
+
+    def _handle(self, app: str):
+        handle = self._handles.get(app)
+        if handle is None:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT_NAME, app_name=app)
+            self._handles[app] = handle
+        return handle
+
+    @observed_gateway_call  # ray_dstack.metrics: requests, latency, TTFT, tokens of /v1, by target service
+    async def __call__(self, request: Request) -> Response:
+        route = route_of(request.url.path)
+        try:
+            if route == ROUTE_MODELS:
+                if request.method != "GET":
+                    raise errors.method_not_allowed(request.method, request.url.path)
+                return self._models(request.headers.get("authorization"))
+            if route not in (ROUTE_CHAT, ROUTE_COMPLETIONS):
+                raise errors.not_found(f"Unknown route {request.url.path}")
+            if request.method != "POST":
+                raise errors.method_not_allowed(request.method, request.url.path)
+            body = await request.body()
+            model = requested_model(body)
+            if model is None:
+                raise errors.invalid_request("`model` is required", param="model")
+            target = self._routes.get(model)
+            if target is None:
+                raise errors.model_not_found(model)
+            request.scope[GATEWAY_MODEL_KEY] = model  # for the metrics' service/model tags
+            if not self._auth[model].accepts(request.headers.get("authorization")):
+                raise errors.unauthorized()
+            return await self._forward(target["app"], route, body)
+        except errors.OpenAIError as exc:
+            return to_starlette(GatewayResponse.of_error(exc))
+
+    def _models(self, authorization: str | None) -> Response:
+        visible = [name for name, auth in self._auth.items() if auth.accepts(authorization)]
+        if self._routes and not visible:
+            raise errors.unauthorized()
+        cards = [
+            Model(id=name, created=int(self._routes[name].get("created") or 0), owned_by="ray-dstack")
+            for name in sorted(visible)
+        ]
+        return to_starlette(GatewayResponse.of_json(ModelList(data=cards)))
+
+    async def _forward(self, app: str, route: str, body: bytes) -> Response:
+        try:
+            stream = self._handle(app).options(stream=True).openai.remote(f"/v1/{route}", body)
+            head = await stream.__anext__()
+        except Exception as exc:  # noqa: BLE001 - the service is gone, or has no replica yet
+            logger.warning("gateway: forwarding to %s failed: %r", app, exc)
+            raise errors.upstream_unavailable(f"service {app!r} is not available right now") from None
+        status, headers = head["status"], head["headers"]
+        media_type = headers.get("content-type")
+        rest = {k: v for k, v in headers.items() if k != "content-type"}
+        if not head.get("stream"):
+            body_bytes = b"".join([chunk async for chunk in stream])
+            return Response(body_bytes, status_code=status, headers=rest, media_type=media_type)
+        return StreamingResponse(stream, status_code=status, headers=rest, media_type=media_type)

@@ -1,0 +1,277 @@
+"""GPU placement and multi-node serving, end to end, on a simulated multi-node Ray cluster.
+
+A CPU head plus three worker nodes that declare GPUs like real ones ("A10G 24 GB x1", "A100 80 GB x2",
+"L4 24 GB x1": `GPU`, the `ray.io/accelerator-type` label and the `accelerator_type:<T>` resource; see
+tests/_multinode.py), all on this machine. Services run CPU programs but ask for GPUs; the `ray-dstack`
+console script deploys them through the head's dashboard. Each replica's commands write the
+`CUDA_VISIBLE_DEVICES` they were started with into a file that `python -m http.server` serves, so a
+request through Serve's HTTP address shows which GPUs Ray gave that replica's child process.
+
+Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests/test_multinode_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from _multinode import ACCEL_LABEL, GPU_NODES, AddressFileGuard, SimCluster, free_port, start_sim_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    guard = AddressFileGuard()
+    cluster = None
+    try:
+        cluster = start_sim_cluster(tmp_path_factory.mktemp("ray-dstack-home"))
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.cluster.shutdown()
+        guard.restore()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("multinode-services")
+
+
+def service_yaml(name: str, workdir, *, gpu: str, replicas: int = 1, fixed_port: int | None = None) -> str:
+    """A service whose child serves `info.json`: the CUDA_VISIBLE_DEVICES it got, its pid and its port.
+
+    With `fixed_port` the commands never mention $RAY_DSTACK_PORT (so the plan sets
+    `max_replicas_per_node: 1`)."""
+    port = "$RAY_DSTACK_PORT" if fixed_port is None else str(fixed_port)
+    commands = [
+        'd="$PWD/r$$"',
+        'mkdir -p "$d"',
+        "printf '{\"cuda\": \"%s\", \"pid\": %s}' \"${CUDA_VISIBLE_DEVICES-unset}\" \"$$\" > \"$d/info.json\"",
+        f'exec "{sys.executable}" -m http.server {port} --bind 127.0.0.1 --directory "$d"',
+    ]
+    lines = "\n".join(f"  - {json.dumps(c)}" for c in commands)
+    return (
+        f"type: service\nname: {name}\ncommands:\n{lines}\nworking_dir: {workdir}\n"
+        f"port: {fixed_port or 8000}\nreplicas: {replicas}\nauth: false\nresources:\n  gpu: {gpu}\n"
+    )
+
+
+def write(workdir, name: str, text: str):
+    path = workdir / f"{name}.dstack.yml"
+    path.write_text(text)
+    return path
+
+
+def info(sim: SimCluster, name: str, timeout: float = 5.0) -> dict:
+    resp = httpx.get(f"{sim.http}/{name}/info.json", timeout=timeout)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def replica_infos(sim: SimCluster, name: str, expected: int, tries: int = 40) -> dict[int, str]:
+    """pid -> CUDA_VISIBLE_DEVICES of the children answering behind Serve's one HTTP address."""
+    seen: dict[int, str] = {}
+    for _ in range(tries):
+        data = info(sim, name)
+        seen[data["pid"]] = data["cuda"]
+        if len(seen) == expected:
+            break
+    return seen
+
+
+def running(status: dict) -> list[dict]:
+    return [r for r in status["replicas"]["items"] if r["state"] == "RUNNING"]
+
+
+def test_gpu_nodes_look_like_real_ones(sim):
+    from ray_dstack.cluster.dashboard import DashboardClient
+
+    with DashboardClient(sim.dashboard) as client:
+        nodes = {n["node_id"]: n for n in client.nodes() if n["state"] == "ALIVE"}
+    assert len(nodes) == 4
+    head = nodes[sim.node_id("head")]
+    # Ray adds no accelerator label or resource by itself where NVML finds no GPU.
+    assert ACCEL_LABEL not in head["labels"] and "GPU" not in head["resources_total"]
+    for name, (accel, gpus) in GPU_NODES.items():
+        node = nodes[sim.node_id(name)]
+        assert node["labels"][ACCEL_LABEL] == accel
+        assert node["resources_total"]["GPU"] == gpus
+        assert node["resources_total"][f"accelerator_type:{accel}"] == 1
+
+
+def test_a100_spec_never_lands_on_l4_or_a10g(sim, workdir):
+    """`gpu: A100:1`, 3 replicas: two fill the A100 x2 node (one GPU id each); the third stays pending
+    although the A10G and L4 nodes each have a free GPU."""
+    path = write(workdir, "a100-one", service_yaml("a100-one", workdir, gpu="A100:1", replicas=3))
+    sim.run("deploy", str(path), "--detach", check=True)
+    try:
+        status = sim.wait_until(
+            lambda: (s := sim.status("a100-one")) and len(running(s)) == 2 and s,
+            timeout=90,
+            what="two replicas running",
+        )
+        assert {sim.kind_of(r["node_id"]) for r in running(status)} == {"a100"}
+        assert {r["node_accelerator_type"] for r in running(status)} == {"A100-80G"}
+        assert sorted(replica_infos(sim, "a100-one", 2).values()) == ["0", "1"]
+        time.sleep(3)  # the third replica keeps waiting for an A100 GPU
+        status = sim.status("a100-one")
+        assert status["replicas"]["running"] == 2 and status["replicas"]["target"] == 3
+        assert all(sim.kind_of(r["node_id"]) in ("a100", None) for r in status["replicas"]["items"])
+    finally:
+        sim.delete("a100-one")
+
+
+def test_80gb_x2_gets_both_a100_gpus(sim, workdir):
+    """`gpu: 80GB:2` deploys (the CLI waits until ready) onto the A100 x2 node, and the child process
+    sees both GPUs in CUDA_VISIBLE_DEVICES (Ray sets it in the replica; the child inherits it)."""
+    path = write(workdir, "a100-two", service_yaml("a100-two", workdir, gpu="80GB:2"))
+    proc = sim.run("deploy", str(path))
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "is ready" in proc.stdout
+        status = sim.status("a100-two")
+        [replica] = running(status)
+        assert sim.kind_of(replica["node_id"]) == "a100"
+        assert replica["node_accelerator_type"] == "A100-80G" and replica["node_gpus"] == 2
+        assert replica["node_ip"]
+        cuda = info(sim, "a100-two")["cuda"]
+        assert sorted(cuda.split(",")) == ["0", "1"]
+    finally:
+        sim.delete("a100-two")
+
+
+def test_fixed_port_puts_at_most_one_replica_per_node(sim, workdir):
+    """A fixed port (commands without $RAY_DSTACK_PORT) means `max_replicas_per_node: 1`: the A100 x2 node
+    has GPUs for two `gpu: A100:1` replicas but takes one; the other waits for a second A100 node."""
+    port = free_port()
+    path = write(workdir, "a100-fixed", service_yaml("a100-fixed", workdir, gpu="A100:1", replicas=2, fixed_port=port))
+    sim.run("deploy", str(path), "--detach", check=True)
+    try:
+        status = sim.wait_until(
+            lambda: (s := sim.status("a100-fixed")) and len(running(s)) == 1 and s, timeout=90, what="one replica"
+        )
+        assert sim.kind_of(running(status)[0]["node_id"]) == "a100"
+        time.sleep(3)
+        status = sim.status("a100-fixed")
+        assert status["replicas"]["running"] == 1 and status["replicas"]["target"] == 2
+        assert info(sim, "a100-fixed")["cuda"] in ("0", "1")
+    finally:
+        sim.delete("a100-fixed")
+
+
+def test_h100_cannot_be_placed_and_deploy_says_why(sim, workdir):
+    path = write(workdir, "h100", service_yaml("h100", workdir, gpu="H100"))
+    started = time.monotonic()
+    proc = sim.run("deploy", str(path), "--timeout", "150")
+    elapsed = time.monotonic() - started
+    text = proc.stdout + proc.stderr
+    print(f"deploy of gpu: H100 ended in {elapsed:.1f}s with:\n{proc.stderr}")
+    assert proc.returncode == 1, text
+    assert elapsed < 120, f"took {elapsed:.0f}s"
+    assert "did not become ready" in text and "Nothing was left deployed" in text
+    assert "H100" in text  # the unmet requirement
+    for accel, _ in GPU_NODES.values():  # and the GPU types the cluster has
+        assert accel in text
+    assert "Traceback" not in text
+    assert "h100" not in sim.services()
+
+
+def test_24gb_lands_on_a10g_and_l4_one_gpu_each(sim, workdir):
+    path = write(workdir, "gpu24", service_yaml("gpu24", workdir, gpu="24GB", replicas=2))
+    proc = sim.run("deploy", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = sim.status("gpu24")
+    assert status["replicas"]["running"] == 2
+    assert sorted(sim.kind_of(r["node_id"]) for r in running(status)) == ["a10g", "l4"]
+    assert sorted(r["node_accelerator_type"] for r in running(status)) == ["A10G", "L4"]
+    assert list(replica_infos(sim, "gpu24", 2).values()) == ["0", "0"]
+    # `status` (human form) names the GPU type of each replica's node.
+    text = sim.run("status", "gpu24", check=True).stdout
+    assert "A10G" in text and "L4" in text
+
+
+def test_losing_a_node_moves_the_replica_and_the_service_keeps_answering(sim, workdir):
+    """Kill the L4 node under load: the A10G replica keeps serving; the lost replica waits (the A100 node
+    does not match `gpu: 24GB`) until a new L4 node joins, then runs there."""
+    if "gpu24" not in sim.services():
+        sim.run("deploy", str(write(workdir, "gpu24", service_yaml("gpu24", workdir, gpu="24GB", replicas=2))), check=True)
+    status = sim.status("gpu24")
+    by_kind = {sim.kind_of(r["node_id"]): r for r in running(status)}
+    assert set(by_kind) == {"a10g", "l4"}
+    pids = replica_infos(sim, "gpu24", 2)
+    assert len(pids) == 2
+
+    results: list[tuple[float, bool, str]] = []  # (seconds taken, ok, pid or error)
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=5.0) as client:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    resp = client.get(f"{sim.http}/gpu24/info.json")
+                    ok = resp.status_code == 200
+                    what = str(resp.json()["pid"]) if ok else f"HTTP {resp.status_code}: {resp.text[:200]}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    ok, what = False, f"{exc.__class__.__name__}: {exc}"
+                results.append((time.monotonic() - t0, ok, what))
+                time.sleep(0.05)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        time.sleep(1)
+        killed_at = len(results)
+        l4_node = sim.node_id("l4")
+        sim.kill_node("l4")
+        # Serve notices the lost replica and wants a new one; only a 24 GB GPU node may take it.
+        sim.wait_until(
+            lambda: not any(r["node_id"] == l4_node and r["state"] == "RUNNING" for r in sim.status("gpu24")["replicas"]["items"]),
+            timeout=60,
+            what="the replica on the lost node to be gone",
+        )
+        time.sleep(2)
+        status = sim.status("gpu24")
+        assert [sim.kind_of(r["node_id"]) for r in running(status)] == ["a10g"]
+        assert not any(sim.kind_of(r["node_id"]) == "a100" for r in status["replicas"]["items"])
+        during = results[killed_at:]
+
+        sim.add_gpu_node("l4b", "L4", 1)  # what the autoscaler does on a real cluster
+        status = sim.wait_until(
+            lambda: (s := sim.status("gpu24")) and len(running(s)) == 2 and s, timeout=90, what="the replica to move"
+        )
+        assert sorted(sim.kind_of(r["node_id"]) for r in running(status)) == ["a10g", "l4b"]
+        new_pids = sim.wait_until(lambda: len(p := replica_infos(sim, "gpu24", 2)) == 2 and p, timeout=30)
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+
+    lost = set(pids) - set(new_pids)
+    assert len(lost) == 1
+    for pid in lost:  # the lost replica's child did not outlive its node
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    ok = [r for r in during if r[1]]
+    failed = [r for r in during if not r[1]]
+    slowest = max(t for t, _, _ in results)
+    print(
+        f"during the node loss: {len(ok)} ok, {len(failed)} failed, slowest {slowest:.2f}s; "
+        f"errors: {sorted({w for _, _, w in failed})[:5]}"
+    )
+    assert not any("Timeout" in w for _, _, w in results), "a request hung until the client timeout"
+    assert len(ok) >= 0.8 * len(during), f"{len(failed)} of {len(during)} requests failed: {failed[:5]}"
+    # After the move every request succeeds again.
+    assert all(ok for _, ok, _ in results[-10:])
+    sim.delete("gpu24")
