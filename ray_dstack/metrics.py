@@ -49,6 +49,17 @@ _DONE = b"[DONE]"
 _ROLE = b'"role"'
 
 now = time.perf_counter
+REPLICA_RPS = "replica_rps"  # exported as ray_dstack_replica_rps; `ray-dstack status` sums it per service
+
+
+def record_replica_rps(service: str, rps: float) -> None:
+    m = instruments()
+    if m is None:
+        return
+    try:
+        m.replica_rps.set(rps, tags={"service": service, "replica": _replica_id()})
+    except Exception:  # noqa: BLE001 - metrics never fail the replica
+        pass
 
 
 def route_tag(path: str) -> str:
@@ -78,6 +89,9 @@ class _Instruments:
             PREFIX + "output_tokens_per_s", "Streams: output tokens per second after the first token",
             boundaries=TOKENS_PER_S_BOUNDARIES, tag_keys=base)
         self.inflight = Gauge(PREFIX + "inflight_streams", "Streams being sent now", tag_keys=base + ("replica",))
+        self.replica_rps = Gauge(
+            PREFIX + REPLICA_RPS, "Requests per second a replica served over its scaling window",
+            tag_keys=("service", "replica"))
 
 
 _instruments: _Instruments | None = None

@@ -71,6 +71,8 @@ class SimCluster:
     http_port: int
     env: dict[str, str]
     nodes: dict[str, Any] = field(default_factory=dict)  # name -> ray._private.node.Node
+    children: set[int] = field(default_factory=set)  # pids of service processes the tests talked to
+    lost_children: set[int] = field(default_factory=set)
 
     @property
     def http(self) -> str:
@@ -118,6 +120,22 @@ class SimCluster:
         """Kill a worker node's processes without a graceful shutdown (like a machine that dies)."""
         node = self.nodes.pop(name)
         self.cluster.remove_node(node, allow_graceful=False)
+
+    def reap_children(self) -> list[int]:
+        """Kill the service processes (ours: `http.server` children seen by the tests) still running."""
+        leaked = []
+        for pid in sorted(self.children):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"http.server" in cmdline:
+                leaked.append(pid)
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        return leaked
 
     def wait_until(self, predicate, timeout: float = 60, interval: float = 0.5, what: str = "condition"):
         deadline = time.monotonic() + timeout

@@ -41,15 +41,29 @@ def total(samples, name: str, **labels: str) -> float:
     return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == want for k, want in labels.items()))
 
 
+def _find(obj, keys):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in keys and v:
+                yield v
+            yield from _find(v, keys)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _find(v, keys)
+
+
 def metrics_url() -> str:
+    """The head node's metrics export endpoint, from the dashboard's node view (GCS node info)."""
     from ray_dstack.cluster.dashboard import DashboardClient  # sends Ray's auth token when the cluster wants one
 
     with DashboardClient("http://127.0.0.1:8265") as client:
-        nodes = client.nodes()
-    head = next((n for n in nodes if n.get("is_head_node")), nodes[0])
-    port = head.get("metrics_export_port")
-    assert port, f"no metrics_export_port in the node info: {sorted(head)}"
-    return f"http://{head['node_ip']}:{port}/metrics"
+        resp = client._request("GET", "/nodes", params={"view": "summary"})
+        resp.raise_for_status()
+        body = resp.json()
+    ports = list(_find(body, {"metricsExportPort", "metrics_export_port"}))
+    ips = list(_find(body, {"nodeManagerAddress", "node_ip", "ip"}))
+    assert ports and ips, f"no metrics export port in the dashboard's node view: {str(body)[:2000]}"
+    return f"http://{ips[0]}:{ports[0]}/metrics"
 
 
 def test_metrics_count_what_was_sent(cli_cluster):

@@ -39,6 +39,9 @@ def sim(tmp_path_factory):
     finally:
         if cluster is not None:
             cluster.cluster.shutdown()
+            leaked = cluster.reap_children()
+            if leaked:
+                print(f"\nservice processes left running after the cluster was shut down (killed now): {leaked}")
         guard.restore()
 
 
@@ -48,7 +51,7 @@ def workdir(tmp_path_factory):
 
 
 def service_yaml(name: str, workdir, *, gpu: str, replicas: int = 1, fixed_port: int | None = None) -> str:
-    """A service whose child serves `info.json`: the CUDA_VISIBLE_DEVICES it got, its pid and its port.
+    """A service whose child serves `info.json`: the CUDA_VISIBLE_DEVICES it was started with and its pid.
 
     With `fixed_port` the commands never mention $RAY_DSTACK_PORT (so the plan sets
     `max_replicas_per_node: 1`)."""
@@ -75,7 +78,9 @@ def write(workdir, name: str, text: str):
 def info(sim: SimCluster, name: str, timeout: float = 5.0) -> dict:
     resp = httpx.get(f"{sim.http}/{name}/info.json", timeout=timeout)
     resp.raise_for_status()
-    return resp.json()
+    data = resp.json()
+    sim.children.add(data["pid"])
+    return data
 
 
 def replica_infos(sim: SimCluster, name: str, expected: int, tries: int = 40) -> dict[int, str]:
@@ -172,12 +177,13 @@ def test_fixed_port_puts_at_most_one_replica_per_node(sim, workdir):
 def test_h100_cannot_be_placed_and_deploy_says_why(sim, workdir):
     path = write(workdir, "h100", service_yaml("h100", workdir, gpu="H100"))
     started = time.monotonic()
-    proc = sim.run("deploy", str(path), "--timeout", "150")
+    proc = sim.run("deploy", str(path), "--timeout", "70")
     elapsed = time.monotonic() - started
     text = proc.stdout + proc.stderr
-    print(f"deploy of gpu: H100 ended in {elapsed:.1f}s with:\n{proc.stderr}")
+    print(f"\ndeploy of gpu: H100 ended in {elapsed:.1f}s with:\n{proc.stderr}")
     assert proc.returncode == 1, text
-    assert elapsed < 120, f"took {elapsed:.0f}s"
+    # No autoscaler can add an H100 node here: deploy gives up after ~30 s, not after --timeout.
+    assert elapsed < 60, f"took {elapsed:.0f}s: {text}"
     assert "did not become ready" in text and "Nothing was left deployed" in text
     assert "H100" in text  # the unmet requirement
     for accel, _ in GPU_NODES.values():  # and the GPU types the cluster has
@@ -244,7 +250,6 @@ def test_losing_a_node_moves_the_replica_and_the_service_keeps_answering(sim, wo
         status = sim.status("gpu24")
         assert [sim.kind_of(r["node_id"]) for r in running(status)] == ["a10g"]
         assert not any(sim.kind_of(r["node_id"]) == "a100" for r in status["replicas"]["items"])
-        during = results[killed_at:]
 
         sim.add_gpu_node("l4b", "L4", 1)  # what the autoscaler does on a real cluster
         status = sim.wait_until(
@@ -257,21 +262,37 @@ def test_losing_a_node_moves_the_replica_and_the_service_keeps_answering(sim, wo
         stop.set()
         worker.join(timeout=10)
 
-    lost = set(pids) - set(new_pids)
-    assert len(lost) == 1
-    for pid in lost:  # the lost replica's child did not outlive its node
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-
+    during = results[killed_at:]  # from the kill until the replica has moved
     ok = [r for r in during if r[1]]
     failed = [r for r in during if not r[1]]
     slowest = max(t for t, _, _ in results)
     print(
-        f"during the node loss: {len(ok)} ok, {len(failed)} failed, slowest {slowest:.2f}s; "
+        f"\nduring the node loss: {len(ok)} ok, {len(failed)} failed of {len(during)}, slowest {slowest:.2f}s; "
         f"errors: {sorted({w for _, _, w in failed})[:5]}"
     )
     assert not any("Timeout" in w for _, _, w in results), "a request hung until the client timeout"
     assert len(ok) >= 0.8 * len(during), f"{len(failed)} of {len(during)} requests failed: {failed[:5]}"
     # After the move every request succeeds again.
     assert all(ok for _, ok, _ in results[-10:])
+
+    lost = set(pids) - set(new_pids)
+    assert len(lost) == 1
+    sim.lost_children = lost
     sim.delete("gpu24")
+
+
+def test_a_lost_nodes_service_processes_do_not_outlive_it(sim):
+    lost = getattr(sim, "lost_children", None)
+    assert lost, "the node-loss test runs first and records the lost replica's processes"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in lost):
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in lost), f"still running: {sorted(lost)}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -78,6 +78,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
 
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise UsageError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout:g}")
     loaded = load_service(args.file, env_overrides=parse_env_overrides(args.env), name=args.name)
     # Plan before touching the cluster: a config the plan rejects never reaches it.
     plan = build_plan(loaded, token_sha256=None)
@@ -100,6 +102,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         plan = build_plan(loaded, token_sha256=digest)
         app_cfg = plan.to_serve_config()["applications"][0]
         app_cfg = finalize_app_config(app_cfg, existing)
+        if args.request_timeout is not None:  # upstream read timeout of the replicas (504 past it)
+            app_cfg["args"]["service"] = {**app_cfg["args"]["service"], "request_timeout_s": args.request_timeout}
         new_config = apps.merged_config(details, put=app_cfg, http_options=http_options(args, started))
         previous_time = ((details.get("applications") or {}).get(name) or {}).get("last_deployed_time_s")
 
@@ -115,8 +119,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             on_progress=lambda line: output.err.print(f"  {line}", markup=False),
             previous_deployed_time=previous_time,
             ray_actor_options=app_cfg["deployments"][0].get("ray_actor_options") or {},
-            # An autoscaler may still add a node that fits: then wait the whole timeout.
-            unplaceable_after_s=None if client.has_autoscaler() else 30.0,
+            # Where an autoscaler may still add a node that fits, wait the whole timeout.
+            fail_if_unplaceable=client.is_fixed_size(),
         )
         if not result.ok:
             rollback(client, name, existing)
@@ -203,7 +207,10 @@ def _summaries(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
             nodes = client.nodes()
         except ClusterError:
             nodes = None
-        return apps.service_summaries(details, client.address, nodes), client.address
+        summaries = apps.service_summaries(details, client.address, nodes)
+        if any("scaling" in s for s in summaries):
+            apps.with_measured_rps(summaries, [client.scrape(t) for t in client.metrics_targets()])
+        return summaries, client.address
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -331,6 +338,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help=f"service token (default: ${TOKEN_ENV}, else kept or generated)")
     p.add_argument("--detach", action="store_true", help="return once submitted, without waiting")
     p.add_argument("--timeout", type=float, default=DEFAULT_DEPLOY_TIMEOUT_S, help="seconds to wait for readiness")
+    p.add_argument(
+        "--request-timeout", type=float, default=None, metavar="SECONDS",
+        help="how long a replica waits for its backend to answer (or to send the next streamed chunk) "
+        "before answering 504 (default: 600)",
+    )
     p.add_argument("--http-port", type=int, default=apps.DEFAULT_HTTP_PORT, help="Serve HTTP port if Serve is not running yet")
     p.add_argument("--http-host", help="Serve HTTP host if Serve is not running yet")
     p.set_defaults(func=cmd_deploy)

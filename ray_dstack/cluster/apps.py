@@ -7,6 +7,7 @@ changes only its own application (and the gateway that routes to models), and wr
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -190,14 +191,13 @@ def service_summary(
             "format": spec.model.format,
             "openai_base_url": base_url + GATEWAY_ROUTE_PREFIX,
         }
-    autoscaling = deployment.get("autoscaling_detail")
     if spec and spec.scaling:
         summary["scaling"] = {
             "min": spec.scaling.min_replicas,
             "max": spec.scaling.max_replicas,
             "target_rps": spec.scaling.target,
             "desired": deployment.get("target_num_replicas"),
-            "measured_rps": _measured_rps(autoscaling),
+            "measured_rps": None,  # filled by `with_measured_rps` (needs the nodes' metrics endpoints)
         }
     return summary
 
@@ -210,12 +210,27 @@ def _node_info(node_id: str | None, nodes: dict[str, dict[str, Any]] | None) -> 
     return {"node_accelerator_type": node_accelerator_type(node), "node_gpus": gpus}
 
 
-def _measured_rps(autoscaling: dict[str, Any] | None) -> float | None:
-    if not autoscaling:
-        return None
-    metrics = autoscaling.get("metrics") or {}
-    value = metrics.get("ray_dstack_rps")
-    return float(value) if isinstance(value, (int, float)) else None
+REPLICA_RPS_METRIC = "ray_dstack_replica_rps"
+_SAMPLE = re.compile(r"^" + REPLICA_RPS_METRIC + r"\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def measured_rps(metrics_texts: list[str], service: str, replica_ids: set[str]) -> float | None:
+    """The service's RPS: the sum of its running replicas' `ray_dstack_replica_rps` gauges (Prometheus text).
+
+    Only replicas that run now count: a stopped replica's last value may linger in the exporter."""
+    found, total = False, 0.0
+    for text in metrics_texts:
+        for line in text.splitlines():
+            match = _SAMPLE.match(line)
+            if not match:
+                continue
+            labels = dict(_LABEL.findall(match["labels"]))
+            if labels.get("service") != service or labels.get("replica") not in replica_ids:
+                continue
+            found = True
+            total += float(match["value"])
+    return total if found else None
 
 
 def service_summaries(
@@ -228,3 +243,10 @@ def service_summaries(
         for name, app in sorted((details.get("applications") or {}).items())
         if is_service(app.get("deployed_app_config"))
     ]
+
+
+def with_measured_rps(summaries: list[dict[str, Any]], metrics_texts: list[str]) -> None:
+    for summary in summaries:
+        if "scaling" in summary:
+            running = {r["replica_id"] for r in summary["replicas"]["items"] if r.get("state") == "RUNNING"}
+            summary["scaling"]["measured_rps"] = measured_rps(metrics_texts, summary["name"], running)

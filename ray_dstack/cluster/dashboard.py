@@ -111,13 +111,38 @@ class DashboardClient:
         body = resp.json()
         return body.get("data", {}).get("result", {}).get("result", [])
 
-    def has_autoscaler(self) -> bool:
-        """Whether an autoscaler reports on this cluster (it may add nodes that do not exist yet)."""
-        resp = self._request("GET", "/api/cluster_status")
+    def metrics_targets(self) -> list[str]:
+        """`host:port` of every node's Prometheus endpoint (Ray's service discovery for Prometheus)."""
+        try:
+            resp = self._request("GET", "/api/prometheus/sd")
+        except ClusterError:
+            return []
+        if resp.status_code != 200:
+            return []
+        return [t for group in resp.json() or [] for t in group.get("targets", [])]
+
+    def scrape(self, target: str, timeout_s: float = 3.0) -> str:
+        try:
+            resp = httpx.get(f"http://{target}/metrics", timeout=timeout_s, trust_env=False)
+        except httpx.HTTPError:
+            return ""
+        return resp.text if resp.status_code == 200 else ""
+
+    def is_fixed_size(self) -> bool:
+        """True when no autoscaler can add nodes: Ray's monitor then runs read-only and reports each node
+        as its own type `node_<id>`. A real autoscaler (v1 with a config, or v2) never looks like that."""
+        try:
+            resp = self._request("GET", "/api/cluster_status")
+        except ClusterError:
+            return False
         if resp.status_code != 200:
             return False
         data = (resp.json() or {}).get("data") or {}
-        return bool(data.get("autoscalingStatus") or data.get("autoscaling_status"))
+        report = (data.get("clusterStatus") or {}).get("autoscalerReport") or {}
+        mapping = report.get("nodeTypeMapping") or {}
+        return bool(report.get("legacy")) and bool(mapping) and all(
+            str(t).startswith("node_") for t in mapping.values()
+        )
 
     def log(self, *, node_id: str, filename: str, lines: int = 1000) -> str:
         params = {"node_id": node_id, "filename": filename.lstrip("/"), "lines": lines}

@@ -113,13 +113,15 @@ def wait_for_service(
     poll_s: float = 1.0,
     previous_deployed_time: float | None = None,
     ray_actor_options: dict[str, Any] | None = None,
-    unplaceable_after_s: float | None = 30.0,
+    fail_if_unplaceable: bool = True,
+    unplaceable_after_s: float = 30.0,
 ) -> RolloutResult:
     """`previous_deployed_time`: the app's `last_deployed_time_s` before this deploy (a redeploy is
     watched only once Serve has taken the new config)."""
     started = time.monotonic()
     deadline = started + timeout_s
     last_line = ""
+    pending_placement: str | None = None
     while True:
         details = client.serve_details()
         app = (details.get("applications") or {}).get(name)
@@ -146,14 +148,16 @@ def wait_for_service(
             # build task waits for a matching node), so check the nodes ourselves.
             if (
                 ray_actor_options is not None
-                and unplaceable_after_s is not None
                 and time.monotonic() - started > unplaceable_after_s
                 and not any(r.get("state") == "RUNNING" for r in replicas)
             ):
                 problem = placement_problem(ray_actor_options, client.nodes())
-                if problem:
+                if problem and fail_if_unplaceable:
                     return RolloutResult(False, reason=problem, app=app)
+                if problem and problem != pending_placement:
+                    on_progress(f"waiting for the autoscaler to add a node: {problem}")
+                pending_placement = problem
         if time.monotonic() > deadline:
-            what = (app or {}).get("message") or "the replicas did not become ready"
+            what = pending_placement or (app or {}).get("message") or "the replicas did not become ready"
             return RolloutResult(False, reason=f"not ready after {timeout_s:.0f}s: {what}", app=app or {})
         time.sleep(poll_s)

@@ -20,10 +20,16 @@ class Problem:
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
+MAX_SHOWN = 50  # a file with thousands of problems gets a readable message, not megabytes
+
+
 class ConfigError(UsageError):
     """A configuration file is invalid. `str(err)` has one line per problem."""
 
     def __init__(self, filename: str, problems: list[Problem]):
         self.filename = filename
         self.problems = list(problems)
-        super().__init__("\n".join(p.format(filename) for p in self.problems))
+        shown = [p.format(filename) for p in self.problems[:MAX_SHOWN]]
+        if len(self.problems) > MAX_SHOWN:
+            shown.append(f"{filename}: ... and {len(self.problems) - MAX_SHOWN} more problems")
+        super().__init__("\n".join(shown))

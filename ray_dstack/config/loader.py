@@ -49,6 +49,30 @@ def name_from_filename(filename: str) -> str:
     return name[:41].rstrip("-")
 
 
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values `node` stands for once its aliases are expanded (stops counting past the limit)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_EXPANDED_VALUES + 1  # an alias of a node still being counted: a cycle
+    total = 1
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > MAX_EXPANDED_VALUES:
+            break
+    memo[key] = total
+    return total
+
+
 def _compose_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Problem]) -> None:
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -134,7 +158,14 @@ def parse_service(
     environ = os.environ if environ is None else environ
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        # Aliases can make a small file expand into billions of values ("billion laughs"): refuse it before
+        # anything walks or prints the expanded data.
+        if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_VALUES:
+            raise ConfigError(display, [Problem("", None, (
+                f"The YAML expands to more than {MAX_EXPANDED_VALUES} values (nested anchors and aliases?)"))])
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(display, [Problem("", None, "Invalid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None

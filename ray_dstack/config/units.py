@@ -8,6 +8,7 @@ from typing import Any, Callable
 _MEMORY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(mb|gb|tb)?$")
 _MEMORY_FACTOR = {"mb": 1 / 1024, "gb": 1.0, "tb": 1024.0, None: 1.0}
 _DURATION_RE = re.compile(r"^([0-9]+)\s*([smhdw])$")
+MAX_DURATION_S = 10**10  # ~300 years: anything longer is a typo (and overflows a float)
 _DURATION_FACTOR = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -23,6 +24,8 @@ def parse_memory(value: Any) -> float:
             raise ValueError(f"Invalid memory size `{value}` (expected e.g. `512MB`, `24GB`, `1TB`)")
         size = float(m.group(1)) * _MEMORY_FACTOR[m.group(2)]
     else:
+        raise ValueError(f"Invalid memory size: {value!r}")
+    if size != size or size in (float("inf"), float("-inf")):
         raise ValueError(f"Invalid memory size: {value!r}")
     if size < 0:
         raise ValueError(f"Memory size must not be negative: {value!r}")
@@ -48,6 +51,8 @@ def parse_duration(value: Any) -> int:
         raise ValueError(f"Invalid duration: {value!r}")
     if seconds < 0:
         raise ValueError(f"Duration must not be negative: {value!r}")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"Duration too long: {value!r}")
     return seconds
 
 

@@ -9,6 +9,7 @@ its own model server on loopback.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -27,9 +28,63 @@ from ray_dstack.gateway.service import (
     route_of,
 )
 from ray_dstack.metrics import GATEWAY_MODEL_KEY, observed_gateway_call
-from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME, AuthSpec
+from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, REPLICA_DEPLOYMENT_NAME, AuthSpec
 
 logger = logging.getLogger("ray.serve")
+ROUTE_OPENAPI = "openapi.json"
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the `/v1` routes (`GET /v1/openapi.json`), from the protocol models."""
+    from pydantic.json_schema import models_json_schema
+
+    from ray_dstack.gateway.protocol import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
+
+    models = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)] + [
+        (m, "serialization") for m in (ChatCompletion, Completion, ModelList)
+    ]
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    schemas = dict(defs.get("$defs", {}))
+    schemas["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    }
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    error = {"description": "OpenAI-shaped error", "content": {"application/json": {"schema": ref("Error")}}}
+    errors_ = {str(code): error for code in (400, 401, 404, 405, 429, 502, 503, 504)}
+
+    def generation(request: str, answer: str, summary: str) -> dict[str, Any]:
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref(request)}}},
+            "responses": {"200": {"description": "The answer (`stream: true`: server-sent events)", "content": {
+                "application/json": {"schema": ref(answer)}, "text/event-stream": {"schema": {"type": "string"}}}},
+                **errors_},
+        }}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ray-dstack OpenAI-compatible gateway", "version": "1"},
+        "paths": {
+            f"{GATEWAY_ROUTE_PREFIX}/models": {"get": {
+                "summary": "Models the bearer token may use",
+                "responses": {"200": {"description": "Model list", "content": {
+                    "application/json": {"schema": ref("ModelList")}}}, "401": error},
+            }},
+            f"{GATEWAY_ROUTE_PREFIX}/chat/completions": generation(
+                "ChatCompletionRequest", "ChatCompletion", "Chat completion"),
+            f"{GATEWAY_ROUTE_PREFIX}/completions": generation("CompletionRequest", "Completion", "Text completion"),
+        },
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    }
 
 
 class OpenAIGateway:
@@ -59,6 +114,8 @@ class OpenAIGateway:
     async def __call__(self, request: Request) -> Response:
         route = route_of(request.url.path)
         try:
+            if route == ROUTE_OPENAPI and request.method == "GET":
+                return to_starlette(GatewayResponse.of_json(openapi_document()))
             if route == ROUTE_MODELS:
                 if request.method != "GET":
                     raise errors.method_not_allowed(request.method, request.url.path)

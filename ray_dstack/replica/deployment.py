@@ -18,7 +18,7 @@ from ray_dstack.autoscaling import RequestCounter
 from ray_dstack.gateway import errors
 from ray_dstack.gateway.router import to_starlette
 from ray_dstack.gateway.service import GatewayResponse, ModelEndpoint
-from ray_dstack.metrics import observed_service_call
+from ray_dstack.metrics import observed_service_call, record_replica_rps
 
 from ray_dstack.replica.forward import Forwarder, make_client, upstream_path
 from ray_dstack.replica.process import ServiceProcess, ServiceProcessError, free_port, port_in_use
@@ -93,6 +93,8 @@ class ServiceReplica:
         return response
 
     def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve calls this every metrics interval: also the moment to export the RPS `status` shows.
+        record_replica_rps(self.spec.name, self.requests.rps())
         return self.requests.stats()
 
     async def openai(self, path: str, body: bytes):

@@ -97,6 +97,11 @@ class Forwarder:
             upstream = await self.client.send(upstream_request, stream=True)
         except ClientDisconnect:
             return Response(status_code=499)
+        except httpx.HTTPError as exc:  # the service is down or too slow: 503/504/502 with a message, not a 500
+            from ray_dstack.gateway.router import to_starlette
+            from ray_dstack.gateway.service import GatewayResponse
+
+            return to_starlette(GatewayResponse.of_error(exc))
         response_headers = filter_headers(upstream.headers.multi_items())
         if request.method == "HEAD" or upstream.status_code in (204, 304):
             await upstream.aclose()

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import httpx
 
 from ray_dstack.errors import RayDstackError
+from ray_dstack.replica.supervise import REPLICA_PID_ENV
 from ray_dstack.spec import PORT_ENV_VAR, ProbeSpec
 
 TAIL_LINES = 200
@@ -86,6 +87,9 @@ class ServiceProcess:
     async def start(self) -> None:
         shell = shutil.which("bash") or "/bin/sh"
         env = {**os.environ, **self.env, PORT_ENV_VAR: str(self.port)}
+        # `python`/`pip` in the commands mean the Ray node's Python (the one running this replica).
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env[REPLICA_PID_ENV] = str(os.getpid())
         # Ray sets these for its workers; the service must not inherit them (it is not a Ray worker).
         for key in list(env):
             if key.startswith("RAY_RAYLET_") or key in {"RAY_JOB_ID", "RAY_CLIENT_MODE"}:

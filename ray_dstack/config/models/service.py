@@ -114,7 +114,7 @@ class ScalingConfig(CoreModel):
     @field_validator("target")
     @classmethod
     def _check_target(cls, value: float) -> float:
-        if value <= 0:
+        if not (value > 0 and value != float("inf")):  # also refuses .nan
             raise ValueError(f"`target` must be greater than 0, got {value:g}")
         return value
 

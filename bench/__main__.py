@@ -1,0 +1,379 @@
+"""What the gateway costs, side by side with the direct backend and the alternatives.
+
+    python -m bench            # full run (~15-20 min plus waits for the lock): 4 Serve variants, c = 1,16,64, profiles, llama.cpp
+    python -m bench --quick    # ~3 min: default Serve only, c = 1,64, short windows, no profiles, no llama
+    python -m bench --sweep    # c = 1,2,4,8,16,32,64,128
+
+Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stream, fixed length):
+  direct      the backend itself (the limit)
+  nginx       nginx `proxy_pass`, buffering off, keep-alive upstream (started here on loopback)
+  svc-openai  ray-dstack `format: openai` service: POST /<svc>/v1/chat/completions (proxy → ServiceReplica → child)
+  gw-openai   the same service through the /v1 gateway (proxy → OpenAIGateway → handle → ServiceReplica → child)
+  svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
+  hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
+and, with --llama (on by default in a full run), the real llama.cpp Gemma service at low concurrency.
+
+Server side (backend, nginx, the whole Ray cluster) is pinned to CPU 0 with taskset and the load generator
+(this process) to CPU 1. Every Ray cluster is started by the bench under the machine-wide lock
+(/tmp/ray-e2e.lock, taken here: do not wrap the command in `flock`), one variant at a time, and stopped with
+`ray stop --force` before the lock is released. Results: <out>/results.json, <out>/results.md, <out>/latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, report, stack
+
+SYNTH_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
+def service_yaml(name: str, model: str, fmt: str, *, rate: float, tokens: int) -> str:
+    extra = ""
+    if fmt == "tgi":
+        extra = f'  chat_template: "{SYNTH_CHAT_TEMPLATE}"\n  eos_token: "</s>"\n'
+    return f"""type: service
+name: {name}
+commands:
+  - exec {sys.executable} -m bench.synth --port $RAY_DSTACK_PORT --rate {rate} --tokens {tokens} --model {model}
+working_dir: {stack.REPO}
+port: 8000
+auth: false
+probes:
+  - type: http
+    url: /health
+    interval: 1
+model:
+  name: {model}
+  format: {fmt}
+{extra}"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.a = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.runs: list[dict[str, Any]] = []
+        self.memory: dict[str, Any] = {}
+        self.profiles: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    # --- measuring ------------------------------------------------------------------------------------
+
+    def measure(self, variant: str, target: loadgen.Target, *, mode: str, c: int, duration: float | None = None,
+                record: bool = True, open_rate: float | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+        duration = duration or self.a.duration
+        stream = mode == "stream"
+        mt = max_tokens or (self.a.tokens if stream else self.a.nonstream_tokens)
+        if open_rate is not None:
+            res = asyncio.run(loadgen.open_loop(target, rate=open_rate, duration_s=duration, warmup_s=self.a.warmup,
+                                                stream=stream, max_tokens=mt))
+        else:
+            res = asyncio.run(loadgen.closed_loop(target, concurrency=c, duration_s=duration, warmup_s=self.a.warmup,
+                                                  stream=stream, max_tokens=mt))
+        row = {"variant": variant, **res.to_dict()}
+        if record:
+            self.runs.append(row)
+        t = row["ttft_ms"]
+        self.log(f"{variant:>14} {target.name:>10} {mode:>9} c={row['concurrency']:<3} req={row['requests']:<5} "
+                 f"err={row['errors']:<3} req/s={row['rps']:<7} tok/s={row['tokens_per_s']:<7} "
+                 f"TTFT p50/p99={t['p50']}/{t['p99']} E2E p50={row['e2e_ms']['p50']}"
+                 + (f"  errors: {row['error_examples']}" if row["errors"] else ""))
+        return row
+
+    def warm(self, targets: dict[str, loadgen.Target]) -> None:
+        for t in targets.values():
+            for mode in ("stream", "nonstream"):
+                asyncio.run(loadgen.closed_loop(t, concurrency=4, duration_s=0.5, warmup_s=0.0, stream=mode == "stream",
+                                                max_tokens=4))
+
+    def run_points(self, variant: str, targets: dict[str, loadgen.Target]) -> None:
+        self.warm(targets)
+        # Interleave paths at each point, so drift on the shared machine spreads over all of them.
+        for c in self.a.concurrency:
+            for t in targets.values():
+                self.measure(variant, t, mode="stream", c=c)
+        for c in self.a.nonstream_concurrency:
+            for t in targets.values():
+                self.measure(variant, t, mode="nonstream", c=c)
+        for rate in self.a.open_loop:
+            for t in targets.values():
+                self.measure(variant, t, mode="stream", c=0, open_rate=rate)
+
+    # --- one Serve variant ----------------------------------------------------------------------------
+
+    def variant(self, variant: str, synth: stack.Synth, nginx: stack.Nginx | None) -> None:
+        tmp = self.out / "configs"
+        tmp.mkdir(exist_ok=True)
+        files = {
+            "synth-openai": tmp / "synth-openai.dstack.yml",
+            "synth-tgi": tmp / "synth-tgi.dstack.yml",
+        }
+        files["synth-openai"].write_text(service_yaml("synth-openai", "synth", "openai", rate=self.a.rate, tokens=self.a.tokens))
+        files["synth-tgi"].write_text(service_yaml("synth-tgi", "synth-tgi", "tgi", rate=self.a.rate, tokens=self.a.tokens))
+        with stack.machine_lock(self.a.lock):
+            self.log(f"variant {variant}: starting Ray ({stack.VARIANTS[variant] or 'no Serve env vars'})")
+            cluster = stack.RayCluster(variant, pin=self.a.pin)
+            timings: dict[str, float] = {"ray_start_s": round(cluster.start_s, 1)}
+            try:
+                for name, path in files.items():
+                    timings[f"deploy_{name}_s"] = round(cluster.deploy(path), 1)
+                timings["deploy_hand_s"] = round(cluster.deploy_hand(synth.url), 1)
+                self.log(f"variant {variant}: deployed {timings}")
+                svc_openai = cluster.base_url("synth-openai", "/synth-openai")
+                svc_tgi = cluster.base_url("synth-tgi", "/synth-tgi")
+                gw = cluster.base_url("ray-dstack-gateway", "/v1")
+                hand = cluster.base_url("hand", "/hand")
+                targets: dict[str, loadgen.Target] = {}
+                if variant == "default" or not self.a.direct_once:
+                    targets["direct"] = loadgen.Target("direct", f"{synth.url}/v1/chat/completions", "synth")
+                    if nginx is not None:
+                        targets["nginx"] = loadgen.Target("nginx", f"{nginx.url}/v1/chat/completions", "synth")
+                targets["svc-openai"] = loadgen.Target("svc-openai", f"{svc_openai}/synth-openai/v1/chat/completions", "synth")
+                targets["gw-openai"] = loadgen.Target("gw-openai", f"{gw}/v1/chat/completions", "synth")
+                targets["svc-tgi"] = loadgen.Target("svc-tgi", f"{svc_tgi}/synth-tgi/v1/chat/completions", "synth-tgi")
+                targets["hand"] = loadgen.Target("hand", f"{hand}/hand/v1/chat/completions", "synth")
+                timings["urls"] = {k: t.url for k, t in targets.items()}  # type: ignore[assignment]
+                self.timings[variant] = timings
+                mem_before = self.memory_snapshot()
+                self.run_points(variant, targets)
+                self.memory[variant] = {"after_deploy": mem_before, "after_load": self.memory_snapshot()}
+                if self.a.profile:
+                    self.profile(variant, targets)
+                if self.a.llama and variant == "default":
+                    self.llama(cluster)
+            except Exception:
+                self.notes.append(f"variant {variant} failed: {traceback.format_exc()[-1500:]}")
+                self.log(self.notes[-1])
+            finally:
+                t0 = time.monotonic()
+                cluster.stop()
+                self.log(f"variant {variant}: ray stop in {time.monotonic() - t0:.1f}s (lock released)")
+
+    def memory_snapshot(self) -> dict[str, Any]:
+        procs = stack.ray_processes()
+        pick = {
+            "ServiceReplica synth-openai (actor only)": stack.find_pid(procs, "ServeReplica:synth-openai:"),
+            "ServiceReplica synth-tgi (actor only)": stack.find_pid(procs, "ServeReplica:synth-tgi:"),
+            "OpenAIGateway": stack.find_pid(procs, "ServeReplica:ray-dstack-gateway:"),
+            "hand-written Serve replica": stack.find_pid(procs, "ServeReplica:hand:"),
+            "Serve ProxyActor": stack.find_pid(procs, "ProxyActor"),
+            "Serve controller": stack.find_pid(procs, "ServeController"),
+        }
+        snap: dict[str, Any] = {k: (stack.rss_mb(pid) if pid else None) for k, pid in pick.items()}
+        snap["pids"] = pick
+        snap["titles"] = sorted(procs)
+        if "haproxy" in procs:
+            snap["haproxy (all processes)"] = round(sum(stack.rss_mb(p) for p in procs["haproxy"]), 1)
+        r1, r2, g, h = (snap["ServiceReplica synth-openai (actor only)"], snap["ServiceReplica synth-tgi (actor only)"],
+                        snap["OpenAIGateway"], snap["hand-written Serve replica"])
+        if None not in (r1, g, h):
+            snap["ray-dstack beyond bare Serve, one openai service + gateway (MB)"] = round(r1 - h + g, 1)
+        if None not in (r1, r2, g, h):
+            snap["ray-dstack beyond bare Serve, both services + gateway (MB)"] = round((r1 - h) + (r2 - h) + g, 1)
+        return snap
+
+    def profile(self, variant: str, targets: dict[str, loadgen.Target]) -> None:
+        procs = stack.ray_processes()
+        proxy = stack.find_pid(procs, "ProxyActor")
+        svc = stack.find_pid(procs, "ServeReplica:synth-openai:")
+        gw = stack.find_pid(procs, "ServeReplica:ray-dstack-gateway:")
+        tgi = stack.find_pid(procs, "ServeReplica:synth-tgi:")
+        hand = stack.find_pid(procs, "ServeReplica:hand:")
+        cmax = max(self.a.concurrency)
+        ncmax = max(self.a.nonstream_concurrency)
+        plan = [("svc-openai", "stream", cmax, {"proxy": proxy, "replica": svc}),
+                ("svc-openai", "nonstream", ncmax, {"proxy": proxy, "replica": svc})]
+        if variant == "default":
+            plan += [("gw-openai", "stream", cmax, {"proxy": proxy, "gateway": gw, "replica": svc}),
+                     ("svc-tgi", "stream", cmax, {"proxy": proxy, "replica": tgi}),
+                     ("hand", "nonstream", ncmax, {"proxy": proxy, "replica": hand})]
+        dur = int(self.a.profile_s)
+        for path, mode, c, pids in plan:
+            pids = {k: v for k, v in pids.items() if v}
+            tag = f"{variant}-{path}-{mode}-c{c}"
+            self.log(f"profiling {tag}: {pids}")
+            spy = stack.PySpy(pids, self.out, tag, dur)
+            row = self.measure(variant, targets[path], mode=mode, c=c, duration=dur + 1.0, record=False)
+            self.profiles[tag] = {"pids": pids, "run_under_profiler": {k: row[k] for k in ("rps", "tokens_per_s", "ttft_ms")},
+                                  "profiles": spy.wait()}
+
+    def llama(self, cluster: stack.RayCluster) -> None:
+        cfg = stack.REPO / "configs" / "local-chat.dstack.yml"
+        token = "bench-llama-token-0123456789"
+        self.log("llama.cpp: deploying configs/local-chat.dstack.yml and starting a direct llama.cpp server")
+        try:
+            t_deploy = cluster.deploy(cfg, "--token", token, timeout=400)
+            self.timings.setdefault("default", {})["deploy_local_chat_s"] = round(t_deploy, 1)
+            direct = stack.Llama(pin=self.a.pin)
+        except Exception as exc:  # noqa: BLE001
+            self.notes.append(f"llama.cpp part skipped: {exc!r}"[:1500])
+            self.log(self.notes[-1])
+            return
+        try:
+            auth = {"authorization": f"Bearer {token}"}
+            targets = {
+                "llama-direct": loadgen.Target("llama-direct", f"{direct.url}/v1/chat/completions", "gemma-3-270m"),
+                "llama-svc": loadgen.Target("llama-svc", f"{cluster.http}/local-chat/v1/chat/completions", "gemma-3-270m", auth),
+                "llama-gw": loadgen.Target("llama-gw", f"{cluster.http}/v1/chat/completions", "gemma-3-270m", auth),
+            }
+            for t in targets.values():  # warm the model (first prompt evaluation) on each server
+                asyncio.run(loadgen.closed_loop(t, concurrency=1, duration_s=0.5, warmup_s=0, stream=True, max_tokens=4))
+            for c in self.a.llama_concurrency:
+                for t in targets.values():
+                    self.measure("default", t, mode="stream", c=c, duration=self.a.llama_duration,
+                                 max_tokens=self.a.llama_tokens)
+        finally:
+            direct.stop()
+
+    # --- the whole run --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        started = time.time()
+        synth = stack.Synth(rate=self.a.rate, tokens=self.a.tokens, pin=self.a.pin)
+        nginx = None
+        try:
+            try:
+                nginx = stack.Nginx(synth.port, pin=self.a.pin)
+            except Exception as exc:  # noqa: BLE001
+                self.notes.append(f"nginx path skipped: {exc}")
+                self.log(self.notes[-1])
+            for variant in self.a.variants:
+                self.variant(variant, synth, nginx)
+        finally:
+            if nginx:
+                nginx.stop()
+            synth.stop()
+        self.write(time.time() - started)
+        return 0
+
+    def write(self, elapsed: float) -> None:
+        a = self.a
+        variants = [v for v in a.variants if any(r["variant"] == v for r in self.runs)]
+        cmax = max(a.concurrency)
+        ncmax = max(a.nonstream_concurrency)
+        ratio_md, ratio_rows = report.ratios(self.runs, variants=variants, concurrency=a.concurrency,
+                                             nonstream_c=ncmax, stream_c_max=cmax)
+        variant_md = report.variant_table(self.runs, variants=variants, nonstream_c=ncmax, stream_c_max=cmax)
+        png = report.plot(self.runs, self.out / "latency.png", variants=variants)
+        doc = {
+            "command": "python -m bench " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+            "when": dt.datetime.now().isoformat(timespec="seconds"),
+            "elapsed_s": round(elapsed, 1),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "pinning": "server side (backend, nginx, Ray) on CPU 0, load generator on CPU 1" if a.pin else "none"},
+            "settings": {k: v for k, v in vars(a).items()},
+            "runs": self.runs, "ratios": ratio_rows, "memory_mb": self.memory, "profiles": self.profiles,
+            "timings": self.timings, "notes": self.notes,
+        }
+        (self.out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+        md = [f"# bench results ({doc['when']}, {doc['command']}, {doc['elapsed_s']} s)", "",
+              f"Machine: {doc['machine']}", "",
+              f"Backend: synthetic, {a.tokens} tokens per stream at {a.rate} tokens/s per stream; non-streaming "
+              f"answers ({a.nonstream_tokens} tokens) are immediate. Latencies in ms.", "",
+              "## All runs", "", report.results_table(self.runs), "",
+              "## Ratios vs direct (TTFT added, tokens/s) and vs the hand-written Serve passthrough (non-streaming req/s)",
+              "", ratio_md, "", "## Serve options vs the default data path (same run)", "", variant_md, "",
+              "## Memory (RSS, MB)", "", "```", json.dumps({k: {kk: {x: y for x, y in vv.items() if x not in ("titles", "pids")}
+                                                                 for kk, vv in v.items()} for k, v in self.memory.items()}, indent=1), "```", ""]
+        if self.profiles:
+            md += ["## Profiles (py-spy, share of samples)", ""]
+            for tag, p in self.profiles.items():
+                md.append(f"### {tag} (under profiler: {p['run_under_profiler']})")
+                for who, prof in p["profiles"].items():
+                    md.append(f"- **{who}** busy={prof.get('busy_fraction')} buckets={prof.get('buckets_pct')}")
+                    for f, pct in (prof.get("top_self") or [])[:8]:
+                        md.append(f"    - self {pct}% {f}")
+                md.append("")
+        if self.notes:
+            md += ["## Notes", ""] + [f"- {n}" for n in self.notes]
+        (self.out / "results.md").write_text("\n".join(md) + "\n")
+        print("\n" + report.results_table(self.runs))
+        print("\n" + ratio_md)
+        print("\n" + variant_md)
+        for v, m in self.memory.items():
+            print(f"\nmemory [{v}] after load:", {k: x for k, x in m["after_load"].items() if k not in ("titles", "pids")})
+        if self.notes:
+            print("\nnotes:", *self.notes, sep="\n  ")
+        print(f"\nwrote {self.out / 'results.json'}, {self.out / 'results.md'}" + (f", {png}" if png else ""))
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~3 min: default variant, c=1,64, 4 s windows, no profiles/llama")
+    ap.add_argument("--sweep", action="store_true", help="streaming concurrency 1,2,4,8,16,32,64,128")
+    ap.add_argument("--concurrency", type=ints, default=None, help="streaming concurrency levels (default 1,16,64)")
+    ap.add_argument("--nonstream-concurrency", type=ints, default=None, help="non-streaming concurrency (default 1,64)")
+    ap.add_argument("--open-loop", type=floats, default=[], metavar="RPS,...", help="also run open-loop streams at these rates")
+    ap.add_argument("--duration", type=float, default=None, help="measurement window per point, s (default 6; quick 4)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window, s (excluded)")
+    ap.add_argument("--variants", default=None, help="Serve variants: " + ",".join(stack.VARIANTS) + " (default all; quick: default)")
+    ap.add_argument("--rate", type=float, default=50.0, help="backend tokens/s per stream")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    ap.add_argument("--nonstream-tokens", type=int, default=16, help="tokens per non-streaming answer (immediate)")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="py-spy profiles (default: on unless --quick)")
+    ap.add_argument("--profile-s", type=float, default=6.0)
+    ap.add_argument("--llama", action=argparse.BooleanOptionalAction, default=None, help="llama.cpp Gemma paths (default: on unless --quick)")
+    ap.add_argument("--llama-concurrency", type=ints, default=[1, 2])
+    ap.add_argument("--llama-duration", type=float, default=12.0)
+    ap.add_argument("--llama-tokens", type=int, default=32)
+    ap.add_argument("--direct-once", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure direct and nginx only in the default variant (default on)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="taskset: server CPU 0, load generator CPU 1")
+    ap.add_argument("--lock", default="/tmp/ray-e2e.lock", help="machine-wide Ray lock taken around each cluster ('' for none)")
+    ap.add_argument("--out", default=None, help="output directory (default bench/results or bench/results-quick)")
+    a = ap.parse_args(argv)
+    q = a.quick
+    if a.concurrency is None:
+        a.concurrency = [1, 2, 4, 8, 16, 32, 64, 128] if a.sweep else ([1, 64] if q else [1, 16, 64])
+    if a.nonstream_concurrency is None:
+        a.nonstream_concurrency = [64] if q else [1, 64]
+    a.duration = a.duration or (4.0 if q else 6.0)
+    a.variants = (a.variants.split(",") if a.variants else (["default"] if q else list(stack.VARIANTS)))
+    for v in a.variants:
+        if v not in stack.VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(stack.VARIANTS)}")
+    a.profile = (not q) if a.profile is None else a.profile
+    a.llama = (not q) if a.llama is None else a.llama
+    a.out = a.out or str(stack.REPO / "bench" / ("results-quick" if q else "results"))
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, stack.CLIENT_CPUS)
+    try:
+        import uvloop  # noqa: F401 - the load generator's own loop cost stays low
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

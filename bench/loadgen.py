@@ -1,0 +1,232 @@
+"""Async httpx load generator for OpenAI `chat/completions`, streaming and not, closed- or open-loop.
+
+Closed loop: `concurrency` workers each send their next request as soon as the previous one ends.
+Open loop: requests start at Poisson-distributed times at `rate` per second, however many are in flight.
+
+Measured per request: time to first token (TTFT: the first SSE event carrying text), the gaps between
+token events (inter-token latency, ITL), end-to-end latency; tokens are SSE events with text (streams)
+or `usage.completion_tokens` (non-streaming). Statistics cover requests *started* in the measurement
+window (after `warmup_s`); throughput counts tokens and completions that *arrive* in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # the full chat/completions URL
+    model: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    start: float
+    end: float = 0.0
+    ok: bool = False
+    status: int = 0
+    ttft: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str = ""
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _has_text(event: dict[str, Any]) -> bool:
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta.get("content"):
+            return True
+        if choice.get("text"):
+            return True
+    return False
+
+
+async def one_request(client: httpx.AsyncClient, target: Target, *, stream: bool, max_tokens: int,
+                      prompt: str) -> Sample:
+    body = {"model": target.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": stream, "temperature": 0}
+    s = Sample(start=time.perf_counter())
+    try:
+        request = client.build_request("POST", target.url, content=json.dumps(body).encode(),
+                                       headers={"content-type": "application/json", **target.headers})
+        response = await client.send(request, stream=True)
+        s.status = response.status_code
+        try:
+            if response.status_code != 200:
+                s.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return s
+            if not stream:
+                payload = json.loads(await response.aread())
+                s.tokens = int(((payload.get("usage") or {}).get("completion_tokens")) or 0)
+                s.ok = bool(payload.get("choices"))
+                if not s.ok:
+                    s.error = "no choices"
+                return s
+            buf = b""
+            done = False
+            async for chunk in response.aiter_raw():
+                now = time.perf_counter()
+                buf += chunk
+                while True:
+                    cut = buf.find(b"\n\n")
+                    if cut < 0:
+                        break
+                    raw, buf = buf[:cut], buf[cut + 2:]
+                    for line in raw.split(b"\n"):
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            done = True
+                            continue
+                        try:
+                            event = json.loads(data)
+                        except ValueError:
+                            continue
+                        if "error" in event:
+                            s.error = f"stream error: {str(event['error'])[:200]}"
+                        elif _has_text(event):
+                            if s.ttft is None:
+                                s.ttft = now - s.start
+                            s.token_times.append(now)
+            s.tokens = len(s.token_times)
+            s.ok = done and not s.error and s.tokens > 0
+            if not s.ok and not s.error:
+                s.error = "stream ended without [DONE]" if not done else "no tokens"
+        finally:
+            await response.aclose()
+    except Exception as exc:  # noqa: BLE001 - every failure is a counted error
+        s.error = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        s.end = time.perf_counter()
+    return s
+
+
+@dataclass
+class Result:
+    path: str
+    mode: str  # "stream" or "nonstream"
+    loop: str  # "closed" or "open"
+    concurrency: int  # closed loop: workers; open loop: peak in flight
+    offered_rps: float | None
+    window_s: float
+    requests: int
+    errors: int
+    error_examples: list[str]
+    rps: float
+    tokens_per_s: float
+    ttft_ms: dict[str, float | None]
+    itl_ms: dict[str, float | None]
+    e2e_ms: dict[str, float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stats_ms(values: list[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        v = percentile(values, q)
+        out[name] = None if v is None else round(v * 1000.0, 3)
+    out["mean"] = round(sum(values) / len(values) * 1000.0, 3) if values else None
+    return out
+
+
+def summarize(path: str, samples: list[Sample], *, mode: str, loop: str, concurrency: int, offered: float | None,
+              t0: float, t1: float) -> Result:
+    measured = [s for s in samples if t0 <= s.start < t1]
+    ok = [s for s in measured if s.ok]
+    errors = [s for s in measured if not s.ok]
+    window = max(t1 - t0, 1e-9)
+    completed_in_window = sum(1 for s in samples if s.ok and t0 <= s.end < t1)
+    if mode == "stream":
+        tokens = sum(1 for s in samples for t in s.token_times if t0 <= t < t1)
+    else:
+        tokens = sum(s.tokens for s in samples if s.ok and t0 <= s.end < t1)
+    itl: list[float] = []
+    for s in ok:
+        itl.extend(b - a for a, b in zip(s.token_times, s.token_times[1:]))
+    examples = sorted({s.error for s in errors})[:3]
+    return Result(
+        path=path, mode=mode, loop=loop, concurrency=concurrency, offered_rps=offered, window_s=round(window, 3),
+        requests=len(measured), errors=len(errors), error_examples=examples,
+        rps=round(completed_in_window / window, 2), tokens_per_s=round(tokens / window, 1),
+        ttft_ms=_stats_ms([s.ttft for s in ok if s.ttft is not None]) if mode == "stream" else _stats_ms([]),
+        itl_ms=_stats_ms(itl), e2e_ms=_stats_ms([s.end - s.start for s in ok]),
+    )
+
+
+def make_client(concurrency: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(120.0, connect=30.0, pool=120.0),
+        limits=httpx.Limits(max_connections=max(concurrency * 2, 8), max_keepalive_connections=max(concurrency * 2, 8)),
+        trust_env=False,
+    )
+
+
+async def closed_loop(target: Target, *, concurrency: int, duration_s: float, warmup_s: float, stream: bool,
+                      max_tokens: int, prompt: str = "Say something.") -> Result:
+    samples: list[Sample] = []
+    async with make_client(concurrency) as client:
+        start = time.perf_counter()
+        stop_at = start + warmup_s + duration_s
+
+        async def worker(i: int) -> None:
+            # Spread the first requests over a short time so streams do not all tick in lock-step.
+            await asyncio.sleep(random.random() * min(0.2, warmup_s))
+            while time.perf_counter() < stop_at:
+                samples.append(await one_request(client, target, stream=stream, max_tokens=max_tokens, prompt=prompt))
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return summarize(target.name, samples, mode="stream" if stream else "nonstream", loop="closed",
+                     concurrency=concurrency, offered=None, t0=start + warmup_s, t1=stop_at)
+
+
+async def open_loop(target: Target, *, rate: float, duration_s: float, warmup_s: float, stream: bool,
+                    max_tokens: int, prompt: str = "Say something.", max_in_flight: int = 1024) -> Result:
+    samples: list[Sample] = []
+    tasks: set[asyncio.Task] = set()
+    peak = 0
+    async with make_client(max_in_flight) as client:
+        start = time.perf_counter()
+        stop_at = start + warmup_s + duration_s
+        next_at = start
+        rng = random.Random(1)
+        while True:
+            next_at += rng.expovariate(rate)
+            if next_at >= stop_at:
+                break
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(tasks) >= max_in_flight:
+                samples.append(Sample(start=time.perf_counter(), end=time.perf_counter(), error="client: too many in flight"))
+                continue
+            task = asyncio.create_task(one_request(client, target, stream=stream, max_tokens=max_tokens, prompt=prompt))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), samples.append(t.result())))
+            peak = max(peak, len(tasks))
+        if tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+    return summarize(target.name, samples, mode="stream" if stream else "nonstream", loop="open",
+                     concurrency=peak, offered=rate, t0=start + warmup_s, t1=stop_at)

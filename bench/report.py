@@ -1,0 +1,147 @@
+"""Tables, ratios against the targets, and the latency-vs-concurrency plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Targets from the project issue (ratios measured in the same run).
+TTFT_ADDED_P50_MS = 3.0
+TTFT_ADDED_P99_MS = 10.0
+TOKENS_RATIO_PASSTHROUGH = 0.9
+TOKENS_RATIO_TGI = 0.85
+NONSTREAM_RATIO_VS_HAND = 2.0
+
+RAY_DSTACK_PATHS = ("svc-openai", "gw-openai", "svc-tgi")
+
+
+def _f(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def find(runs: list[dict[str, Any]], *, variant: str, path: str, mode: str, c: int, loop: str = "closed") -> dict | None:
+    for r in runs:
+        if (r["variant"], r["path"], r["mode"], r["concurrency"], r["loop"]) == (variant, path, mode, c, loop):
+            return r
+    return None
+
+
+def results_table(runs: list[dict[str, Any]]) -> str:
+    head = ("| variant | path | mode | loop | c | req | err | req/s | tok/s | TTFT p50 | p90 | p99 | ITL p50 | p99 "
+            "| E2E p50 | p90 | p99 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        t, i, e = r["ttft_ms"], r["itl_ms"], r["e2e_ms"]
+        c = r["concurrency"] if r["loop"] == "closed" else f"{r['offered_rps']}/s"
+        lines.append(
+            f"| {r['variant']} | {r['path']} | {r['mode']} | {r['loop']} | {c} | {r['requests']} | {r['errors']} "
+            f"| {_f(r['rps'])} | {_f(r['tokens_per_s'])} | {_f(t['p50'])} | {_f(t['p90'])} | {_f(t['p99'])} "
+            f"| {_f(i['p50'])} | {_f(i['p99'])} | {_f(e['p50'])} | {_f(e['p90'])} | {_f(e['p99'])} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list[int], nonstream_c: int,
+           stream_c_max: int) -> tuple[str, list[dict[str, Any]]]:
+    """Ratios of each ray-dstack path (every variant) to direct (default variant's, same run) and to the
+    hand-written Serve passthrough (same variant)."""
+    rows: list[dict[str, Any]] = []
+    lines = ["| variant | path | c | TTFT added p50 ms | TTFT added p99 ms | tok/s vs direct | "
+             "non-stream req/s vs hand-written Serve | targets |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        for path in (*RAY_DSTACK_PATHS, "hand", "nginx"):
+            for c in concurrency:
+                r = find(runs, variant=variant, path=path, mode="stream", c=c)
+                d = find(runs, variant="default", path="direct", mode="stream", c=c) or find(
+                    runs, variant=variant, path="direct", mode="stream", c=c)
+                if not r or not d or r["ttft_ms"]["p50"] is None or d["ttft_ms"]["p50"] is None:
+                    continue
+                row: dict[str, Any] = {"variant": variant, "path": path, "c": c,
+                                       "ttft_added_p50_ms": round(r["ttft_ms"]["p50"] - d["ttft_ms"]["p50"], 2),
+                                       "ttft_added_p99_ms": round(r["ttft_ms"]["p99"] - d["ttft_ms"]["p99"], 2),
+                                       "tokens_ratio": round(r["tokens_per_s"] / d["tokens_per_s"], 3) if d["tokens_per_s"] else None}
+                if c == nonstream_c:
+                    ns = find(runs, variant=variant, path=path, mode="nonstream", c=nonstream_c)
+                    hand = find(runs, variant=variant, path="hand", mode="nonstream", c=nonstream_c)
+                    if ns and hand and hand["rps"]:
+                        row["nonstream_vs_hand"] = round(ns["rps"] / hand["rps"], 2)
+                verdict = []
+                if path in RAY_DSTACK_PATHS:
+                    verdict.append("TTFT50 " + ("ok" if row["ttft_added_p50_ms"] <= TTFT_ADDED_P50_MS else "MISS"))
+                    verdict.append("TTFT99 " + ("ok" if row["ttft_added_p99_ms"] <= TTFT_ADDED_P99_MS else "MISS"))
+                    if c == stream_c_max and row["tokens_ratio"] is not None:
+                        need = TOKENS_RATIO_TGI if path == "svc-tgi" else TOKENS_RATIO_PASSTHROUGH
+                        verdict.append(f"tok≥{need} " + ("ok" if row["tokens_ratio"] >= need else "MISS"))
+                    if "nonstream_vs_hand" in row:
+                        verdict.append("ns≥2×hand " + ("ok" if row["nonstream_vs_hand"] >= NONSTREAM_RATIO_VS_HAND else "MISS"))
+                row["targets"] = ", ".join(verdict)
+                rows.append(row)
+                lines.append(
+                    f"| {variant} | {path} | {c} | {row['ttft_added_p50_ms']:+.1f} | {row['ttft_added_p99_ms']:+.1f} | "
+                    f"{_f(row['tokens_ratio'], 2)} | {_f(row.get('nonstream_vs_hand'), 2)} | {row['targets']} |")
+    return "\n".join(lines), rows
+
+
+def variant_table(runs: list[dict[str, Any]], *, variants: list[str], nonstream_c: int, stream_c_max: int) -> str:
+    """Each Serve option against the default data path, same run: ratios >1 mean the option helps."""
+    lines = ["| option | path | TTFT p50 @1 (ms) | TTFT p99 @c_max (ms) | tok/s @c_max | non-stream req/s "
+             "| tok/s vs default | req/s vs default |", "|---|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        for path in (*RAY_DSTACK_PATHS, "hand"):
+            s1 = find(runs, variant=variant, path=path, mode="stream", c=1)
+            sm = find(runs, variant=variant, path=path, mode="stream", c=stream_c_max)
+            ns = find(runs, variant=variant, path=path, mode="nonstream", c=nonstream_c)
+            base_sm = find(runs, variant="default", path=path, mode="stream", c=stream_c_max)
+            base_ns = find(runs, variant="default", path=path, mode="nonstream", c=nonstream_c)
+            if not sm:
+                continue
+            tr = sm["tokens_per_s"] / base_sm["tokens_per_s"] if base_sm and base_sm["tokens_per_s"] else None
+            rr = ns["rps"] / base_ns["rps"] if ns and base_ns and base_ns["rps"] else None
+            lines.append(
+                f"| {variant} | {path} | {_f(s1['ttft_ms']['p50'] if s1 else None)} | {_f(sm['ttft_ms']['p99'])} "
+                f"| {_f(sm['tokens_per_s'])} | {_f(ns['rps'] if ns else None)} | {_f(tr, 2)} | {_f(rr, 2)} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], out: Path, *, variants: list[str]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not any(r["mode"] == "stream" and r["loop"] == "closed" for r in runs):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    styles = {v: s for v, s in zip(variants, ["-", "--", ":", "-."])}
+    paths = sorted({r["path"] for r in runs if r["mode"] == "stream" and r["loop"] == "closed"})
+    for variant in variants:
+        for path in paths:
+            pts = sorted((r["concurrency"], r) for r in runs
+                         if r["variant"] == variant and r["path"] == path and r["mode"] == "stream" and r["loop"] == "closed")
+            if not pts:
+                continue
+            xs = [c for c, _ in pts]
+            label = f"{path} [{variant}]"
+            ls = styles.get(variant, "-")
+            axes[0].plot(xs, [r["ttft_ms"]["p50"] or float("nan") for _, r in pts], ls, marker="o", label=label)
+            axes[1].plot(xs, [r["ttft_ms"]["p99"] or float("nan") for _, r in pts], ls, marker="o", label=label)
+            axes[2].plot(xs, [r["tokens_per_s"] for _, r in pts], ls, marker="o", label=label)
+    for ax, title in zip(axes, ["TTFT p50 (ms)", "TTFT p99 (ms)", "output tokens/s (all streams)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[2].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
