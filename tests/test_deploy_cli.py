@@ -51,7 +51,11 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:  # a zombie waiting to be reaped is dead for our purposes
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False
 
 
 def test_deploy_http_server_example_with_auth(cli_cluster):
@@ -223,15 +227,18 @@ def test_no_child_survives_delete_and_ray_stop(cli_cluster):
     cli_cluster.wait_until(lambda: not any(alive(p) for p in pids), timeout=30, what="children to exit on delete")
 
     # Again with `ray stop` while a service runs.
+    def http_servers() -> set[int]:
+        out = subprocess.run(["pgrep", "-f", "m http.server"], capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
+
+    before = http_servers()
     path = REPO / "configs" / "http-server-open.dstack.yml"
     cli_cluster.run("deploy", str(path), check=True, timeout=300)
-    out = subprocess.run(["pgrep", "-f", "m http.server"], capture_output=True, text=True).stdout.split()
-    assert out, "the http.server child should be running"
+    started = http_servers() - before
+    assert started, "the http.server child should be running"
     from conftest import ray_stop
 
     ray_stop(cli_cluster.env)
     cli_cluster.wait_until(
-        lambda: not subprocess.run(["pgrep", "-f", "m http.server"], capture_output=True).stdout,
-        timeout=30,
-        what="no http.server left after ray stop",
+        lambda: not any(alive(p) for p in started), timeout=30, what="no http.server left after ray stop"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_dstack.cli import output
+from ray_dstack.cli.plan_cmd import parse_env_args
 from ray_dstack.cluster import apps
 from ray_dstack.cluster.dashboard import ClusterError, DashboardClient
 from ray_dstack.cluster.local import connect
@@ -20,20 +21,6 @@ from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
 
 TOKEN_ENV = "RAY_DSTACK_TOKEN"
 DEFAULT_DEPLOY_TIMEOUT_S = 900.0
-
-
-def parse_env_overrides(items: list[str] | None) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not key:
-            raise UsageError(f"-e {item!r}: expected KEY=VALUE (or KEY to take it from this environment)")
-        if not sep:
-            if key not in os.environ:
-                raise UsageError(f"-e {key}: environment variable {key} is not set")
-            value = os.environ[key]
-        env[key] = value
-    return env
 
 
 def token_dir() -> Path:
@@ -80,7 +67,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout:g}")
-    loaded = load_service(args.file, env_overrides=parse_env_overrides(args.env), name=args.name)
+    loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
     # Plan before touching the cluster: a config the plan rejects never reaches it.
     plan = build_plan(loaded, token_sha256=None)
     for warning in plan.warnings:
