@@ -22,6 +22,13 @@ OTHER_TOKEN = "other-service-token-123456"
 MODEL = "HuggingFaceH4/zephyr-7b-beta"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_hf_cache(cli_cluster, tmp_path_factory):
+    """Deploys resolve templates into a cache of their own: a file cached by an earlier run (with a token)
+    must not let a gated model through here."""
+    cli_cluster.env["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
+
+
 @pytest.fixture(scope="module")
 def hub():
     with HubServer() as server:
