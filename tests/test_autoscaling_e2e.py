@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")
-from ray import cloudpickle, serve  # noqa: E402
+import ray
+from ray import cloudpickle, serve
 
 from ray_dstack.autoscaling.counter import RequestCounter  # noqa: E402
 from ray_dstack.autoscaling.policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402

