@@ -6,7 +6,6 @@ Serve allows: Serve's proxy → this replica → the child process on loopback.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -39,20 +38,6 @@ OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/model
 
 def is_openai_route(path: str) -> bool:
     return path.split("?", 1)[0].rstrip("/") in OPENAI_ROUTES
-
-
-_END = object()  # `_pump`'s end-of-stream marker
-
-
-async def _pump(body, queue: asyncio.Queue) -> None:
-    """Move the upstream chunks into `queue`, then `_END`, or the upstream iterator's exception."""
-    try:
-        async for chunk in body:
-            queue.put_nowait(bytes(chunk))
-    except Exception as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
-        queue.put_nowait(exc)
-    else:
-        queue.put_nowait(_END)
 
 
 class ServiceReplica:
@@ -126,30 +111,10 @@ class ServiceReplica:
         if not resp.is_stream:
             yield resp.body
             return
-        # Each item yielded here costs a Serve streaming round (replica → handle → gateway), which is what
-        # limits the gateway at high concurrency, not the bytes. So a pump task reads the upstream into a
-        # queue, and every item carries all chunks that arrived meanwhile: one chunk at low load (never
-        # waits for more, so no added latency), many under load (fewer, larger items).
-        queue: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(_pump(resp.body, queue))
         try:
-            while True:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                last = items[-1]  # the end marker or an upstream error is only ever the last item
-                chunks = items if isinstance(last, bytes) else items[:-1]
-                if chunks:
-                    yield b"".join(chunks)
-                if last is _END:
-                    return
-                if isinstance(last, BaseException):
-                    raise last  # upstream errors reach the gateway as before
+            async for chunk in resp.body:
+                yield chunk
         finally:
-            # Closed early (client gone) or done: stop the pump, then close the upstream request so the
-            # backend sees the disconnect and stops generating.
-            pump.cancel()
-            await asyncio.wait([pump])
             await resp.aclose()
 
     async def check_health(self) -> None:
