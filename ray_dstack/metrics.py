@@ -249,25 +249,33 @@ def observe_response(recorder: Recorder, response: Any, route: str, start: float
     return response
 
 
-def observed_service_call(method: Callable) -> Callable:
-    """Decorator for `ServiceReplica.__call__`: records every request made to `/<service>/...`."""
+def _observed(observe: Callable[[Any, Any, Any, float], Any]) -> Callable[[Callable], Callable]:
+    """Decorator factory for an ingress `__call__`: times the call, then `observe(self, request, response,
+    start)` records it and returns the response to send. A failure to record never fails the request."""
 
-    @functools.wraps(method)
-    async def wrapper(self, request, *args, **kwargs):
-        start = now()
-        response = await method(self, request, *args, **kwargs)
-        try:
-            recorder = self.__dict__.get("_metrics")
-            if recorder is None:
-                spec = self.spec
-                recorder = self._metrics = Recorder(spec.name, spec.model.name if spec.model else "")
-            route = route_tag(_below_root(request.scope)) if recorder.model else OTHER_ROUTE
-            return observe_response(recorder, response, route, start)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("metrics: %r", exc)
-            return response
+    def decorator(method: Callable) -> Callable:
+        @functools.wraps(method)
+        async def wrapper(self, request, *args, **kwargs):
+            start = now()
+            response = await method(self, request, *args, **kwargs)
+            try:
+                return observe(self, request, response, start)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("metrics: %r", exc)
+                return response
 
-    return wrapper
+        return wrapper
+
+    return decorator
+
+
+def _observe_service(replica, request, response, start: float):
+    recorder = replica.__dict__.get("_metrics")
+    if recorder is None:
+        spec = replica.spec
+        recorder = replica._metrics = Recorder(spec.name, spec.model.name if spec.model else "")
+    route = route_tag(_below_root(request.scope)) if recorder.model else OTHER_ROUTE
+    return observe_response(recorder, response, route, start)
 
 
 def _below_root(scope: dict) -> str:
@@ -279,27 +287,20 @@ def _below_root(scope: dict) -> str:
 GATEWAY_MODEL_KEY = "ray_dstack.model"
 
 
-def observed_gateway_call(method: Callable) -> Callable:
-    """Decorator for `OpenAIGateway.__call__`: records every `/v1` request, tagged with the target service."""
+def _observe_gateway(gateway, request, response, start: float):
+    recorder = gateway.__dict__.get("_metrics")
+    if recorder is None:
+        recorder = gateway._metrics = Recorder()
+    model = request.scope.get(GATEWAY_MODEL_KEY)
+    target = gateway._routes.get(model) if model else None
+    if target is None:
+        service, model = "", ""  # unknown model: never a client-chosen tag value
+    else:
+        service = target.get("app", "")
+    return observe_response(recorder, response, route_tag(request.url.path), start, service=service, model=model)
 
-    @functools.wraps(method)
-    async def wrapper(self, request, *args, **kwargs):
-        start = now()
-        response = await method(self, request, *args, **kwargs)
-        try:
-            recorder = self.__dict__.get("_metrics")
-            if recorder is None:
-                recorder = self._metrics = Recorder()
-            model = request.scope.get(GATEWAY_MODEL_KEY)
-            target = self._routes.get(model) if model else None
-            if target is None:
-                service, model = "", ""  # unknown model: never a client-chosen tag value
-            else:
-                service = target.get("app", "")
-            return observe_response(recorder, response, route_tag(request.url.path), start,
-                                    service=service, model=model)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("metrics: %r", exc)
-            return response
 
-    return wrapper
+# `ServiceReplica.__call__`: every request made to `/<service>/...`.
+observed_service_call = _observed(_observe_service)
+# `OpenAIGateway.__call__`: every `/v1` request, tagged with the target service.
+observed_gateway_call = _observed(_observe_gateway)
