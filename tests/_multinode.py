@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from conftest import POLL_ERRORS, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,12 +41,6 @@ GPU_NODES: dict[str, tuple[str, int]] = {
     "a100": ("A100-80G", 2),
     "l4": ("L4", 1),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gpu_node_args(accel: str, gpus: int, *, num_cpus: float = 1) -> dict[str, Any]:
@@ -138,18 +131,7 @@ class SimCluster:
         return leaked
 
     def wait_until(self, predicate, timeout: float = 60, interval: float = 0.5, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-            except (httpx.HTTPError, AssertionError, json.JSONDecodeError, KeyError) as exc:
-                last = exc
-            else:
-                if last:
-                    return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+        return wait_until(predicate, timeout=timeout, interval=interval, what=what, retry_on=(*POLL_ERRORS, KeyError))
 
 
 def start_sim_cluster(home: Path) -> SimCluster:

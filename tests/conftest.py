@@ -23,6 +23,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+POLL_ERRORS = (httpx.HTTPError, AssertionError, json.JSONDecodeError)
+
+
+def wait_until(predicate, *, timeout: float, interval: float, what: str, retry_on=POLL_ERRORS):
+    """Poll `predicate` until it returns something truthy (returned); errors in `retry_on` count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except retry_on as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
 def ray_stop(env: dict[str, str] | None = None) -> None:
     subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
 
@@ -54,18 +73,7 @@ class CliCluster:
         return json.loads(proc.stdout)
 
     def wait_until(self, predicate, timeout: float = 120, interval: float = 1.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-            except (httpx.HTTPError, AssertionError, json.JSONDecodeError) as exc:
-                last = exc
-            else:
-                if last:
-                    return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+        return wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
 @pytest.fixture(scope="module")
