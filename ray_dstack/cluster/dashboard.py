@@ -47,10 +47,11 @@ def normalize_address(address: str) -> str:
 
 
 class DashboardClient:
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 30.0, token: str | None = None) -> None:
+        """`token`: the cluster's Ray auth token; by default read where Ray reads it (`ray_auth_token`)."""
         self.address = normalize_address(address)
         headers = {}
-        token = ray_auth_token()
+        token = token or ray_auth_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.address, headers=headers, timeout=timeout_s, trust_env=False)

@@ -1,0 +1,232 @@
+"""A `replicas: 2` service with a FIXED port on two nodes, both serving through the one Serve HTTP address.
+
+Raylets that share this machine's loopback cannot run two children listening on the same port, so this test
+gives every node a host of its own: each raylet runs in its own network namespace (tests/_netns.py) with
+its own address on a private bridge, like machines on a LAN. The head (CPU only, dashboard, Serve
+controller) is `10.213.N.1`; two workers that look like "A10G 24 GB x1" machines are `.2` and `.3`. The
+cluster is started the way `ray up` starts one: `ray start --head` / `ray start --address`, Ray token
+auth on, and `ray-dstack` drives it from outside over the bridge.
+
+The service's commands are what a user writes for a fixed-port server: `python -m http.server 8000` on all
+interfaces. Each child serves a file naming its pid and its host's addresses, so requests through the
+head's Serve HTTP address show that both nodes' children answer.
+
+Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests/test_multinode_fixed_port.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from _netns import Host, NetnsLab
+from conftest import POLL_ERRORS, REPO, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+BIN = Path(sys.executable).parent
+SERVE_HTTP_PORT = 8100  # ray-dstack's default: the service's own 8000 stays free on every node
+SERVICE_PORT = 8000
+OBJECT_STORE = str(80 * 1024 * 1024)
+
+
+@dataclass
+class LanCluster:
+    lab: NetnsLab
+    head: Host
+    workers: dict[str, Host]
+    env: dict[str, str]
+    home: Path
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://{self.head.ip}:8265"
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.head.ip}:{SERVE_HTTP_PORT}"
+
+    def run(self, *args: str, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ray-dstack"), *args]
+        if args[0] != "plan":  # the only command that needs no cluster
+            cmd += ["--address", self.dashboard]
+        if args[0] == "deploy":
+            cmd += ["--http-host", "0.0.0.0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=REPO)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def status(self, name: str) -> dict:
+        return json.loads(self.run("status", name, "--json", check=True).stdout)
+
+    def host_of_ip(self, ip: str | None) -> str | None:
+        for host in (self.head, *self.workers.values()):
+            if host.ip == ip:
+                return host.name
+        return None
+
+
+def ray_start(lab: NetnsLab, host: Host, env: dict[str, str], root: Path, *args: str) -> None:
+    # A temp dir per node: Ray's Unix sockets live in the file system, which the namespaces share.
+    argv = [str(BIN / "ray"), "start", "--block", "--node-ip-address", host.ip, "--num-cpus", "1"]
+    argv += ["--temp-dir", str(root / host.name), "--object-store-memory", OBJECT_STORE, *args]
+    lab.popen(host, argv, env=env, log=root / f"{host.name}.log")
+
+
+@pytest.fixture(scope="module")
+def lan(tmp_path_factory):
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.fail("network namespaces need root and iproute2 (`ip`): this test builds its own hosts with them")
+    root = Path(tempfile.mkdtemp(prefix="rdlan-"))  # short: Unix socket paths are limited to 107 bytes
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DSTACK_ADDRESS", "RAY_DSTACK_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    lab = NetnsLab.create()
+    try:
+        head = lab.add_host("head")
+        ray_start(lab, head, env, root, "--head", "--port", "6379", "--num-gpus", "0", "--dashboard-host", "0.0.0.0")
+        workers = {}
+        for name in ("a10g-1", "a10g-2"):
+            workers[name] = host = lab.add_host(name)
+            ray_start(
+                lab, host, env, root, "--address", f"{head.ip}:6379", "--num-gpus", "1",
+                "--labels", "ray.io/accelerator-type=A10G", "--resources", '{"accelerator_type:A10G": 1}',
+            )  # fmt: skip
+        env["RAY_DSTACK_HOME"] = str(tmp_path_factory.mktemp("ray-dstack-home"))
+        cluster = LanCluster(lab=lab, head=head, workers=workers, env=env, home=root)
+
+        from ray_dstack.cluster.dashboard import ClusterError, DashboardClient
+
+        def all_alive() -> bool:
+            with DashboardClient(cluster.dashboard, timeout_s=5, token=token.read_text()) as client:
+                return sum(n.get("state") == "ALIVE" for n in client.nodes()) == 3
+
+        wait_until(all_alive, timeout=90, interval=1, what="three nodes", retry_on=(*POLL_ERRORS, ClusterError))
+        yield cluster
+    finally:
+        lab.teardown()  # kills every process in every namespace: raylets, replicas, service children
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fixed_port_service(name: str, workdir: Path) -> str:
+    commands = [
+        'd="$PWD/r$$"',
+        'mkdir -p "$d"',
+        # The addresses of the host the child runs on, its pid and the GPUs Ray gave its replica.
+        "printf '{\"pid\": %s, \"ips\": \"%s\", \"cuda\": \"%s\"}' \"$$\" \"$(hostname -I)\" "
+        "\"${CUDA_VISIBLE_DEVICES-unset}\" > \"$d/info.json\"",
+        f'exec "{sys.executable}" -m http.server {SERVICE_PORT} --directory "$d"',
+    ]
+    lines = "\n".join(f"  - {json.dumps(c)}" for c in commands)
+    return (
+        f"type: service\nname: {name}\ncommands:\n{lines}\nworking_dir: {workdir}\n"
+        f"port: {SERVICE_PORT}\nreplicas: 2\nauth: false\nresources:\n  gpu: 24GB\n"
+    )
+
+
+def children_answering(lan: LanCluster, name: str, expected: int, tries: int = 60) -> dict[str, int]:
+    """host name -> pid of the children answering behind the head's Serve HTTP address."""
+    seen: dict[str, int] = {}
+    with httpx.Client(timeout=5) as client:
+        for _ in range(tries):
+            resp = client.get(f"{lan.http}/{name}/info.json")
+            resp.raise_for_status()
+            data = resp.json()
+            [ip] = data["ips"].split()
+            seen[lan.host_of_ip(ip) or ip] = data["pid"]
+            assert data["cuda"] == "0"
+            if len(seen) == expected:
+                break
+    return seen
+
+
+def running(status: dict) -> list[dict]:
+    return [r for r in status["replicas"]["items"] if r["state"] == "RUNNING"]
+
+
+def test_fixed_port_replicas_run_on_two_nodes_and_both_serve(lan, tmp_path):
+    path = tmp_path / "fixed.dstack.yml"
+    path.write_text(fixed_port_service("fixed", tmp_path))
+    plan = json.loads(lan.run("plan", str(path), "--json", check=True).stdout)
+    assert "max_replicas_per_node" in json.dumps(plan)  # a fixed port: one replica per node
+
+    proc = lan.run("deploy", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is ready" in proc.stdout
+
+    status = lan.status("fixed")
+    replicas = running(status)
+    assert len(replicas) == 2
+    assert sorted(lan.host_of_ip(r["node_ip"]) for r in replicas) == ["a10g-1", "a10g-2"]
+    assert {r["node_accelerator_type"] for r in replicas} == {"A10G"}
+
+    # Both children listen on port 8000 of their own host, and Serve's one address reaches both.
+    answering = children_answering(lan, "fixed", 2)
+    assert sorted(answering) == ["a10g-1", "a10g-2"], answering
+    for name, host in lan.workers.items():
+        direct = httpx.get(f"http://{host.ip}:{SERVICE_PORT}/info.json", timeout=5).json()
+        assert direct["pid"] == answering[name]
+
+
+def test_losing_one_of_the_two_nodes_keeps_the_service_answering(lan, tmp_path):
+    """Power off a2's whole host (every process in its namespace): requests keep being answered by the
+    other node's child; none hangs."""
+    status = lan.status("fixed")
+    assert len(running(status)) == 2
+    lost = "a10g-2"
+
+    results: list[tuple[float, bool, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    resp = client.get(f"{lan.http}/fixed/info.json")
+                    ok = resp.status_code == 200
+                    what = resp.json()["ips"].strip() if ok else f"HTTP {resp.status_code}: {resp.text[:200]}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    ok, what = False, f"{exc.__class__.__name__}: {exc}"
+                results.append((time.monotonic() - t0, ok, what))
+                time.sleep(0.05)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        time.sleep(1)
+        lan.workers[lost].kill_everything()
+        wait_until(
+            lambda: [lan.host_of_ip(r["node_ip"]) for r in running(lan.status("fixed"))] == ["a10g-1"],
+            timeout=90,
+            interval=1,
+            what="the lost node's replica to be gone",
+        )
+        time.sleep(2)
+    finally:
+        stop.set()
+        worker.join(timeout=15)
+
+    ok = [r for r in results if r[1]]
+    failed = [r for r in results if not r[1]]
+    print(f"\nwhile a node died: {len(ok)} ok, {len(failed)} failed; errors: {sorted({w for *_, w in failed})[:5]}")
+    assert not any("Timeout" in w for *_, w in results), "a request hung until the client timeout"
+    assert len(ok) >= 0.8 * len(results), failed[:5]
+    assert all(r[1] for r in results[-10:])
+    assert {w for _, good, w in results[-10:] if good} == {lan.workers["a10g-1"].ip}
+    lan.run("delete", "fixed", check=True, timeout=120)
