@@ -1,7 +1,7 @@
 """What the gateway costs, side by side with the direct backend and the alternatives.
 
-    python -m bench            # full run (~15-20 min plus waits for the lock): 4 Serve variants, c = 1,16,64, profiles, llama.cpp
-    python -m bench --quick    # ~3 min: default Serve only, c = 1,64, short windows, no profiles, no llama
+    python -m bench            # full run (~20-25 min plus waits for the lock): 5 Serve variants, c = 1,16,64, profiles, llama.cpp
+    python -m bench --quick    # ~3 min: ray-dstack's data path only, c = 1,64, short windows, no profiles, no llama
     python -m bench --sweep    # c = 1,2,4,8,16,32,64,128
 
 Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stream, fixed length):
@@ -141,7 +141,7 @@ class Bench:
                 gw = cluster.base_url("ray-dstack-gateway", "/v1")
                 hand = cluster.base_url("hand", "/hand")
                 targets: dict[str, loadgen.Target] = {}
-                if variant == "default" or not self.a.direct_once:
+                if variant == self.a.variants[0] or not self.a.direct_once:
                     targets["direct"] = loadgen.Target("direct", f"{synth.url}/v1/chat/completions", "synth")
                     if nginx is not None:
                         targets["nginx"] = loadgen.Target("nginx", f"{nginx.url}/v1/chat/completions", "synth")
@@ -156,7 +156,7 @@ class Bench:
                 self.memory[variant] = {"after_deploy": mem_before, "after_load": self.memory_snapshot()}
                 if self.a.profile:
                     self.profile(variant, targets)
-                if self.a.llama and variant == "default":
+                if self.a.llama and variant == self.a.variants[0]:
                     self.llama(cluster)
             except Exception:
                 self.notes.append(f"variant {variant} failed: {traceback.format_exc()[-1500:]}")
@@ -200,7 +200,7 @@ class Bench:
         ncmax = max(self.a.nonstream_concurrency)
         plan = [("svc-openai", "stream", cmax, {"proxy": proxy, "replica": svc}),
                 ("svc-openai", "nonstream", ncmax, {"proxy": proxy, "replica": svc})]
-        if variant == "default":
+        if variant == self.a.variants[0]:
             plan += [("gw-openai", "stream", cmax, {"proxy": proxy, "gateway": gw, "replica": svc}),
                      ("svc-tgi", "stream", cmax, {"proxy": proxy, "replica": tgi}),
                      ("hand", "nonstream", ncmax, {"proxy": proxy, "replica": hand})]
@@ -220,7 +220,7 @@ class Bench:
         self.log("llama.cpp: deploying configs/local-chat.dstack.yml and starting a direct llama.cpp server")
         try:
             t_deploy = cluster.deploy(cfg, "--token", token, timeout=400)
-            self.timings.setdefault("default", {})["deploy_local_chat_s"] = round(t_deploy, 1)
+            self.timings.setdefault(cluster.variant, {})["deploy_local_chat_s"] = round(t_deploy, 1)
             direct = stack.Llama(pin=self.a.pin)
         except Exception as exc:  # noqa: BLE001
             self.notes.append(f"llama.cpp part skipped: {exc!r}"[:1500])
@@ -237,7 +237,7 @@ class Bench:
                 asyncio.run(loadgen.closed_loop(t, concurrency=1, duration_s=0.5, warmup_s=0, stream=True, max_tokens=4))
             for c in self.a.llama_concurrency:
                 for t in targets.values():
-                    self.measure("default", t, mode="stream", c=c, duration=self.a.llama_duration,
+                    self.measure(cluster.variant, t, mode="stream", c=c, duration=self.a.llama_duration,
                                  max_tokens=self.a.llama_tokens)
         finally:
             direct.stop()
@@ -290,6 +290,8 @@ class Bench:
               "## All runs", "", report.results_table(self.runs), "",
               "## Ratios vs direct (TTFT added, tokens/s) and vs the hand-written Serve passthrough (non-streaming req/s)",
               "", ratio_md, "", "## Serve options vs the default data path (same run)", "", variant_md, "",
+              "## As shipped: ray-dstack vs a hand-written Serve passthrough on Serve's defaults (non-streaming)", "",
+              report.as_shipped(self.runs, nonstream_concurrency=a.nonstream_concurrency), "",
               "## Memory (RSS, MB)", "", "```", json.dumps({k: {kk: {x: y for x, y in vv.items() if x not in ("titles", "pids")}
                                                                  for kk, vv in v.items()} for k, v in self.memory.items()}, indent=1), "```", ""]
         if self.profiles:
@@ -324,7 +326,7 @@ def floats(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="~3 min: default variant, c=1,64, 4 s windows, no profiles/llama")
+    ap.add_argument("--quick", action="store_true", help="~3 min: ray-dstack variant, c=1,64, 4 s windows, no profiles/llama")
     ap.add_argument("--sweep", action="store_true", help="streaming concurrency 1,2,4,8,16,32,64,128")
     ap.add_argument("--concurrency", type=ints, default=None, help="streaming concurrency levels (default 1,16,64)")
     ap.add_argument("--nonstream-concurrency", type=ints, default=None, help="non-streaming concurrency (default 1,64)")
@@ -342,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--llama-duration", type=float, default=12.0)
     ap.add_argument("--llama-tokens", type=int, default=32)
     ap.add_argument("--direct-once", action=argparse.BooleanOptionalAction, default=True,
-                    help="measure direct and nginx only in the default variant (default on)")
+                    help="measure direct and nginx only with the first variant (default on)")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="taskset: server CPU 0, load generator CPU 1")
     ap.add_argument("--lock", default="/tmp/ray-e2e.lock", help="machine-wide Ray lock taken around each cluster ('' for none)")
     ap.add_argument("--out", default=None, help="output directory (default bench/results or bench/results-quick)")
@@ -353,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.nonstream_concurrency is None:
         a.nonstream_concurrency = [64] if q else [1, 64]
     a.duration = a.duration or (4.0 if q else 6.0)
-    a.variants = (a.variants.split(",") if a.variants else (["default"] if q else list(stack.VARIANTS)))
+    a.variants = (a.variants.split(",") if a.variants else (["ray-dstack"] if q else list(stack.VARIANTS)))
     for v in a.variants:
         if v not in stack.VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(stack.VARIANTS)}")

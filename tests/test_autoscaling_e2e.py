@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ import pytest
 import ray
 from ray import cloudpickle, serve
 
+from conftest import free_port, wait_until  # noqa: E402
 from ray_dstack.autoscaling.counter import RequestCounter  # noqa: E402
 from ray_dstack.autoscaling.policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402
 from ray_dstack.autoscaling.status import read_status  # noqa: E402
@@ -62,12 +62,6 @@ def autoscaling_config(lo: int, hi: int, up: float, down: float, initial: int | 
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_url():
     port = free_port()
@@ -86,14 +80,8 @@ def running_replicas(app: str) -> int:
     return sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+def wait_for(predicate, timeout_s: float, what: str):
+    return wait_until(predicate, timeout=timeout_s, interval=0.25, what=what)
 
 
 class Load:

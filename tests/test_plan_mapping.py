@@ -37,6 +37,14 @@ def test_basic_application():
     assert d["max_replicas_per_node"] == 1 and spec.port_from_env is False
 
 
+def test_token_digest_added_after_planning_gives_the_same_config():
+    """`deploy` plans before it reads the cluster (where a redeploy's token digest lives), then adds it."""
+    digest = "cd" * 32
+    assert plan(BASE).with_token(digest).to_serve_config() == plan(BASE, token_sha256=digest).to_serve_config()
+    public = plan(BASE + "auth: false\n").with_token(digest)
+    assert public.spec.auth.enabled is False and public.spec.auth.token_sha256 is None
+
+
 def test_default_resources_are_small_with_advisory():
     p = plan(BASE)
     assert p.ray_actor_options == {"num_cpus": defaults.DEFAULT_NUM_CPUS}

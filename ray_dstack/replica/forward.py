@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import httpx
 from starlette.requests import ClientDisconnect, Request
@@ -42,12 +43,18 @@ def filter_headers(
     return [(k, v) for k, v in items if (lk := k.lower()) not in HOP_BY_HOP and lk not in named and lk not in drop]
 
 
-def upstream_path(request: Request) -> str:
-    """The request's path below the service's route prefix, with the query string."""
-    path = request.scope.get("path", "/")
-    root = request.scope.get("root_path", "")
+def path_below_root(scope: Mapping[str, Any]) -> str:
+    """The ASGI scope's path below the app's route prefix (`root_path`)."""
+    path = scope.get("path", "/")
+    root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
+    return path
+
+
+def upstream_path(request: Request) -> str:
+    """The request's path below the service's route prefix, with the query string."""
+    path = path_below_root(request.scope)
     query = request.scope.get("query_string", b"")
     return path + ("?" + query.decode("latin-1") if query else "")
 
