@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import subprocess
 import sys
 
 import httpx
@@ -192,6 +193,31 @@ def test_a_token_for_one_service_does_not_open_another(deployed):
             r = client.get(f"{deployed.http}/v1/models", headers={"Authorization": f"Bearer {token}"})
             assert [m["id"] for m in r.json()["data"]] == [model]
         assert client.get(f"{deployed.http}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+@pytest.mark.slow
+def test_the_replicas_own_http_ports_check_the_token_too(deployed):
+    """On ray-dstack's data path (HAProxy, direct ingress) every replica also listens on an HTTP port of its
+    own (30000-31000), which HAProxy forwards to. The replica checks the token there exactly as behind
+    Serve's HTTP address."""
+    with DashboardClient("http://127.0.0.1:8265") as dashboard:
+        app = dashboard.serve_details()["applications"]["svc-a"]
+    pids = [r["pid"] for d in app["deployments"].values() for r in d["replicas"] if r.get("pid")]
+    assert pids
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    ports = {
+        port
+        for line in listening
+        if any(f"pid={pid}," in line for pid in pids)
+        and 30000 <= (port := int(line.split()[3].rsplit(":", 1)[1])) <= 31000
+    }
+    assert ports, "no direct-ingress port on svc-a's replica: is the local cluster on ray-dstack's data path?"
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        for port in ports:
+            url = f"http://127.0.0.1:{port}/svc-a/stats"
+            assert client.get(url).status_code == 401
+            assert client.get(url, headers={"Authorization": f"Bearer {TOKEN_B}"}).status_code == 401
+            assert client.get(url, headers={"Authorization": f"Bearer {TOKEN_A}"}).status_code == 200
 
 
 if __name__ == "__main__":  # pragma: no cover
