@@ -278,9 +278,9 @@ class RayCluster:
         if self.variant in ("direct-ingress", "throughput"):
             for group in self.details().get("target_groups") or []:
                 if group.get("app_name") == app and str(group.get("protocol")).upper().endswith("HTTP") and group.get("targets"):
-                    t = group["targets"][0]
-                    host = "127.0.0.1" if t["ip"] in ("0.0.0.0", "") else t["ip"]
-                    return f"http://{host}:{t['port']}"
+                    # The bench's cluster is this machine, and replicas bind Serve's HTTP host (127.0.0.1),
+                    # not the node address the target lists.
+                    return f"http://127.0.0.1:{group['targets'][0]['port']}"
         return self.http
 
     def stop(self) -> None:

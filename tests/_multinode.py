@@ -23,9 +23,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from conftest import POLL_ERRORS, free_port, wait_until
 
@@ -40,6 +45,59 @@ GPU_NODES: dict[str, tuple[str, int]] = {
     "a100": ("A100-80G", 2),
     "l4": ("L4", 1),
 }
+
+
+def run_cli(args: tuple[str, ...], *, dashboard: str, env: dict[str, str], deploy_flags: list[str],
+            timeout: float, check: bool) -> subprocess.CompletedProcess:
+    """The `ray-dstack` console script against the cluster whose dashboard is `dashboard`."""
+    cmd = [str(BIN / "ray-dstack"), *args]
+    if args[0] != "plan":  # the only command that needs no cluster
+        cmd += ["--address", dashboard]
+    if args[0] == "deploy":
+        cmd += deploy_flags
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class RequestLoop:
+    """GETs `url` every 50 ms from a thread while in the `with` block; `results` holds
+    (seconds taken, ok, what) per request, `what` being `describe(response)` or the error."""
+
+    def __init__(self, url: str, describe: Callable[[httpx.Response], str], *, timeout: float = 5.0) -> None:
+        self.url, self.describe, self.timeout = url, describe, timeout
+        self.results: list[tuple[float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.timeout) as client:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    resp = client.get(self.url)
+                    ok = resp.status_code == 200
+                    what = self.describe(resp) if ok else f"HTTP {resp.status_code}: {resp.text[:200]}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    ok, what = False, f"{exc.__class__.__name__}: {exc}"
+                self.results.append((time.monotonic() - t0, ok, what))
+                time.sleep(0.05)
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.timeout * 3)
+
+    def failed(self, since: int = 0) -> list[tuple[float, bool, str]]:
+        return [r for r in self.results[since:] if not r[1]]
+
+    def hung(self) -> bool:
+        """Did any request run into the client timeout?"""
+        return any("Timeout" in what for _, _, what in self.results)
 
 
 def gpu_node_args(accel: str, gpus: int, *, num_cpus: float = 1) -> dict[str, Any]:
@@ -73,13 +131,8 @@ class SimCluster:
     # --- the console script ---------------------------------------------------------------------------
 
     def run(self, *args: str, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "ray-dstack"), *args, "--address", self.dashboard]
-        if args and args[0] == "deploy":
-            cmd += ["--http-port", str(self.http_port), "--http-host", "127.0.0.1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=REPO)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-        return proc
+        flags = ["--http-port", str(self.http_port), "--http-host", "127.0.0.1"]
+        return run_cli(args, dashboard=self.dashboard, env=self.env, deploy_flags=flags, timeout=timeout, check=check)
 
     def status(self, name: str) -> dict:
         return json.loads(self.run("status", name, "--json", check=True).stdout)

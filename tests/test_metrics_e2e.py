@@ -7,7 +7,6 @@ list) until the counters match what was sent.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import httpx

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from _multinode import RequestLoop, run_cli
 from _netns import Host, NetnsLab
 from conftest import POLL_ERRORS, REPO, wait_until
 
@@ -59,15 +59,8 @@ class LanCluster:
         return f"http://{self.head.ip}:{SERVE_HTTP_PORT}"
 
     def run(self, *args: str, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "ray-dstack"), *args]
-        if args[0] != "plan":  # the only command that needs no cluster
-            cmd += ["--address", self.dashboard]
-        if args[0] == "deploy":
-            cmd += ["--http-host", "0.0.0.0"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=REPO)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-        return proc
+        flags = ["--http-host", "0.0.0.0"]
+        return run_cli(args, dashboard=self.dashboard, env=self.env, deploy_flags=flags, timeout=timeout, check=check)
 
     def status(self, name: str) -> dict:
         return json.loads(self.run("status", name, "--json", check=True).stdout)
@@ -190,25 +183,7 @@ def test_losing_one_of_the_two_nodes_keeps_the_service_answering(lan, tmp_path):
     assert len(running(status)) == 2
     lost = "a10g-2"
 
-    results: list[tuple[float, bool, str]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    resp = client.get(f"{lan.http}/fixed/info.json")
-                    ok = resp.status_code == 200
-                    what = resp.json()["ips"].strip() if ok else f"HTTP {resp.status_code}: {resp.text[:200]}"
-                except (httpx.HTTPError, ValueError) as exc:
-                    ok, what = False, f"{exc.__class__.__name__}: {exc}"
-                results.append((time.monotonic() - t0, ok, what))
-                time.sleep(0.05)
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    try:
+    with RequestLoop(f"{lan.http}/fixed/info.json", lambda resp: resp.json()["ips"].strip(), timeout=10) as loop:
         time.sleep(1)
         lan.workers[lost].kill_everything()
         wait_until(
@@ -218,15 +193,12 @@ def test_losing_one_of_the_two_nodes_keeps_the_service_answering(lan, tmp_path):
             what="the lost node's replica to be gone",
         )
         time.sleep(2)
-    finally:
-        stop.set()
-        worker.join(timeout=15)
 
-    ok = [r for r in results if r[1]]
-    failed = [r for r in results if not r[1]]
-    print(f"\nwhile a node died: {len(ok)} ok, {len(failed)} failed; errors: {sorted({w for *_, w in failed})[:5]}")
-    assert not any("Timeout" in w for *_, w in results), "a request hung until the client timeout"
-    assert len(ok) >= 0.8 * len(results), failed[:5]
+    results, failed = loop.results, loop.failed()
+    print(f"\nwhile a node died: {len(results) - len(failed)} ok, {len(failed)} failed; "
+          f"errors: {sorted({w for *_, w in failed})[:5]}")
+    assert not loop.hung(), "a request hung until the client timeout"
+    assert len(failed) <= 0.2 * len(results), failed[:5]
     assert all(r[1] for r in results[-10:])
     assert {w for _, good, w in results[-10:] if good} == {lan.workers["a10g-1"].ip}
     lan.run("delete", "fixed", check=True, timeout=120)

@@ -7,7 +7,6 @@ import os
 import sys
 from typing import Any
 
-from ray_dstack.cli import output
 from ray_dstack.errors import RayDstackError, UsageError
 
 TOKEN_ENV = "RAY_DSTACK_TOKEN"

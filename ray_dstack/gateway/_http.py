@@ -7,6 +7,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 import anyio
 import httpx
 
+from ray_dstack.upstream import upstream_client
+
 # Streams are long-lived; the pool must hold many of them at once (one connection per in-flight stream).
 MAX_CONNECTIONS = 1024
 MAX_KEEPALIVE = 256
@@ -22,13 +24,11 @@ def make_client(timeout: float | None, *, base_url: str = "") -> httpx.AsyncClie
     not a total-duration limit, so a long stream that keeps producing is never cut.
     """
     connect = CONNECT_TIMEOUT_S if timeout is None else min(CONNECT_TIMEOUT_S, timeout)
-    return httpx.AsyncClient(
+    return upstream_client(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=connect, pool=timeout),
-        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE),
-        # Never forward the gateway's environment proxies to a replica on the cluster network.
-        trust_env=False,
-        follow_redirects=False,
+        max_connections=MAX_CONNECTIONS,
+        max_keepalive=MAX_KEEPALIVE,
     )
 
 

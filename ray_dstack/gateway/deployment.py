@@ -106,7 +106,8 @@ class OpenAIGateway:
         if handle is None:
             from ray import serve
 
-            handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT_NAME, app_name=app)
+            # One streaming handle per service, made once: `.options()` builds a new handle object.
+            handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT_NAME, app_name=app).options(stream=True)
             self._handles[app] = handle
         return handle
 
@@ -150,7 +151,7 @@ class OpenAIGateway:
 
     async def _forward(self, app: str, route: str, body: bytes) -> Response:
         try:
-            stream = self._handle(app).options(stream=True).openai.remote(f"/v1/{route}", body)
+            stream = self._handle(app).openai.remote(f"/v1/{route}", body)
             head = await stream.__anext__()
         except Exception as exc:  # noqa: BLE001 - the service is gone, or has no replica yet
             logger.warning("gateway: forwarding to %s failed: %r", app, exc)

@@ -9,6 +9,8 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from ray_dstack.upstream import upstream_client
+
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones a proxy recomputes.
 HOP_BY_HOP = frozenset(
     {
@@ -60,12 +62,11 @@ def upstream_path(request: Request) -> str:
 
 
 def make_client(base_url: str, read_timeout_s: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
+    return upstream_client(
         base_url=base_url,
         timeout=httpx.Timeout(connect=10.0, read=read_timeout_s, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=30.0),
-        follow_redirects=False,
-        trust_env=False,
+        max_connections=None,
+        max_keepalive=512,
     )
 
 

@@ -1,0 +1,61 @@
+"""The transport of every client that talks to a model server: several small connection pools, not one big one.
+
+httpcore (1.0.x, under httpx) scans its whole pool twice per request, and each scan is quadratic in the
+number of connections (`_assign_requests_to_connections` builds a list of all connections for every idle
+one) plus a `poll()` per idle connection. One pool holding the connections of 128 concurrent streams made a
+replica 12x slower per request than one holding 20 (measured in-process: 657 req/s with 21 connections,
+158 with 64, 52 with 128; bench/RESULTS.md). Spreading requests round-robin over `SHARDS` independent pools
+keeps each pool at 1/SHARDS of the connections, so the per-request cost stays flat as concurrency grows.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+
+SHARDS = 16
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """`shards` independent `httpx.AsyncHTTPTransport` pools; each request goes to the next one in turn.
+
+    A streamed response keeps its connection in the pool that opened it until it is closed, as with one
+    transport; limits apply per pool."""
+
+    def __init__(self, *, limits: httpx.Limits, shards: int = SHARDS) -> None:
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
+        per_pool = httpx.Limits(
+            max_connections=_split(limits.max_connections, shards),
+            max_keepalive_connections=_split(limits.max_keepalive_connections, shards),
+            keepalive_expiry=limits.keepalive_expiry,
+        )
+        self.pools = [httpx.AsyncHTTPTransport(limits=per_pool) for _ in range(shards)]
+        self._next = itertools.cycle(self.pools)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await next(self._next).handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for pool in self.pools:
+            await pool.aclose()
+
+
+def _split(total: int | None, shards: int) -> int | None:
+    return None if total is None else max(1, -(-total // shards))
+
+
+def upstream_client(*, base_url: str = "", timeout: httpx.Timeout, max_connections: int | None,
+                    max_keepalive: int, keepalive_expiry: float = 30.0) -> httpx.AsyncClient:
+    """A long-lived client to a model server on the replica's node: sharded pools, no proxies from the
+    environment (a replica's traffic never leaves for a proxy), no redirects followed."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive,
+                          keepalive_expiry=keepalive_expiry)
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=timeout,
+        transport=ShardedTransport(limits=limits),
+        trust_env=False,
+        follow_redirects=False,
+    )
