@@ -100,6 +100,26 @@ class RequestLoop:
         return any("Timeout" in what for _, _, what in self.results)
 
 
+def info_service_yaml(name: str, workdir: Path, *, gpu: str, replicas: int, port: int | None,
+                      bind: str | None = "127.0.0.1") -> str:
+    """A service whose child serves `info.json`: its pid, the addresses of the host it runs on, and the
+    CUDA_VISIBLE_DEVICES its replica got. `port=None`: the commands use $RAY_DSTACK_PORT; a number is a fixed
+    port (the commands never mention $RAY_DSTACK_PORT, so the plan sets `max_replicas_per_node: 1`)."""
+    listen = "$RAY_DSTACK_PORT" if port is None else str(port)
+    commands = [
+        'd="$PWD/r$$"',
+        'mkdir -p "$d"',
+        "printf '{\"pid\": %s, \"ips\": \"%s\", \"cuda\": \"%s\"}' \"$$\" \"$(hostname -I)\" "
+        "\"${CUDA_VISIBLE_DEVICES-unset}\" > \"$d/info.json\"",
+        f'exec "{sys.executable}" -m http.server {listen}' + (f" --bind {bind}" if bind else "") + ' --directory "$d"',
+    ]
+    lines = "\n".join(f"  - {json.dumps(c)}" for c in commands)
+    return (
+        f"type: service\nname: {name}\ncommands:\n{lines}\nworking_dir: {workdir}\n"
+        f"port: {port or 8000}\nreplicas: {replicas}\nauth: false\nresources:\n  gpu: {gpu}\n"
+    )
+
+
 def gpu_node_args(accel: str, gpus: int, *, num_cpus: float = 1) -> dict[str, Any]:
     """`Cluster.add_node` arguments for a worker that looks like a real `accel` GPU node."""
     return {

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _multinode import RequestLoop, run_cli
+from _multinode import RequestLoop, info_service_yaml, run_cli
 from _netns import Host, NetnsLab
 from conftest import POLL_ERRORS, REPO, wait_until
 
@@ -117,19 +117,8 @@ def lan(tmp_path_factory):
 
 
 def fixed_port_service(name: str, workdir: Path) -> str:
-    commands = [
-        'd="$PWD/r$$"',
-        'mkdir -p "$d"',
-        # The addresses of the host the child runs on, its pid and the GPUs Ray gave its replica.
-        "printf '{\"pid\": %s, \"ips\": \"%s\", \"cuda\": \"%s\"}' \"$$\" \"$(hostname -I)\" "
-        "\"${CUDA_VISIBLE_DEVICES-unset}\" > \"$d/info.json\"",
-        f'exec "{sys.executable}" -m http.server {SERVICE_PORT} --directory "$d"',
-    ]
-    lines = "\n".join(f"  - {json.dumps(c)}" for c in commands)
-    return (
-        f"type: service\nname: {name}\ncommands:\n{lines}\nworking_dir: {workdir}\n"
-        f"port: {SERVICE_PORT}\nreplicas: 2\nauth: false\nresources:\n  gpu: 24GB\n"
-    )
+    """What a user writes for a fixed-port server: `python -m http.server 8000` on all interfaces."""
+    return info_service_yaml(name, workdir, gpu="24GB", replicas=2, port=SERVICE_PORT, bind=None)
 
 
 def children_answering(lan: LanCluster, name: str, expected: int, tries: int = 60) -> dict[str, int]:

@@ -12,15 +12,22 @@ Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
 import httpx
 import pytest
 
-from _multinode import ACCEL_LABEL, GPU_NODES, AddressFileGuard, RequestLoop, SimCluster, free_port, start_sim_cluster
+from _multinode import (
+    ACCEL_LABEL,
+    GPU_NODES,
+    AddressFileGuard,
+    RequestLoop,
+    SimCluster,
+    free_port,
+    info_service_yaml,
+    start_sim_cluster,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -52,22 +59,7 @@ def workdir(tmp_path_factory):
 
 
 def service_yaml(name: str, workdir, *, gpu: str, replicas: int = 1, fixed_port: int | None = None) -> str:
-    """A service whose child serves `info.json`: the CUDA_VISIBLE_DEVICES it was started with and its pid.
-
-    With `fixed_port` the commands never mention $RAY_DSTACK_PORT (so the plan sets
-    `max_replicas_per_node: 1`)."""
-    port = "$RAY_DSTACK_PORT" if fixed_port is None else str(fixed_port)
-    commands = [
-        'd="$PWD/r$$"',
-        'mkdir -p "$d"',
-        "printf '{\"cuda\": \"%s\", \"pid\": %s}' \"${CUDA_VISIBLE_DEVICES-unset}\" \"$$\" > \"$d/info.json\"",
-        f'exec "{sys.executable}" -m http.server {port} --bind 127.0.0.1 --directory "$d"',
-    ]
-    lines = "\n".join(f"  - {json.dumps(c)}" for c in commands)
-    return (
-        f"type: service\nname: {name}\ncommands:\n{lines}\nworking_dir: {workdir}\n"
-        f"port: {fixed_port or 8000}\nreplicas: {replicas}\nauth: false\nresources:\n  gpu: {gpu}\n"
-    )
+    return info_service_yaml(name, workdir, gpu=gpu, replicas=replicas, port=fixed_port)
 
 
 def write(workdir, name: str, text: str):
