@@ -53,7 +53,8 @@ def _free_port() -> int:
 # front instead of Serve's Python proxy, and Serve's throughput-optimized mode (each replica serves HTTP
 # itself and runs its HTTP server, router and our code on one event loop; deployments call each other over
 # gRPC, which is how the /v1 gateway reaches a service). Measured side by side on 2 cores (bench/RESULTS.md):
-# 4x the streamed tokens/s at 64 streams of the default path, 3x for the /v1 gateway, TTFT +2 ms.
+# 3.9x the streamed tokens/s at 64 streams of Serve's default path (5.3x through the /v1 gateway), and
+# +1.8 ms TTFT over the backend instead of +12 ms.
 # That mode would also buffer 1000 log records per replica before writing any: a service's output must reach
 # its log file line by line (`ray-dstack logs`), so the buffer stays at Serve's usual 1.
 # RAY_DSTACK_SERVE_DATA_PATH=serve-default starts Ray with Serve's defaults instead.
