@@ -48,7 +48,6 @@ class LanCluster:
     head: Host
     workers: dict[str, Host]
     env: dict[str, str]
-    home: Path
 
     @property
     def dashboard(self) -> str:
@@ -66,7 +65,7 @@ class LanCluster:
         return json.loads(self.run("status", name, "--json", check=True).stdout)
 
     def host_of_ip(self, ip: str | None) -> str | None:
-        for host in (self.head, *self.workers.values()):
+        for host in self.lab.hosts.values():
             if host.ip == ip:
                 return host.name
         return None
@@ -101,7 +100,7 @@ def lan(tmp_path_factory):
                 "--labels", "ray.io/accelerator-type=A10G", "--resources", '{"accelerator_type:A10G": 1}',
             )  # fmt: skip
         env["RAY_DSTACK_HOME"] = str(tmp_path_factory.mktemp("ray-dstack-home"))
-        cluster = LanCluster(lab=lab, head=head, workers=workers, env=env, home=root)
+        cluster = LanCluster(lab=lab, head=head, workers=workers, env=env)
 
         from ray_dstack.cluster.dashboard import ClusterError, DashboardClient
 
