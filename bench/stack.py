@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from ray_dstack.cluster.local import SERVE_DATA_PATH_ENV, reap_orphaned_haproxy
+from ray_dstack.deploy.local import SERVE_DATA_PATH_ENV, reap_orphaned_haproxy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -246,8 +246,8 @@ class RayCluster:
 
     def deploy_hand(self, backend_url: str, timeout: float = 180) -> float:
         """The hand-written Serve baseline, added to the running config (ray-dstack's apps stay as they are)."""
-        from ray_dstack.cluster import apps
-        from ray_dstack.cluster.dashboard import DashboardClient
+        from ray_dstack.deploy import apps
+        from ray_dstack.deploy.dashboard import DashboardClient
 
         t0 = time.monotonic()
         app = {"name": "hand", "route_prefix": "/hand", "import_path": "bench.serve_passthrough:build",
@@ -268,7 +268,7 @@ class RayCluster:
         raise RuntimeError("hand-written Serve app did not start")
 
     def details(self) -> dict[str, Any]:
-        from ray_dstack.cluster.dashboard import DashboardClient
+        from ray_dstack.deploy.dashboard import DashboardClient
 
         with DashboardClient(self.address) as client:
             return client.serve_details()

@@ -23,8 +23,8 @@ GATEWAY_ROUTE_PREFIX = "/v1"
 GATEWAY_DEPLOYMENT_NAME = "OpenAIGateway"
 # Deployment (inside each service's application) whose replicas run the service's commands.
 REPLICA_DEPLOYMENT_NAME = "ServiceReplica"
-SERVICE_IMPORT_PATH = "ray_dstack.serve_app:build_service"
-GATEWAY_IMPORT_PATH = "ray_dstack.serve_app:build_gateway"
+SERVICE_IMPORT_PATH = "ray_dstack.serve.app:build_service"
+GATEWAY_IMPORT_PATH = "ray_dstack.serve.app:build_gateway"
 # Commands that mention this variable get a free port chosen per replica, so replicas can share a node.
 PORT_ENV_VAR = "RAY_DSTACK_PORT"
 
@@ -66,6 +66,14 @@ class ModelSpec(_Spec):
     chat_template: str | None = Field(None, description="Jinja2 chat template (tgi format)")
     eos_token: str | None = Field(None, description="End-of-sequence token (tgi format)")
     bos_token: str | None = Field(None, description="Beginning-of-sequence token (tgi format)")
+
+
+class ModelSettings(_Spec):
+    """A tgi model's chat settings as `deploy` resolved them (from the YAML and/or the Hugging Face Hub)."""
+
+    chat_template: str = Field(description="Jinja2 chat template")
+    eos_token: str | None = Field(None, description="End-of-sequence token")
+    bos_token: str | None = Field(None, description="Beginning-of-sequence token")
 
 
 class ScalingSpec(_Spec):

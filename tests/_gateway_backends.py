@@ -24,12 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ray_dstack.ports import free_port  # noqa: E402,F401 - re-exported for the test modules
 
 EOS = "</s>"
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")

@@ -235,7 +235,7 @@ def start_sim_cluster(home: Path) -> SimCluster:
     try:
         for name, (accel, gpus) in GPU_NODES.items():
             sim.add_gpu_node(name, accel, gpus)
-        from ray_dstack.cluster.dashboard import DashboardClient
+        from ray_dstack.deploy.dashboard import DashboardClient
 
         with DashboardClient(sim.dashboard, timeout_s=10) as client:
             sim.wait_until(client.ping, timeout=60, what="the dashboard")

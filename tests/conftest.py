@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ray_dstack.ports import free_port  # noqa: F401 - re-exported for the test modules
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 POLL_ERRORS = (httpx.HTTPError, AssertionError, json.JSONDecodeError)
@@ -43,7 +38,7 @@ def wait_until(predicate, *, timeout: float, interval: float, what: str, retry_o
 
 
 def ray_stop(env: dict[str, str] | None = None) -> None:
-    from ray_dstack.cluster.local import reap_orphaned_haproxy
+    from ray_dstack.deploy.local import reap_orphaned_haproxy
 
     subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
     reap_orphaned_haproxy()  # Ray 2.60's `ray stop` leaves Serve's haproxy holding its ports

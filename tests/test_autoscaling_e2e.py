@@ -13,9 +13,9 @@ import ray
 from ray import cloudpickle, serve
 
 from conftest import free_port, wait_until  # noqa: E402
-from ray_dstack.autoscaling.counter import RequestCounter  # noqa: E402
-from ray_dstack.autoscaling.policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402
-from ray_dstack.autoscaling.status import read_status  # noqa: E402
+from ray_dstack.serve.request_counter import RequestCounter  # noqa: E402
+from ray_dstack.serve.autoscaling_policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402
+from ray_dstack.deploy.autoscaling_status import read_status  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve._private.autoscaling_state import _resolve_policy_callable
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from ray_dstack.autoscaling import counter as counter_mod
-from ray_dstack.autoscaling import policy as policy_mod
-from ray_dstack.autoscaling.counter import RequestCounter
-from ray_dstack.autoscaling.policy import (
+from ray_dstack.serve import request_counter as counter_mod
+from ray_dstack.serve import autoscaling_policy as policy_mod
+from ray_dstack.serve.request_counter import RequestCounter
+from ray_dstack.serve.autoscaling_policy import (
     METRIC_REQUESTS_IN_WINDOW,
     METRIC_REQUESTS_TOTAL,
     POLICY_IMPORT_PATH,

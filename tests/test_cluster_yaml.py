@@ -28,7 +28,7 @@ def test_validates_against_ray_schema():
 
 def test_ray_starts_with_ray_dstacks_serve_data_path():
     """`ray up` nodes get the same Serve settings as the local clusters ray-dstack starts."""
-    from ray_dstack.cluster.local import SERVE_DATA_PATH_ENV
+    from ray_dstack.deploy.local import SERVE_DATA_PATH_ENV
 
     cluster = _cluster()
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ray_dstack.errors import RayDstackError
-from ray_dstack.gateway.hub import ChatSettings, HubError, resolve_chat_settings
-from ray_dstack.gateway.templates import ChatTemplate
+from ray_dstack.deploy.hub import ChatSettings, HubError, resolve_chat_settings
+from ray_dstack.openai.templates import ChatTemplate
 from tests.servers.hub_server import NO_ACCESS_TOKEN, VALID_TOKEN, HubServer, free_port_url, hub_server  # noqa: F401
 
 HUB = Path(__file__).parent / "fixtures" / "hub"

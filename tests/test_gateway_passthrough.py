@@ -7,10 +7,11 @@ import time
 
 import httpx
 import pytest
-
 from _gateway_backends import Control, ServerThread, free_port, openai_app
-from ray_dstack.gateway.errors import OpenAIError
-from ray_dstack.gateway.openai_passthrough import OpenAIPassthrough
+
+from ray_dstack.openai.errors import OpenAIError
+from ray_dstack.openai.passthrough import OpenAIPassthrough
+from ray_dstack.serve.transport import model_server_client
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,11 @@ def run(coro):
 
 def with_passthrough(url, fn, **kw):
     async def go():
-        p = OpenAIPassthrough(url, **kw)
+        p = OpenAIPassthrough(url, **kw, client=model_server_client("", kw.get("timeout", 600.0)))
         try:
             return await fn(p)
         finally:
-            await p.aclose()
+            await p.client.aclose()
     return run(go())
 
 
@@ -174,7 +175,7 @@ def test_many_concurrent_streams_share_one_client(oai):
             up = await p.chat_completions(body)
             return await drain(up.body)
         outs = await asyncio.gather(*(one() for _ in range(40)))
-        return outs, p._client
+        return outs, p.client
 
     outs, client = with_passthrough(url, go)
     assert len(set(outs)) == 1 and control.completed == 40

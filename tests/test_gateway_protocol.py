@@ -9,10 +9,10 @@ import pydantic
 import pytest
 from text_generation import errors as tgi_errors
 
-from ray_dstack.gateway import errors
-from ray_dstack.gateway.errors import OpenAIError, from_upstream_status, sse_error_event, to_openai_error
-from ray_dstack.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from ray_dstack.gateway.templates import ChatTemplate, TemplateError
+from ray_dstack.openai import errors
+from ray_dstack.openai.errors import OpenAIError, from_upstream_status, sse_error_event, to_openai_error
+from ray_dstack.openai.protocol import ChatCompletionRequest, CompletionRequest
+from ray_dstack.openai.templates import ChatTemplate, TemplateError
 
 
 def chat(**kw):

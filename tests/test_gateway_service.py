@@ -6,15 +6,26 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable, Iterable
 
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI
-
 from _gateway_backends import EOS, Control, ServerThread, generate, openai_app, tgi_app
-from ray_dstack.gateway.router import make_openai_router
-from ray_dstack.gateway.service import GatewayResponse, ModelEndpoint, route_of
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import Response
+
+from ray_dstack.openai import errors
+from ray_dstack.openai.endpoint import (
+    GatewayResponse,
+    ModelEndpoint,
+    parse_json_object,
+    requested_model,
+    route_of,
+)
+from ray_dstack.openai.protocol import ModelList
+from ray_dstack.serve.http import to_starlette
+from ray_dstack.serve.transport import model_server_client
 from ray_dstack.spec import ModelSpec
 
 TEMPLATE = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}"
@@ -43,7 +54,7 @@ def run(coro):
 
 def handle(model, url, path, body, **kw):
     async def go():
-        ep = ModelEndpoint(model, url, timeout=10, **kw)
+        ep = ModelEndpoint(model, url, timeout=10, **kw, client=model_server_client("", 10))
         try:
             resp = await ep.handle(path, json.dumps(body).encode() if isinstance(body, dict) else body)
             if resp.is_stream:
@@ -51,7 +62,7 @@ def handle(model, url, path, body, **kw):
                 return resp, data
             return resp, resp.body
         finally:
-            await ep.aclose()
+            await ep.client.aclose()
     return run(go())
 
 
@@ -123,11 +134,11 @@ def test_unknown_route_and_method(env):
     assert resp.status == 404
 
     async def go():
-        ep = ModelEndpoint(TGI_MODEL, tgi.url)
+        ep = ModelEndpoint(TGI_MODEL, tgi.url, client=model_server_client("", 600.0))
         try:
             return await ep.handle("/v1/models", b"", method="POST")
         finally:
-            await ep.aclose()
+            await ep.client.aclose()
     assert run(go()).status == 405
 
 
@@ -155,11 +166,11 @@ def gateway(backends):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):  # endpoints are created on the server's loop (their clients belong to it)
-        endpoints["tiny"] = ModelEndpoint(TGI_MODEL, tgi.url)
-        endpoints["oai-model"] = ModelEndpoint(OAI_MODEL, oai.url)
+        endpoints["tiny"] = ModelEndpoint(TGI_MODEL, tgi.url, client=model_server_client("", 600.0))
+        endpoints["oai-model"] = ModelEndpoint(OAI_MODEL, oai.url, client=model_server_client("", 600.0))
         yield
         for ep in endpoints.values():
-            await ep.aclose()
+            await ep.client.aclose()
 
     app = FastAPI(lifespan=lifespan)
 
@@ -207,3 +218,51 @@ def test_http_client_disconnect_cancels_backend(env, gateway):
         while control.disconnects == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert control.disconnects == 1 and control.completed == 0, model
+
+
+# --- test glue: OpenAI routes over ModelEndpoints, the way the /v1 gateway dispatches by `model` -------------
+
+
+def make_openai_router(
+    get_endpoint: Callable[[str], ModelEndpoint | None],
+    list_endpoints: Callable[[], Iterable[ModelEndpoint]] | None = None,
+    *,
+    prefix: str = "/v1",
+    authorize: Callable[[Request, ModelEndpoint | None], None] | None = None,
+) -> APIRouter:
+    """`GET <prefix>/models`, `POST <prefix>/chat/completions`, `POST <prefix>/completions` routed by `model`.
+
+    `authorize(request, endpoint)` may raise `OpenAIError` (401/403) before anything is forwarded.
+    """
+    router = APIRouter(prefix=prefix)
+
+    @router.get("/models")
+    async def models(request: Request) -> Response:
+        try:
+            if authorize is not None:
+                authorize(request, None)
+        except Exception as exc:  # noqa: BLE001
+            return to_starlette(GatewayResponse.of_error(exc))
+        cards = [ep.model_card() for ep in (list_endpoints() if list_endpoints else [])]
+        return to_starlette(GatewayResponse.of_json(ModelList(data=cards)))
+
+    async def dispatch(request: Request) -> Response:
+        body = await request.body()
+        try:
+            name = requested_model(body)
+            endpoint = get_endpoint(name) if name is not None else None
+            if authorize is not None:
+                authorize(request, endpoint)
+            if endpoint is None:
+                if name is None:
+                    parse_json_object(body)  # 400 for bad JSON
+                    raise errors.invalid_request("`model` is required", param="model")
+                raise errors.model_not_found(name)
+        except Exception as exc:  # noqa: BLE001
+            return to_starlette(GatewayResponse.of_error(exc))
+        resp = await endpoint.handle(request.url.path, body, request.headers, method="POST")
+        return to_starlette(resp)
+
+    router.add_api_route("/chat/completions", dispatch, methods=["POST"])
+    router.add_api_route("/completions", dispatch, methods=["POST"])
+    return router

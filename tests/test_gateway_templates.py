@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from ray_dstack.gateway.templates import ChatTemplate, TemplateError
+from ray_dstack.openai.templates import ChatTemplate, TemplateError
 from tests.servers.tiny_model import CHAT_TEMPLATE, tiny_model_dir
 
 HUB = Path(__file__).parent / "fixtures" / "hub"

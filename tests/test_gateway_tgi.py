@@ -7,12 +7,21 @@ import json
 import time
 
 import pytest
+from _gateway_backends import (
+    EOS,
+    Control,
+    ServerThread,
+    free_port,
+    generate,
+    tgi_app,
+    tokenize,
+)
 
-from _gateway_backends import EOS, Control, ServerThread, free_port, generate, tgi_app, tokenize
-from ray_dstack.gateway.errors import OpenAIError
-from ray_dstack.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from ray_dstack.gateway.templates import ChatTemplate
-from ray_dstack.gateway.tgi import TGIAdapter, trim_stop
+from ray_dstack.openai.errors import OpenAIError
+from ray_dstack.openai.protocol import ChatCompletionRequest, CompletionRequest
+from ray_dstack.openai.templates import ChatTemplate
+from ray_dstack.openai.tgi import TGIAdapter, trim_stop
+from ray_dstack.serve.transport import model_server_client
 from ray_dstack.spec import ModelSpec
 
 TEMPLATE = "{{ bos_token }}{% for m in messages %} {{ m.content }}{% endfor %}"
@@ -38,7 +47,8 @@ def run(coro):
 
 
 def adapter(url: str, timeout: float = 10.0) -> TGIAdapter:
-    return TGIAdapter(url, MODEL, ChatTemplate(TEMPLATE, bos_token="<s>", eos_token=EOS), timeout)
+    template = ChatTemplate(TEMPLATE, bos_token="<s>", eos_token=EOS)
+    return TGIAdapter(url, MODEL, template, timeout, client=model_server_client("", timeout))
 
 
 def chat_req(content: str, **kw) -> ChatCompletionRequest:
@@ -73,7 +83,7 @@ def call(url, coro_fn):
         try:
             return await coro_fn(a)
         finally:
-            await a.aclose()
+            await a.client.aclose()
     return run(go())
 
 
@@ -181,11 +191,11 @@ def test_template_error_is_400_with_its_message(tgi):
     bad = ChatTemplate("{{ raise_exception('only user messages please') }}")
 
     async def go():
-        a = TGIAdapter(url, MODEL, bad, 5)
+        a = TGIAdapter(url, MODEL, bad, 5, client=model_server_client("", 5))
         try:
             await a.chat(chat_req("a"))
         finally:
-            await a.aclose()
+            await a.client.aclose()
 
     with pytest.raises(OpenAIError) as ei:
         run(go())
@@ -327,7 +337,7 @@ def test_slow_first_token_is_504(tgi):
         try:
             await a.open_chat_stream(chat_req("a b a", stream=True))
         finally:
-            await a.aclose()
+            await a.client.aclose()
 
     with pytest.raises(OpenAIError) as ei:
         run(go())
@@ -369,7 +379,7 @@ def test_consumer_going_away_cancels_upstream(tgi, how):
                 await stream.aclose()
             await asyncio.sleep(0.1)
         finally:
-            await a.aclose()
+            await a.client.aclose()
 
     run(go())
     assert wait_for(lambda: control.disconnects == 1), "backend did not see the disconnect"

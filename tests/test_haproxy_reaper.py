@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from conftest import wait_until
-from ray_dstack.cluster.local import reap_orphaned_haproxy
+from ray_dstack.deploy.local import reap_orphaned_haproxy
 
 
 def alive(pid: int) -> bool:

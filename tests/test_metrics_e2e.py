@@ -53,7 +53,7 @@ def _find(obj, keys):
 
 def metrics_url() -> str:
     """The head node's metrics export endpoint, from the dashboard's node view (GCS node info)."""
-    from ray_dstack.cluster.dashboard import DashboardClient  # sends Ray's auth token when the cluster wants one
+    from ray_dstack.deploy.dashboard import DashboardClient  # sends Ray's auth token when the cluster wants one
 
     with DashboardClient("http://127.0.0.1:8265") as client:
         resp = client._request("GET", "/nodes", params={"view": "summary"})

@@ -102,7 +102,7 @@ def lan(tmp_path_factory):
         env["RAY_DSTACK_HOME"] = str(tmp_path_factory.mktemp("ray-dstack-home"))
         cluster = LanCluster(lab=lab, head=head, workers=workers, env=env)
 
-        from ray_dstack.cluster.dashboard import ClusterError, DashboardClient
+        from ray_dstack.deploy.dashboard import ClusterError, DashboardClient
 
         def all_alive() -> bool:
             with DashboardClient(cluster.dashboard, timeout_s=5, token=token.read_text()) as client:

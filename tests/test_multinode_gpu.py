@@ -92,7 +92,7 @@ def running(status: dict) -> list[dict]:
 
 
 def test_gpu_nodes_look_like_real_ones(sim):
-    from ray_dstack.cluster.dashboard import DashboardClient
+    from ray_dstack.deploy.dashboard import DashboardClient
 
     with DashboardClient(sim.dashboard) as client:
         nodes = {n["node_id"]: n for n in client.nodes() if n["state"] == "ALIVE"}

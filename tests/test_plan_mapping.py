@@ -40,9 +40,24 @@ def test_basic_application():
 def test_token_digest_added_after_planning_gives_the_same_config():
     """`deploy` plans before it reads the cluster (where a redeploy's token digest lives), then adds it."""
     digest = "cd" * 32
-    assert plan(BASE).with_token(digest).to_serve_config() == plan(BASE, token_sha256=digest).to_serve_config()
-    public = plan(BASE + "auth: false\n").with_token(digest)
+    assert plan(BASE).finalized(token_sha256=digest).to_serve_config() == plan(BASE, token_sha256=digest).to_serve_config()
+    public = plan(BASE + "auth: false\n").finalized(token_sha256=digest)
     assert public.spec.auth.enabled is False and public.spec.auth.token_sha256 is None
+
+
+def test_finalized_plan_carries_what_deploy_learned_into_the_serve_config():
+    """Creation time, --request-timeout and a tgi model's resolved chat settings land in the plan's own
+    output: nothing downstream edits the Serve config."""
+    tgi = BASE + "model: {name: tiny, format: tgi, chat_template: '{{ messages }}'}\n"
+    settings = rt.ModelSettings(chat_template="T", eos_token="</s>", bos_token="<s>")
+    final = plan(tgi).finalized(token_sha256="ef" * 32, created=1700000000, request_timeout_s=42.0,
+                                model_settings=settings)
+    app = final.to_serve_config()["applications"][0]
+    assert app["args"]["created"] == 1700000000
+    spec = rt.ServiceSpec.model_validate(app["args"]["service"])
+    assert spec.request_timeout_s == 42.0 and spec.auth.token_sha256 == "ef" * 32
+    assert (spec.model.chat_template, spec.model.eos_token, spec.model.bos_token) == ("T", "</s>", "<s>")
+    assert "created" not in plan(tgi).to_serve_config()["applications"][0]["args"]
 
 
 def test_default_resources_are_small_with_advisory():

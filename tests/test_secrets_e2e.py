@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from conftest import write_service
-from ray_dstack.cluster.dashboard import DashboardClient
+from ray_dstack.deploy.dashboard import DashboardClient
 from ray_dstack.spec import AuthSpec, token_digest
 from tests.apps.faulty_server import chat, service_yaml
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conftest import write_service
-from ray_dstack.cluster.dashboard import DashboardClient
+from ray_dstack.deploy.dashboard import DashboardClient
 from tests.apps.faulty_server import service_yaml
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """What `status`/`list` print, computed from Serve's application details (no cluster needed)."""
 
-from ray_dstack.cluster import apps
+from ray_dstack.deploy import apps
 from ray_dstack.plan import build_plan
 from ray_dstack.config import parse_service
 

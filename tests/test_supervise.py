@@ -43,7 +43,7 @@ def start_tree(tmp_path: Path, replica_env: bool = True):
             "import os, subprocess, sys, time\n"
             "env = dict(os.environ)\n"
             + ("env['RAY_DSTACK_REPLICA_PID'] = str(os.getpid())\n" if replica_env else "")
-            + f"p = subprocess.Popen([sys.executable, '-m', 'ray_dstack.replica.supervise', '--', 'bash', '-c', {script!r}], env=env)\n"
+            + f"p = subprocess.Popen([sys.executable, '-m', 'ray_dstack.serve.supervise', '--', 'bash', '-c', {script!r}], env=env)\n"
             "print(p.pid, flush=True)\n"
             "time.sleep(300)\n",
         ],
@@ -78,7 +78,7 @@ def test_whole_tree_dies(tmp_path, how):
 def test_exit_code_is_the_shells_and_leftovers_are_killed(tmp_path):
     marker = tmp_path / "bg"
     proc = subprocess.run(
-        [sys.executable, "-m", "ray_dstack.replica.supervise", "--", "bash", "-c", f"sleep 300 & echo $! > {marker}; exit 7"],
+        [sys.executable, "-m", "ray_dstack.serve.supervise", "--", "bash", "-c", f"sleep 300 & echo $! > {marker}; exit 7"],
         timeout=30,
     )
     assert proc.returncode == 7
@@ -86,5 +86,5 @@ def test_exit_code_is_the_shells_and_leftovers_are_killed(tmp_path):
 
 
 def test_usage_error_without_a_command():
-    proc = subprocess.run([sys.executable, "-m", "ray_dstack.replica.supervise"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ray_dstack.serve.supervise"], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr

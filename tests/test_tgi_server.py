@@ -15,7 +15,8 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.servers.tgi_server import free_port, tgi_server  # noqa: F401 - fixture
+from ray_dstack.ports import free_port
+from tests.servers.tgi_server import tgi_server  # noqa: F401 - fixture
 from tests.servers.tiny_model import EOS, MODEL_ID, tiny_model_dir
 
 # TGI 3.3.6-dev0's docs/openapi.json (Apache 2.0), copied from /work/shared/reference/ so a clean clone has it.

@@ -1,4 +1,4 @@
-"""The replica's client to its model server spreads connections over small pools (ray_dstack/upstream.py):
+"""The replica's client to its model server spreads connections over small pools (ray_dstack/serve/transport.py):
 64 concurrent requests leave every pool with a few connections, all requests answered, connections reused."""
 
 from __future__ import annotations
@@ -8,9 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from ray_dstack.gateway._http import make_client
-from ray_dstack.replica.forward import make_client as make_forward_client
-from ray_dstack.upstream import SHARDS, ShardedTransport
+from ray_dstack.serve.transport import model_server_client, SHARDS, ShardedTransport
 
 BODY = b'{"ok": true}'
 
@@ -50,12 +48,11 @@ def pool_sizes(client: httpx.AsyncClient) -> list[int]:
     return [len(pool._pool.connections) for pool in transport.pools]
 
 
-@pytest.mark.parametrize("factory", [lambda url: make_forward_client(url, 30.0), lambda url: make_client(30.0, base_url=url)],
-                         ids=["replica-forwarder", "model-adapters"])
-def test_64_concurrent_requests_spread_over_small_pools(factory):
+def test_64_concurrent_requests_spread_over_small_pools():
+    """The one client a replica keeps to its model server (forwarding and the OpenAI adapters share it)."""
     async def run() -> None:
         server, url, seen = await keepalive_server(delay_s=0.05)
-        client = factory(url)
+        client = model_server_client(url, 30.0)
         try:
             for _ in range(3):  # three waves: the second and third reuse the first wave's connections
                 answers = await asyncio.gather(*[client.post("/v1/chat/completions", content=b"{}") for _ in range(64)])

@@ -44,8 +44,8 @@ def resolve_token(cli_token: str | None, service: dict[str, Any]) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ray_dstack.cluster import apps
-    from ray_dstack.cluster.local import connect
+    from ray_dstack.deploy import apps
+    from ray_dstack.deploy.local import connect
 
     try:
         import openai

@@ -12,10 +12,11 @@ from typing import Any
 
 from ray_dstack.cli import output
 from ray_dstack.cli.plan_cmd import parse_env_args
-from ray_dstack.cluster import apps
-from ray_dstack.cluster.dashboard import ClusterError, DashboardClient
-from ray_dstack.cluster.local import connect
-from ray_dstack.cluster.rollout import wait_for_service
+from ray_dstack.deploy import apps
+from ray_dstack.deploy.dashboard import ClusterError, DashboardClient
+from ray_dstack.deploy.local import connect
+from ray_dstack.deploy.model_settings import resolve_model_settings
+from ray_dstack.deploy.rollout import wait_for_service
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
 
@@ -86,11 +87,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         token, digest, generated = (None, None, False)
         if loaded.config.auth:
             token, digest, generated = resolve_token(args.token, existing)
-        plan = plan.with_token(digest)
-        app_cfg = plan.to_serve_config()["applications"][0]
-        app_cfg = finalize_app_config(app_cfg, existing)
-        if args.request_timeout is not None:  # upstream read timeout of the replicas (504 past it)
-            app_cfg["args"]["service"] = {**app_cfg["args"]["service"], "request_timeout_s": args.request_timeout}
+        plan = plan.finalized(
+            token_sha256=digest,
+            created=apps.created_time(existing) or int(time.time()),
+            request_timeout_s=args.request_timeout,  # upstream read timeout of the replicas (504 past it)
+            model_settings=resolve_model_settings(plan.spec.model, plan.spec.env),
+        )
+        app_cfg = plan.application()
         new_config = apps.merged_config(details, put=app_cfg, http_options=http_options(args, started))
         previous_time = ((details.get("applications") or {}).get(name) or {}).get("last_deployed_time_s")
 
@@ -121,21 +124,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         save_token(name, token)
     print_ready(summary, token if generated else None, auth=bool(summary.get("auth")))
     return 0
-
-
-def finalize_app_config(app_cfg: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
-    """Resolve what needs the network (chat templates) and keep the creation time across redeploys."""
-    from ray_dstack.cluster.model_settings import resolve_model_settings
-
-    app_cfg = dict(app_cfg)
-    args = dict(app_cfg.get("args") or {})
-    args["service"] = resolve_model_settings(args["service"])
-    created = None
-    if existing and apps.is_service(existing):
-        created = (existing.get("args") or {}).get("created")
-    args["created"] = int(created or time.time())
-    app_cfg["args"] = args
-    return app_cfg
 
 
 def http_options(args: argparse.Namespace, started_locally: bool) -> dict[str, Any]:

@@ -1,7 +1,12 @@
 """dstack `service` configurations: YAML → validated `ServiceConfig` with field paths and line numbers."""
 
 from ray_dstack.config.errors import ConfigError, Problem
-from ray_dstack.config.loader import LoadedService, load_service, name_from_filename, parse_service
+from ray_dstack.config.loader import (
+    LoadedService,
+    load_service,
+    name_from_filename,
+    parse_service,
+)
 from ray_dstack.config.models.common import IntRange, MemoryRange
 from ray_dstack.config.models.resources import DiskSpec, GPUSpec, ResourcesSpec
 from ray_dstack.config.models.service import (

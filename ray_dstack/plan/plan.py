@@ -46,23 +46,44 @@ class ServicePlan:
     gpu_types: list[str] | None  # accelerator types admitted; None = any GPU (or no GPU requested)
     requirements: dict[str, str]  # advisory / not enforced by Ray, for display
     warnings: list[str] = field(default_factory=list)
+    created: int | None = None  # the model's `created` time in /v1/models: first deploy, kept on redeploys
 
     @property
     def route_prefix(self) -> str:
         return f"/{self.name}"
 
-    def with_token(self, token_sha256: str | None) -> ServicePlan:
-        """This plan with the service token's digest, known only once the cluster has been read."""
+    def finalized(
+        self,
+        *,
+        token_sha256: str | None,
+        created: int | None = None,
+        request_timeout_s: float | None = None,
+        model_settings: rt.ModelSettings | None = None,
+    ) -> ServicePlan:
+        """This plan with what `deploy` learns only once it has read the cluster and the Hub: the token's
+        digest (a redeploy keeps the running one), the creation time to keep, `--request-timeout`, and a tgi
+        model's chat template and special tokens. The Serve config comes from the result, never patched."""
         enabled = self.spec.auth.enabled
-        auth = rt.AuthSpec(enabled=enabled, token_sha256=token_sha256 if enabled else None)
-        return replace(self, spec=self.spec.model_copy(update={"auth": auth}))
+        update: dict[str, Any] = {
+            "auth": rt.AuthSpec(enabled=enabled, token_sha256=token_sha256 if enabled else None)}
+        if request_timeout_s is not None:
+            update["request_timeout_s"] = request_timeout_s
+        if model_settings is not None and self.spec.model is not None:
+            update["model"] = self.spec.model.model_copy(update={
+                "chat_template": model_settings.chat_template,
+                "eos_token": model_settings.eos_token,
+                "bos_token": self.spec.model.bos_token or model_settings.bos_token,
+            })
+        return replace(self, spec=self.spec.model_copy(update=update),
+                       created=created if created is not None else self.created)
 
     def application(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "route_prefix": self.route_prefix,
             "import_path": rt.SERVICE_IMPORT_PATH,
-            "args": {"service": self.spec.model_dump(mode="json")},
+            "args": {"service": self.spec.model_dump(mode="json"),
+                     **({"created": self.created} if self.created is not None else {})},
             "deployments": [copy.deepcopy(self.deployment)],
         }
 

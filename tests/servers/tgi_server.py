@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +47,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+
+from ray_dstack.ports import free_port
 
 VERSION = "3.3.6-dev0"
 MAX_BEST_OF = 2
@@ -602,12 +603,6 @@ def create_app(model_dir: str | Path, *, model_id: str | None = None, fail_mode:
 # ---------------------------------------------------------------------------------------------------------
 # Running it
 # ---------------------------------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class TGIServer:
     """The app under uvicorn in a daemon thread (in-process), on a free loopback port."""
 

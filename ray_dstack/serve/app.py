@@ -15,14 +15,14 @@ from ray_dstack.spec import GATEWAY_DEPLOYMENT_NAME, REPLICA_DEPLOYMENT_NAME
 
 
 def build_service(args: dict[str, Any]) -> Application:
-    from ray_dstack.replica.deployment import ServiceReplica
+    from ray_dstack.serve.replica import ServiceReplica
 
     deployment = serve.deployment(name=REPLICA_DEPLOYMENT_NAME)(ServiceReplica)
     return deployment.bind(args["service"], created=args.get("created"))
 
 
 def build_gateway(args: dict[str, Any]) -> Application:
-    from ray_dstack.gateway.deployment import OpenAIGateway
+    from ray_dstack.serve.gateway import OpenAIGateway
 
     deployment = serve.deployment(name=GATEWAY_DEPLOYMENT_NAME)(OpenAIGateway)
     return deployment.bind()

@@ -9,7 +9,7 @@ last scaling event. `desired_replicas()` is exactly that rule, as a pure functio
 
 How it is wired into Serve (checked against the installed ray 2.60 source)
 --------------------------------------------------------------------------
-- `autoscaling_config.policy = {"policy_function": "ray_dstack.autoscaling.policy:rps_policy",
+- `autoscaling_config.policy = {"policy_function": "ray_dstack.serve.autoscaling_policy:rps_policy",
   "policy_kwargs": {"target_rps": ..., "window_s": ..., "scale_up_delay_s": ..., "scale_down_delay_s": ...}}`.
   Serve 2.60 forwards `policy_kwargs` **only when the policy is a class** (`_resolve_policy_callable`
   instantiates it once with the kwargs and then calls `instance(ctx)` every control-loop tick, ~0.1 s); a
@@ -73,7 +73,7 @@ Reading the measured RPS (for `ray-dstack status`)
 The policy runs inside the Serve controller, and `policy_state` is not exposed by any Serve API. So about
 once a second (and at once when its answer changes) the policy publishes a JSON record to Ray's internal KV
 (namespace `ray_dstack`, key `status_key(app, deployment)`): `{"rps", "desired", "target_num_replicas",
-"running_replicas", "target_rps", "window_s", "updated_at"}`. `ray_dstack.autoscaling.status.read_status()`
+"running_replicas", "target_rps", "window_s", "updated_at"}`. `ray_dstack.deploy.autoscaling_status.read_status()`
 reads it from any driver connected to the cluster. `current_rps(ctx)` gives the same number from a context.
 """
 
@@ -87,9 +87,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from ray.serve.config import AutoscalingContext
 
-POLICY_IMPORT_PATH = "ray_dstack.autoscaling.policy:rps_policy"
+POLICY_IMPORT_PATH = "ray_dstack.serve.autoscaling_policy:rps_policy"
 
-# Metric names returned by RequestCounter.stats() (ray_dstack/autoscaling/counter.py keeps a copy).
+# Metric names returned by RequestCounter.stats() (ray_dstack/serve/request_counter.py keeps a copy).
 METRIC_REQUESTS_TOTAL = "ray_dstack_requests_total"
 METRIC_REQUESTS_IN_WINDOW = "ray_dstack_requests_in_window"
 METRIC_WINDOW_S = "ray_dstack_window_s"

@@ -1,7 +1,7 @@
 """The child process of one replica: the service's commands, from start to cleanup.
 
 The replica starts the commands (one shell, `env` applied, working directory set) under
-`ray_dstack.replica.supervise`, streams their output line by line into the replica's log, waits until the
+`ray_dstack.serve.supervise`, streams their output line by line into the replica's log, waits until the
 service answers (its port accepts connections, or the readiness probe answers 2xx), and checks that it keeps
 answering. Stopping kills the whole process group.
 """
@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from collections.abc import Mapping
 import httpx
 
 from ray_dstack.errors import RayDstackError
-from ray_dstack.replica.supervise import REPLICA_PID_ENV
+from ray_dstack.serve.supervise import REPLICA_PID_ENV
 from ray_dstack.spec import PORT_ENV_VAR, ProbeSpec
 
 TAIL_LINES = 200
@@ -30,18 +29,6 @@ TAIL_LINES = 200
 
 class ServiceProcessError(RayDstackError):
     """The service's commands exited, or never started answering."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
 
 
 def shell_script(commands: list[str]) -> str:
@@ -102,7 +89,7 @@ class ServiceProcess:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "ray_dstack.replica.supervise",
+            "ray_dstack.serve.supervise",
             "--",
             shell,
             "-c",
@@ -213,14 +200,6 @@ class ServiceProcess:
         if self._probe_client is not None:
             await self._probe_client.aclose()
         self.logger.info("service commands stopped (exit code %s)", proc.returncode)
-
-    def kill_now(self) -> None:
-        """Synchronous last resort (interpreter teardown): SIGTERM the supervisor."""
-        if self._proc is not None and self._proc.returncode is None:
-            try:
-                self._proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     async def _drain(self) -> None:
         if self._reader is not None:

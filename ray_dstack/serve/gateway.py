@@ -16,10 +16,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ray_dstack.gateway import errors
-from ray_dstack.gateway.protocol import Model, ModelList
-from ray_dstack.gateway.router import to_starlette
-from ray_dstack.gateway.service import (
+from ray_dstack.openai import errors
+from ray_dstack.openai.endpoint import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
     ROUTE_MODELS,
@@ -27,7 +25,9 @@ from ray_dstack.gateway.service import (
     requested_model,
     route_of,
 )
-from ray_dstack.metrics import GATEWAY_MODEL_KEY, observed_gateway_call
+from ray_dstack.openai.protocol import Model, ModelList
+from ray_dstack.serve.http import to_starlette
+from ray_dstack.serve.metrics import GATEWAY_MODEL_KEY, observed_gateway_call
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, REPLICA_DEPLOYMENT_NAME, AuthSpec
 
 logger = logging.getLogger("ray.serve")
@@ -39,7 +39,12 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the `/v1` routes (`GET /v1/openapi.json`), from the protocol models."""
     from pydantic.json_schema import models_json_schema
 
-    from ray_dstack.gateway.protocol import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
+    from ray_dstack.openai.protocol import (
+        ChatCompletion,
+        ChatCompletionRequest,
+        Completion,
+        CompletionRequest,
+    )
 
     models = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)] + [
         (m, "serialization") for m in (ChatCompletion, Completion, ModelList)
@@ -111,7 +116,7 @@ class OpenAIGateway:
             self._handles[app] = handle
         return handle
 
-    @observed_gateway_call  # ray_dstack.metrics: requests, latency, TTFT, tokens of /v1, by target service
+    @observed_gateway_call  # ray_dstack.serve.metrics: requests, latency, TTFT, tokens of /v1, by target service
     async def __call__(self, request: Request) -> Response:
         route = route_of(request.url.path)
         try:

@@ -18,11 +18,18 @@ from typing import Any, Protocol
 import httpx
 import pydantic
 
-from ray_dstack.gateway import errors
-from ray_dstack.gateway.errors import OpenAIError, to_openai_error
-from ray_dstack.gateway.openai_passthrough import OpenAIPassthrough
-from ray_dstack.gateway.protocol import ChatCompletionRequest, CompletionRequest, Model, ModelList, dump, now
-from ray_dstack.gateway.tgi import TGIAdapter
+from ray_dstack.openai import errors
+from ray_dstack.openai.errors import OpenAIError, to_openai_error
+from ray_dstack.openai.passthrough import OpenAIPassthrough
+from ray_dstack.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Model,
+    ModelList,
+    dump,
+    now,
+)
+from ray_dstack.openai.tgi import TGIAdapter
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +149,11 @@ class ModelEndpoint:
         chat_template: str | None = None,
         owned_by: str = "ray-dstack",
         created: int | None = None,
-        client: httpx.AsyncClient | None = None,
+        client: httpx.AsyncClient,
     ) -> None:
-        """`client`: a connection pool to the model server to share (the caller closes it); else one is made."""
+        """`client`: the caller's connection pool to the model server, shared with its adapter (the caller
+        closes it)."""
+        self.client = client
         self.model = model
         self.name = model.name
         self.base_url = base_url
@@ -158,7 +167,7 @@ class ModelEndpoint:
             if source is not None:
                 # Compile once; a broken template answers 400 on chat requests, it does not break the service.
                 try:
-                    from ray_dstack.gateway.templates import ChatTemplate
+                    from ray_dstack.openai.templates import ChatTemplate
 
                     template = ChatTemplate(source, bos_token=model.bos_token, eos_token=model.eos_token)
                 except Exception as exc:  # TemplateError
@@ -170,9 +179,6 @@ class ModelEndpoint:
             self.adapter = OpenAIPassthrough(base_url, prefix=model.prefix, timeout=timeout, client=client)
         else:
             raise ValueError(f"unknown model format {model.format!r}")
-
-    async def aclose(self) -> None:
-        await self.adapter.aclose()
 
     def model_card(self) -> Model:
         return Model(id=self.name, created=self.created, owned_by=self.owned_by)

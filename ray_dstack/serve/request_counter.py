@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 
-# Keep in sync with ray_dstack/autoscaling/policy.py (which must not import this package: it is pickled by
+# Keep in sync with ray_dstack/serve/autoscaling_policy.py (which must not import this package: it is pickled by
 # value into the Serve controller).
 METRIC_REQUESTS_TOTAL = "ray_dstack_requests_total"
 METRIC_REQUESTS_IN_WINDOW = "ray_dstack_requests_in_window"

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ray_dstack.gateway import errors
-from ray_dstack.gateway._http import SSE_DONE, ByteStream, close_quietly, make_client
-from ray_dstack.gateway.errors import to_openai_error
+from ray_dstack.openai import errors
+from ray_dstack.openai.errors import to_openai_error
+from ray_dstack.openai.streams import SSE_DONE, ByteStream, close_quietly
 
 # Response headers worth relaying (hop-by-hop and length/encoding headers are recomputed by our server).
 _RELAYED_HEADERS = {"content-type", "x-request-id", "openai-processing-ms", "openai-version"}
@@ -45,16 +45,12 @@ class UpstreamResponse:
 
 class OpenAIPassthrough:
     def __init__(self, base_url: str, prefix: str = "/v1", timeout: float | None = 600.0, *,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient) -> None:
+        """`client`: the caller's connection pool to the model server (the caller closes it)."""
         self.base_url = base_url.rstrip("/")
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.timeout = timeout
-        self._client = client or make_client(timeout)
-        self._owns_client = client is None
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        self.client = client
 
     def url(self, route: str) -> str:
         return f"{self.base_url}{self.prefix}/{route.lstrip('/')}"
@@ -76,9 +72,9 @@ class OpenAIPassthrough:
             out_headers.setdefault("content-type", "application/json")
         # Identity encoding: the bytes we relay are the bytes the backend produced, with no decoding step.
         out_headers["accept-encoding"] = "identity"
-        request = self._client.build_request(method, self.url(route), content=body or None, headers=out_headers)
+        request = self.client.build_request(method, self.url(route), content=body or None, headers=out_headers)
         try:
-            response = await self._client.send(request, stream=True)
+            response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise to_openai_error(exc) from exc
         try:

@@ -1,7 +1,7 @@
 """Read what the RPS policy last measured and decided, from any driver connected to the Ray cluster.
 
 The policy runs inside the Serve controller and publishes (about once a second, and at once when its answer
-changes) a JSON record to Ray's internal KV; see `ray_dstack/autoscaling/policy.py`. Requires `ray.init()`
+changes) a JSON record to Ray's internal KV; see `ray_dstack/serve/autoscaling_policy.py`. Requires `ray.init()`
 (or `ray.init(address=...)`) to have been called.
 """
 
@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from ray_dstack.autoscaling.policy import KV_NAMESPACE, status_key
+from ray_dstack.serve.autoscaling_policy import KV_NAMESPACE, status_key
 
 # A record older than this was not refreshed by the controller: the deployment is gone or not autoscaled.
 STALE_AFTER_S = 15.0

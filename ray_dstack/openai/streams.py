@@ -1,35 +1,13 @@
-"""Shared plumbing: the pooled httpx client both adapters use, and a closeable byte stream."""
+"""Closeable byte streams for the adapters' answers (a stream must release its upstream request however the
+consumer stops)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import anyio
-import httpx
-
-from ray_dstack.upstream import upstream_client
-
-# Streams are long-lived; the pool must hold many of them at once (one connection per in-flight stream).
-MAX_CONNECTIONS = 1024
-MAX_KEEPALIVE = 256
-CONNECT_TIMEOUT_S = 10.0
 
 SSE_DONE = b"data: [DONE]\n\n"
-
-
-def make_client(timeout: float | None, *, base_url: str = "") -> httpx.AsyncClient:
-    """One long-lived client per backend: keep-alive pool sized for hundreds of concurrent streams.
-
-    `timeout` bounds connecting, each read (so, the gap between two streamed chunks) and each write; it is
-    not a total-duration limit, so a long stream that keeps producing is never cut.
-    """
-    connect = CONNECT_TIMEOUT_S if timeout is None else min(CONNECT_TIMEOUT_S, timeout)
-    return upstream_client(
-        base_url=base_url,
-        timeout=httpx.Timeout(timeout, connect=connect, pool=timeout),
-        max_connections=MAX_CONNECTIONS,
-        max_keepalive=MAX_KEEPALIVE,
-    )
 
 
 async def close_quietly(closer: Callable[[], Awaitable[object]] | None) -> None:

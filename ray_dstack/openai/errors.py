@@ -33,7 +33,6 @@ from text_generation import errors as tgi_errors
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
-PERMISSION = "permission_error"
 NOT_FOUND = "not_found_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER_ERROR = "server_error"
@@ -58,18 +57,11 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def to_body(self) -> dict[str, Any]:
-        return self.to_dict()
-
     def to_json_bytes(self) -> bytes:
-        return json.dumps(self.to_dict()).encode()
-
-    def to_sse(self) -> bytes:
-        """The SSE frame carrying this error in the middle of a stream (follow it with `data: [DONE]`)."""
-        return sse_error_event(self)
+        return json.dumps(self.to_body()).encode()
 
     def __repr__(self) -> str:
         return f"OpenAIError({self.status_code}, {self.message!r}, type={self.type!r}, param={self.param!r}, code={self.code!r})"
@@ -84,10 +76,6 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 
 def unauthorized(message: str = "Missing or invalid bearer token (Authorization: Bearer <token>).") -> OpenAIError:
     return OpenAIError(401, message, AUTHENTICATION, None, "invalid_api_key")
-
-
-def forbidden(message: str = "The token does not grant access to this model.") -> OpenAIError:
-    return OpenAIError(403, message, PERMISSION, None, "forbidden")
 
 
 def model_not_found(model: str | None) -> OpenAIError:
@@ -163,7 +151,7 @@ _TGI_MAP: list[tuple[type[BaseException], int, str, str]] = [
 
 def _template_error_type() -> type[BaseException] | None:
     try:
-        from ray_dstack.gateway.templates import TemplateError
+        from ray_dstack.openai.templates import TemplateError
     except Exception:  # the module is written separately; absent → nothing to match
         return None
     return TemplateError

@@ -9,8 +9,6 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ray_dstack.upstream import upstream_client
-
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones a proxy recomputes.
 HOP_BY_HOP = frozenset(
     {
@@ -61,15 +59,6 @@ def upstream_path(request: Request) -> str:
     return path + ("?" + query.decode("latin-1") if query else "")
 
 
-def make_client(base_url: str, read_timeout_s: float) -> httpx.AsyncClient:
-    return upstream_client(
-        base_url=base_url,
-        timeout=httpx.Timeout(connect=10.0, read=read_timeout_s, write=60.0, pool=None),
-        max_connections=None,
-        max_keepalive=512,
-    )
-
-
 class Forwarder:
     """Forwards a Starlette request to the child and streams the answer back unchanged."""
 
@@ -106,8 +95,8 @@ class Forwarder:
         except ClientDisconnect:
             return Response(status_code=499)
         except httpx.HTTPError as exc:  # the service is down or too slow: 503/504/502 with a message, not a 500
-            from ray_dstack.gateway.router import to_starlette
-            from ray_dstack.gateway.service import GatewayResponse
+            from ray_dstack.openai.endpoint import GatewayResponse
+            from ray_dstack.serve.http import to_starlette
 
             return to_starlette(GatewayResponse.of_error(exc))
         response_headers = filter_headers(upstream.headers.multi_items())

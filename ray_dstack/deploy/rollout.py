@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_dstack.cluster.dashboard import DashboardClient
+from ray_dstack.deploy.dashboard import DashboardClient
 from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME
 
 UNSCHEDULABLE_MARKERS = ("to be scheduled", "Resources required for each replica")

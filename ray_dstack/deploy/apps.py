@@ -39,6 +39,14 @@ def is_service(app_config: dict[str, Any] | None) -> bool:
     return bool(app_config) and app_config.get("import_path") == SERVICE_IMPORT_PATH
 
 
+def created_time(app_config: dict[str, Any] | None) -> int | None:
+    """The `created` time a running service was first deployed with (kept across redeploys), if any."""
+    if not is_service(app_config):
+        return None
+    created = (app_config.get("args") or {}).get("created")
+    return int(created) if created else None
+
+
 def service_spec(app_config: dict[str, Any]) -> ServiceSpec:
     return ServiceSpec.model_validate(app_config["args"]["service"])
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ray_dstack.cluster.dashboard import DEFAULT_DASHBOARD, ClusterError, DashboardClient
+from ray_dstack.deploy.dashboard import DEFAULT_DASHBOARD, ClusterError, DashboardClient
+from ray_dstack.ports import free_port, port_bindable
 
 START_TIMEOUT_S = 120.0
 
@@ -32,21 +32,6 @@ def _ray_executable() -> str:
     if not found:
         raise ClusterError("the `ray` command is not installed in this environment (pip install 'ray[serve]')")
     return found
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 # Serve's data path on the clusters ray-dstack starts (cluster.yaml sets the same on `ray up`): HAProxy in
@@ -105,8 +90,8 @@ def start_local_head(dashboard_port: int = 8265) -> None:
     extra: list[str] = []
     # Another Ray on this machine (a driver's `ray.init`) may hold the agents' default ports; a node whose
     # agent cannot bind serves no logs, so take free ones then.
-    if not _port_free(52365):
-        extra += ["--dashboard-agent-listen-port", str(_free_port())]
+    if not port_bindable(52365):
+        extra += ["--dashboard-agent-listen-port", str(free_port(""))]
     cmd = [
         _ray_executable(),
         "start",

@@ -1,6 +1,6 @@
 """Runs a service's shell in its own process group and takes the whole group down with the replica.
 
-    python -m ray_dstack.replica.supervise -- /bin/bash -c "<commands>"
+    python -m ray_dstack.serve.supervise -- /bin/bash -c "<commands>"
 
 Two processes, because the replica can die in ways that leave no chance to clean up:
 - the *anchor* (this process, the replica's direct child) asks for SIGTERM when the replica dies
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m ray_dstack.replica.supervise -- CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m ray_dstack.serve.supervise -- CMD [ARGS...]", file=sys.stderr)
         return 2
     # The replica passes its pid, so a replica that died before we got here is noticed too.
     replica = int(os.environ.get(REPLICA_PID_ENV) or os.getppid())

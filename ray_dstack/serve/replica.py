@@ -14,14 +14,15 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ray_dstack.autoscaling import RequestCounter
-from ray_dstack.gateway import errors
-from ray_dstack.gateway.router import to_starlette
-from ray_dstack.gateway.service import GatewayResponse, ModelEndpoint
-from ray_dstack.metrics import observed_service_call, record_replica_rps
-
-from ray_dstack.replica.forward import Forwarder, make_client, upstream_path
-from ray_dstack.replica.process import ServiceProcess, ServiceProcessError, free_port, port_in_use
+from ray_dstack.openai import errors
+from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
+from ray_dstack.ports import free_port, port_in_use
+from ray_dstack.serve.forward import Forwarder, upstream_path
+from ray_dstack.serve.http import to_starlette
+from ray_dstack.serve.metrics import observed_service_call, record_replica_rps
+from ray_dstack.serve.process import ServiceProcess, ServiceProcessError
+from ray_dstack.serve.request_counter import RequestCounter
+from ray_dstack.serve.transport import model_server_client
 from ray_dstack.spec import PORT_ENV_VAR, ServiceSpec
 
 logger = logging.getLogger("ray.serve")
@@ -44,7 +45,7 @@ class ServiceReplica:
     async def __init__(self, service: dict, created: int | None = None) -> None:
         self.spec = spec = ServiceSpec.model_validate(service)
         self.started_at = time.time()
-        # Requests per second for the `scaling: {metric: rps}` policy (see ray_dstack.autoscaling).
+        # Requests per second for the `scaling: {metric: rps}` policy (see ray_dstack.serve.autoscaling_policy).
         self.requests = RequestCounter(spec.scaling.window_s if spec.scaling else 60.0)
         if spec.port_from_env:
             port = free_port()
@@ -71,7 +72,7 @@ class ServiceReplica:
         except BaseException:
             await self.process.stop(grace_s=5.0)
             raise
-        self.client = make_client(f"http://127.0.0.1:{port}", spec.request_timeout_s)
+        self.client = model_server_client(f"http://127.0.0.1:{port}", spec.request_timeout_s)
         self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
         self.endpoint = None
         if spec.model is not None:
@@ -81,7 +82,7 @@ class ServiceReplica:
                 client=self.client,
             )
 
-    @observed_service_call  # ray_dstack.metrics: requests, latency, TTFT, tokens of /<service>/...
+    @observed_service_call  # ray_dstack.serve.metrics: requests, latency, TTFT, tokens of /<service>/...
     async def __call__(self, request: Request) -> Response:
         if not self.spec.auth.accepts(request.headers.get("authorization")):
             return unauthorized()
@@ -140,9 +141,6 @@ class ServiceReplica:
         process = getattr(self, "process", None)
         if process is not None:
             await process.stop()
-        endpoint = getattr(self, "endpoint", None)
-        if endpoint is not None:
-            await endpoint.aclose()
         client = getattr(self, "client", None)
         if client is not None:
             await client.aclose()

@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ray_dstack.replica.forward import path_below_root
+from ray_dstack.serve.forward import path_below_root
 
 log = logging.getLogger(__name__)
 

@@ -59,3 +59,21 @@ def upstream_client(*, base_url: str = "", timeout: httpx.Timeout, max_connectio
         trust_env=False,
         follow_redirects=False,
     )
+
+
+CONNECT_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 60.0
+
+
+def model_server_client(base_url: str, timeout_s: float | None) -> httpx.AsyncClient:
+    """The one client a replica keeps to its model server, shared by plain forwarding and the OpenAI adapters.
+
+    `timeout_s` bounds each read (so the gap between two streamed chunks), not a whole stream: a long stream
+    that keeps producing is never cut. No connection limit (one connection per in-flight stream)."""
+    connect = CONNECT_TIMEOUT_S if timeout_s is None else min(CONNECT_TIMEOUT_S, timeout_s)
+    return upstream_client(
+        base_url=base_url,
+        timeout=httpx.Timeout(connect=connect, read=timeout_s, write=WRITE_TIMEOUT_S, pool=None),
+        max_connections=None,
+        max_keepalive=512,
+    )

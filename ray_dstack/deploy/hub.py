@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_dstack.errors import RayDstackError
-from ray_dstack.gateway.templates import ChatTemplate, TemplateError
+from ray_dstack.openai.templates import ChatTemplate, TemplateError
 
 __all__ = ["ChatSettings", "HubError", "resolve_chat_settings", "DEFAULT_ENDPOINT"]
 

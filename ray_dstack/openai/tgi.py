@@ -60,10 +60,9 @@ import httpx
 from text_generation import errors as tgi_errors
 from text_generation.types import Parameters, Response, StreamResponse, Token
 
-from ray_dstack.gateway import errors
-from ray_dstack.gateway._http import SSE_DONE, ByteStream, close_quietly, make_client
-from ray_dstack.gateway.errors import OpenAIError, invalid_request, to_openai_error
-from ray_dstack.gateway.protocol import (
+from ray_dstack.openai import errors
+from ray_dstack.openai.errors import OpenAIError, invalid_request, to_openai_error
+from ray_dstack.openai.protocol import (
     ChatCompletion,
     ChatCompletionChoice,
     ChatCompletionMessage,
@@ -79,9 +78,10 @@ from ray_dstack.gateway.protocol import (
     now,
     random_id,
 )
+from ray_dstack.openai.streams import SSE_DONE, ByteStream, close_quietly
 
 if TYPE_CHECKING:
-    from ray_dstack.gateway.templates import ChatTemplate
+    from ray_dstack.openai.templates import ChatTemplate
 
 
 class ModelLike(Protocol):
@@ -180,18 +180,14 @@ class TGIAdapter:
         template: "ChatTemplate | None",
         timeout: float | None = 600.0,
         *,
-        client: httpx.AsyncClient | None = None,
+        client: httpx.AsyncClient,
     ) -> None:
+        """`client`: the caller's connection pool to the model server (the caller closes it)."""
         self.base_url = base_url.rstrip("/") + "/"
         self.model = model
         self.template = template
         self.timeout = timeout
-        self._client = client or make_client(timeout)
-        self._owns_client = client is None
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        self.client = client
 
     # --- public API ------------------------------------------------------------------------------------
 
@@ -426,7 +422,7 @@ class TGIAdapter:
     async def _generate(self, prompt: str, params: dict[str, Any]) -> Response:
         body = {"inputs": prompt, "parameters": params, "stream": False}
         try:
-            resp = await self._client.post(self.base_url, json=body)
+            resp = await self.client.post(self.base_url, json=body)
         except httpx.HTTPError as exc:
             raise to_openai_error(exc) from exc
         try:
@@ -448,9 +444,9 @@ class TGIAdapter:
 
     async def _open_stream(self, prompt: str, params: dict[str, Any]) -> _Upstream:
         body = {"inputs": prompt, "parameters": params, "stream": True}
-        request = self._client.build_request("POST", self.base_url, json=body, headers={"accept": "text/event-stream"})
+        request = self.client.build_request("POST", self.base_url, json=body, headers={"accept": "text/event-stream"})
         try:
-            response = await self._client.send(request, stream=True)
+            response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise to_openai_error(exc) from exc
         events = None

@@ -3,7 +3,7 @@ OpenAI passthrough (`openai_passthrough`), per-service serving logic (`service`)
 (`router`). Pure async Python; the Ray Serve deployments wrap it.
 """
 
-from ray_dstack.gateway.errors import OpenAIError, to_openai_error
-from ray_dstack.gateway.service import GatewayResponse, ModelEndpoint
+from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
+from ray_dstack.openai.errors import OpenAIError, to_openai_error
 
 __all__ = ["GatewayResponse", "ModelEndpoint", "OpenAIError", "to_openai_error"]
