@@ -2,7 +2,7 @@
 
 GPU placement: GPU names/memory become a hard `label_selector` on the node label
 `ray.io/accelerator-type` (value `in(A10G,L4)` when a spec admits several types). Verified on Ray 2.60
-(tests/test_plan_label_selector.py, a real local `ray.init(labels=...)`): an actor whose selector matches
+(tests/plan/test_plan_label_selector.py, a real local `ray.init(labels=...)`): an actor whose selector matches
 the node's label runs; one whose `in(...)` list does not contain the node's label stays pending — the
 selector is a strict constraint, not a preference. `accelerator_type` in `ray_actor_options` cannot
 express "A10G or L4", so it is not used.

@@ -2,12 +2,12 @@
 
 A CPU head plus three worker nodes that declare GPUs like real ones ("A10G 24 GB x1", "A100 80 GB x2",
 "L4 24 GB x1": `GPU`, the `ray.io/accelerator-type` label and the `accelerator_type:<T>` resource; see
-tests/_multinode.py), all on this machine. Services run CPU programs but ask for GPUs; the `ray-dstack`
+tests/support/multinode.py), all on this machine. Services run CPU programs but ask for GPUs; the `ray-dstack`
 console script deploys them through the head's dashboard. Each replica's commands write the
 `CUDA_VISIBLE_DEVICES` they were started with into a file that `python -m http.server` serves, so a
 request through Serve's HTTP address shows which GPUs Ray gave that replica's child process.
 
-Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests/test_multinode_gpu.py`.
+Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests/e2e/test_multinode_gpu.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from _multinode import (
+from tests.support.multinode import (
     ACCEL_LABEL,
     GPU_NODES,
     AddressFileGuard,

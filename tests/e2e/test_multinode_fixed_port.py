@@ -1,7 +1,7 @@
 """A `replicas: 2` service with a FIXED port on two nodes, both serving through the one Serve HTTP address.
 
 Raylets that share this machine's loopback cannot run two children listening on the same port, so this test
-gives every node a host of its own: each raylet runs in its own network namespace (tests/_netns.py) with
+gives every node a host of its own: each raylet runs in its own network namespace (tests/support/netns.py) with
 its own address on a private bridge, like machines on a LAN. The head (CPU only, dashboard, Serve
 controller) is `10.213.N.1`; two workers that look like "A10G 24 GB x1" machines are `.2` and `.3`. The
 cluster is started the way `ray up` starts one: `ray start --head` / `ray start --address`, Ray token
@@ -11,7 +11,7 @@ The service's commands are what a user writes for a fixed-port server: `python -
 interfaces. Each child serves a file naming its pid and its host's addresses, so requests through the
 head's Serve HTTP address show that both nodes' children answer.
 
-Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests/test_multinode_fixed_port.py`.
+Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests/e2e/test_multinode_fixed_port.py`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _multinode import RequestLoop, info_service_yaml, run_cli
-from _netns import Host, NetnsLab
+from tests.support.multinode import RequestLoop, info_service_yaml, run_cli
+from tests.support.netns import Host, NetnsLab
 from conftest import POLL_ERRORS, REPO, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

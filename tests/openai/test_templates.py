@@ -13,7 +13,7 @@ import pytest
 from ray_dstack.openai.templates import ChatTemplate, TemplateError
 from tests.servers.tiny_model import CHAT_TEMPLATE, tiny_model_dir
 
-HUB = Path(__file__).parent / "fixtures" / "hub"
+HUB = Path(__file__).parent.parent / "fixtures" / "hub"
 
 
 def _token(value):

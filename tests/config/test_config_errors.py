@@ -6,7 +6,7 @@ import pytest
 
 from ray_dstack.config import ConfigError, load_service
 from ray_dstack.errors import UsageError
-from tests._config_helpers import BASE, errors
+from tests.support.config_helpers import BASE, errors
 
 CASES = [
     # (yaml, path, line, message substring)

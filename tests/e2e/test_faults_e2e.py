@@ -186,7 +186,7 @@ def test_redeploy_under_load_is_a_rolling_update_with_no_failed_request(svc, cli
 
 
 def test_failed_redeploy_under_load_keeps_the_old_version_serving(svc, client):
-    """Extends tests/test_deploy_cli.py::test_failed_redeploy_keeps_the_old_version: under load, via /v1."""
+    """Extends tests/e2e/test_deploy_cli.py::test_failed_redeploy_keeps_the_old_version: under load, via /v1."""
     svc.wait_until(lambda: replicas_healthy(svc), timeout=120, interval=2, what="2 healthy replicas")
     broken = service_yaml(NAME, model=MODEL, replicas=2).replace(
         "  - exec ", "  - echo loading weights, out of memory >&2\n  - exit 9\n  - exec ")

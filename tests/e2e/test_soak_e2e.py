@@ -1,5 +1,5 @@
 """Load: 64 concurrent streams through the `/v1` gateway on a real local Ray, for `RAY_DSTACK_SOAK_SECONDS`
-(default 20; the full run is `RAY_DSTACK_SOAK_SECONDS=120 pytest tests/test_soak_e2e.py`).
+(default 20; the full run is `RAY_DSTACK_SOAK_SECONDS=120 pytest tests/e2e/test_soak_e2e.py`).
 
 Every request must succeed and every stream must end with `data: [DONE]` (0 errors, 0 lost responses), and
 the resident memory of the replica and gateway actors must stay flat between the end of a warm-up and the

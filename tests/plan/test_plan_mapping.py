@@ -12,7 +12,7 @@ from ray_dstack import spec as rt
 from ray_dstack.cli.main import main
 from ray_dstack.config import ConfigError
 from ray_dstack.plan import PlanError, build_plan, defaults
-from tests._config_helpers import BASE, load
+from tests.support.config_helpers import BASE, load
 
 
 def plan(text: str, **kw):

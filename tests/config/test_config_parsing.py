@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_dstack.config import name_from_filename, parse_service
-from tests._config_helpers import BASE, load
+from tests.support.config_helpers import BASE, load
 
 
 def test_defaults():

@@ -1,4 +1,4 @@
-"""OpenAIPassthrough against a real OpenAI-wire HTTP server (tests/_gateway_backends.py)."""
+"""OpenAIPassthrough against a real OpenAI-wire HTTP server (tests/support/gateway_backends.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from _gateway_backends import Control, ServerThread, free_port, openai_app
+from tests.support.gateway_backends import Control, ServerThread, free_port, openai_app
 
 from ray_dstack.openai.errors import OpenAIError
 from ray_dstack.openai.passthrough import OpenAIPassthrough

@@ -12,9 +12,9 @@ import yaml
 from ray_dstack.config import load_service
 from ray_dstack.plan import build_plan
 from ray_dstack.plan.defaults import ACCELERATOR_LABEL_KEY
-from tests.test_configs_examples import CONFIGS, placeholder_env
+from tests.config.test_configs_examples import CONFIGS, placeholder_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _cluster() -> dict:

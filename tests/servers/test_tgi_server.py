@@ -20,7 +20,7 @@ from tests.servers.tgi_server import tgi_server  # noqa: F401 - fixture
 from tests.servers.tiny_model import EOS, MODEL_ID, tiny_model_dir
 
 # TGI 3.3.6-dev0's docs/openapi.json (Apache 2.0), copied from /work/shared/reference/ so a clean clone has it.
-OPENAPI = Path(__file__).parent / "fixtures" / "tgi-openapi.json"
+OPENAPI = Path(__file__).parent.parent / "fixtures" / "tgi-openapi.json"
 
 PROMPT = "hello world"
 
@@ -364,7 +364,7 @@ def test_text_generation_client(tgi_server):  # noqa: F811
 # --- the command line ---------------------------------------------------------------------------------------
 def test_cli_serves(tmp_path):
     port = free_port()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.servers.tgi_server", "--model-dir", str(tiny_model_dir()), "--port", str(port)],

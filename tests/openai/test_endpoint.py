@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import httpx
 import openai
 import pytest
-from _gateway_backends import EOS, Control, ServerThread, generate, openai_app, tgi_app
+from tests.support.gateway_backends import EOS, Control, ServerThread, generate, openai_app, tgi_app
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 

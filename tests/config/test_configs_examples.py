@@ -11,7 +11,7 @@ from ray.serve.schema import ServeDeploySchema
 from ray_dstack.config import load_service
 from ray_dstack.plan import build_plan
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.dstack.yml"))
+CONFIGS = sorted((Path(__file__).resolve().parent.parent.parent / "configs").glob("*.dstack.yml"))
 
 
 def placeholder_env(path: Path) -> dict[str, str]:
@@ -35,7 +35,7 @@ def test_examples_present():
 
 
 def test_example_meanings():
-    d = Path(__file__).resolve().parent.parent / "configs"
+    d = Path(__file__).resolve().parent.parent.parent / "configs"
     assert build_plan(load_service(d / "http-server-open.dstack.yml")).spec.auth.enabled is False
     mixtral = build_plan(load_service(d / "mixtral.dstack.yml", environ={"HF_TOKEN": "x"}))
     assert mixtral.ray_actor_options["num_gpus"] == 2 and "A100-80G" in mixtral.gpu_types

@@ -1,4 +1,4 @@
-"""TGIAdapter against a real TGI-wire HTTP server (tests/_gateway_backends.py)."""
+"""TGIAdapter against a real TGI-wire HTTP server (tests/support/gateway_backends.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from _gateway_backends import (
+from tests.support.gateway_backends import (
     EOS,
     Control,
     ServerThread,

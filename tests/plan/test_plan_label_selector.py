@@ -26,7 +26,7 @@ def test_label_selector_in_is_strict():
 
         # The plan's own selector for `gpu: 24GB` (minus num_gpus: this node has no GPU).
         from ray_dstack.plan import build_plan
-        from tests._config_helpers import BASE, load
+        from tests.support.config_helpers import BASE, load
 
         selector = build_plan(load(BASE + "resources: {gpu: 24GB}\n")).ray_actor_options["label_selector"]
         assert selector[ACCELERATOR_LABEL_KEY].startswith("in(") and "A10G" in selector[ACCELERATOR_LABEL_KEY]

@@ -13,7 +13,7 @@ from ray_dstack.deploy.hub import ChatSettings, HubError, resolve_chat_settings
 from ray_dstack.openai.templates import ChatTemplate
 from tests.servers.hub_server import NO_ACCESS_TOKEN, VALID_TOKEN, HubServer, free_port_url, hub_server  # noqa: F401
 
-HUB = Path(__file__).parent / "fixtures" / "hub"
+HUB = Path(__file__).parent.parent / "fixtures" / "hub"
 
 
 @pytest.fixture

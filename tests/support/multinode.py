@@ -34,7 +34,7 @@ import httpx
 
 from conftest import POLL_ERRORS, free_port, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 BIN = Path(sys.executable).parent
 ACCEL_LABEL = "ray.io/accelerator-type"
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
