@@ -68,18 +68,12 @@ define `record_autoscaling_stats()` returning `RequestCounter.stats()`; without 
 One Serve constraint remains: Serve never goes N → 0 in one step from N > 1 (it clamps to 1 first); the policy
 then lets the 1 → 0 step through on the next tick without waiting another `scale_down_delay`.
 
-Reading the measured RPS (for `ray-dstack status`)
---------------------------------------------------
-The policy runs inside the Serve controller, and `policy_state` is not exposed by any Serve API. So about
-once a second (and at once when its answer changes) the policy publishes a JSON record to Ray's internal KV
-(namespace `ray_dstack`, key `status_key(app, deployment)`): `{"rps", "desired", "target_num_replicas",
-"running_replicas", "target_rps", "window_s", "updated_at"}`. `ray_dstack.deploy.autoscaling_status.read_status()`
-reads it from any driver connected to the cluster. `current_rps(ctx)` gives the same number from a context.
+The policy runs inside Serve's controller and keeps its measurement in `policy_state` only; the RPS that
+`ray-dstack status` shows comes from each replica's own gauge (`serve/metrics.py`, `record_replica_rps`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -95,8 +89,6 @@ METRIC_REQUESTS_IN_WINDOW = "ray_dstack_requests_in_window"
 METRIC_WINDOW_S = "ray_dstack_window_s"
 
 STATE_KEY = "ray_dstack"
-KV_NAMESPACE = "ray_dstack"
-PUBLISH_INTERVAL_S = 1.0
 # How long the policy remembers the last counter value of a replica that stopped reporting.
 _FORGET_AFTER_S = 120.0
 # ceil() of a ratio computed in floating point: 0.3 / 0.1 is 2.9999999999999996 and 0.7 / 0.1 7.000000000000001.
@@ -145,11 +137,6 @@ def policy_kwargs(
         "scale_up_delay_s": float(scale_up_delay_s),
         "scale_down_delay_s": float(scale_down_delay_s),
     }
-
-
-def status_key(app_name: str | None, deployment_name: str) -> str:
-    """Internal-KV key under which the policy publishes a deployment's measured RPS and decision."""
-    return f"autoscaling/{app_name or ''}/{deployment_name}"
 
 
 def _replica_key(replica_id: Any) -> str:
@@ -230,24 +217,6 @@ def _in_flight(ctx: AutoscalingContext) -> float:
         return 0.0
 
 
-def _publish(ctx: AutoscalingContext, record: dict[str, Any]) -> bool:
-    """Best effort: put the record into Ray's internal KV (only works inside a connected Ray worker)."""
-    try:
-        from ray.experimental import internal_kv
-
-        if not internal_kv._internal_kv_initialized():
-            return False
-        internal_kv._internal_kv_put(
-            status_key(ctx.app_name, ctx.deployment_name),
-            json.dumps(record).encode(),
-            overwrite=True,
-            namespace=KV_NAMESPACE,
-        )
-        return True
-    except Exception:  # noqa: BLE001 - publishing is informational only
-        return False
-
-
 def evaluate(
     ctx: AutoscalingContext,
     *,
@@ -255,7 +224,6 @@ def evaluate(
     window_s: float = 60.0,
     scale_up_delay_s: float = 300.0,
     scale_down_delay_s: float = 600.0,
-    publish: bool = True,
 ) -> tuple[int, dict[str, Any]]:
     """One autoscaling tick: `(desired replicas, new policy_state)` from a Serve `AutoscalingContext`."""
     policy_state = dict(ctx.policy_state or {})
@@ -288,21 +256,7 @@ def evaluate(
     if desired == 0 and _in_flight(ctx) > 0:
         desired = min(max(1, min_replicas), max_replicas)
 
-    record = {
-        "rps": rps,
-        "desired": desired,
-        "target_num_replicas": current,
-        "running_replicas": int(ctx.current_num_replicas),
-        "target_rps": target_rps,
-        "window_s": window_s,
-        "updated_at": now,
-    }
-    changed = (state.get("desired"), state.get("target_num_replicas")) != (desired, current)
     state.update(rps=rps, desired=desired, target_num_replicas=current)
-    if publish and (changed or now - state.get("published_at", float("-inf")) >= PUBLISH_INTERVAL_S):
-        if _publish(ctx, record):
-            state["published_at"] = now
-
     policy_state[STATE_KEY] = state
     return desired, policy_state
 
@@ -316,7 +270,6 @@ class RpsPolicy:
         window_s: float = 60.0,
         scale_up_delay_s: float = 300.0,
         scale_down_delay_s: float = 600.0,
-        publish: bool = True,
     ) -> None:
         if not target_rps > 0:
             raise ValueError(f"target_rps must be > 0, got {target_rps!r}")
@@ -328,7 +281,6 @@ class RpsPolicy:
         self.window_s = float(window_s)
         self.scale_up_delay_s = float(scale_up_delay_s)
         self.scale_down_delay_s = float(scale_down_delay_s)
-        self.publish = publish
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         return evaluate(
@@ -337,7 +289,6 @@ class RpsPolicy:
             window_s=self.window_s,
             scale_up_delay_s=self.scale_up_delay_s,
             scale_down_delay_s=self.scale_down_delay_s,
-            publish=self.publish,
         )
 
 

@@ -15,7 +15,6 @@ from ray import cloudpickle, serve
 from conftest import free_port, wait_until  # noqa: E402
 from ray_dstack.serve.request_counter import RequestCounter  # noqa: E402
 from ray_dstack.serve.autoscaling_policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402
-from ray_dstack.deploy.autoscaling_status import read_status  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -125,13 +124,10 @@ def test_scales_up_to_three_under_three_times_target_and_back_to_one(serve_url):
     with Load(f"{serve_url}/{app}", rps=3 * TARGET_RPS + 0.5) as load:
         wait_for(lambda: running_replicas(app) == 3, 40, "3 running replicas")
         took = time.monotonic() - started
-        status = wait_for(lambda: read_status(app, "Counted"), 5, "the policy's published status")
     assert all(code == 200 for code in load.codes), set(load.codes)
-    assert status["rps"] > 2 * TARGET_RPS and status["desired"] == 3 and not status["stale"], status
     # Window 3 s, up delay 1 s: two steps at most; generous for a loaded 2-core machine.
     assert took < 35, took
     wait_for(lambda: running_replicas(app) == 1, 40, "back to 1 running replica")
-    assert read_status(app, "Counted")["rps"] < TARGET_RPS
     serve.delete(app)
 
 

@@ -354,13 +354,13 @@ def test_rps_policy_goes_from_n_to_zero_without_a_second_delay():
     assert n == 0
 
 
-def test_evaluate_keeps_serve_internal_state_and_publishes_nothing_without_ray():
+def test_evaluate_keeps_serve_internal_state_and_its_own_measurement():
     config = make_config(target_rps=1.0)
     ctx = make_ctx(config=config, totals={1: 0.0}, target=1, now=100.0, state={"__serve_internal": 1})
     n, state = evaluate(ctx, target_rps=1.0, window_s=60.0)
     assert n == 1
     assert state["__serve_internal"] == 1
-    assert "published_at" not in state[STATE_KEY]
+    assert state[STATE_KEY]["rps"] == 0.0 and state[STATE_KEY]["desired"] == 1
     assert current_rps(make_ctx(config=config, totals={}, target=1, now=100.0)) is None
 
 
