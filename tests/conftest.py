@@ -37,6 +37,21 @@ def wait_until(predicate, *, timeout: float, interval: float, what: str, retry_o
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
+def assert_holds(predicate, *, seconds: float, interval: float, what: str, retry_on=POLL_ERRORS) -> None:
+    """Check `predicate` every `interval` for `seconds`: a state that must last (e.g. a replica that must keep
+    waiting for a GPU), not one to wait for. Fails at the first poll where it does not hold."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            ok = predicate()
+        except retry_on as exc:
+            ok = exc
+        assert ok is True or (ok and not isinstance(ok, Exception)), f"{what} stopped holding: {ok!r}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 def ray_stop(env: dict[str, str] | None = None) -> None:
     from ray_dstack.deploy.local import reap_orphaned_haproxy
 

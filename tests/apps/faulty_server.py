@@ -291,6 +291,14 @@ class Load:
         assert not any(t.is_alive() for t in self._threads), "a load worker hangs"
         return self.outcomes
 
+    def wait_for_answers(self, n: int, timeout: float = 60.0) -> None:
+        """Block until `n` more requests have finished (whatever their outcome): load is really flowing."""
+        target = len(self.outcomes) + n
+        deadline = time.monotonic() + timeout
+        while len(self.outcomes) < target:
+            assert time.monotonic() < deadline, f"only {len(self.outcomes)} of {target} requests finished"
+            self._stop.wait(0.05)
+
     def failures(self) -> list[Outcome]:
         return [o for o in list(self.outcomes) if not o.ok]
 

@@ -150,9 +150,9 @@ def test_replica_killed_under_load_fails_requests_cleanly_and_recovers(svc, clie
     svc.wait_until(lambda: replicas_healthy(svc), timeout=120, interval=2, what="2 healthy replicas")
     victim = svc.status(NAME)["replicas"]["items"][0]
     with Load(v1(svc), TOKEN, MODEL, workers=8, content="[[slow=100]] hello", timeout=60) as load:
-        time.sleep(2.0)
+        load.wait_for_answers(8)
         os.kill(victim["pid"], signal.SIGKILL)  # the Ray actor of one replica (its backend goes with it)
-        time.sleep(6.0)
+        load.wait_for_answers(40)  # the crash, Serve noticing it, and requests flowing again
         outcomes = load.stop()
     failures = [o for o in outcomes if not o.ok]
     assert outcomes and len(failures) < len(outcomes), outcomes[:5]
@@ -172,9 +172,9 @@ def test_redeploy_under_load_is_a_rolling_update_with_no_failed_request(svc, cli
     svc.wait_until(lambda: replicas_healthy(svc), timeout=120, interval=2, what="2 healthy replicas")
     path = write_service(svc.tmp, NAME, service_yaml(NAME, model=MODEL, replicas=2, env={"FAULTY_VERSION": "v2"}))
     with Load(v1(svc), TOKEN, MODEL, workers=8, content="[[slow=20]] hello", timeout=60) as load:
-        time.sleep(1.0)
+        load.wait_for_answers(8)
         proc = deploy(svc, path)
-        time.sleep(2.0)
+        load.wait_for_answers(16)  # the new version under load after the rollout
         outcomes = load.stop()
     assert proc.returncode == 0, proc.stderr
     failures = [o for o in outcomes if not o.ok]
@@ -193,7 +193,7 @@ def test_failed_redeploy_under_load_keeps_the_old_version_serving(svc, client):
     path = write_service(svc.tmp, NAME, broken)
     with Load(v1(svc), TOKEN, MODEL, workers=6, content="hello", timeout=60) as load:
         proc = deploy(svc, path, "--timeout", "120", timeout=240)
-        time.sleep(1.0)
+        load.wait_for_answers(8)  # the old version still answering after the failed rollout's rollback
         outcomes = load.stop()
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "exited with code 9" in proc.stderr and "out of memory" in proc.stderr, proc.stderr

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +171,7 @@ def test_losing_one_of_the_two_nodes_keeps_the_service_answering(lan, tmp_path):
     lost = "a10g-2"
 
     with RequestLoop(f"{lan.http}/fixed/info.json", lambda resp: resp.json()["ips"].strip(), timeout=10) as loop:
-        time.sleep(1)
+        loop.wait_for_results(10)
         lan.workers[lost].kill_everything()
         wait_until(
             lambda: [lan.host_of_ip(r["node_ip"]) for r in running(lan.status("fixed"))] == ["a10g-1"],
@@ -180,7 +179,7 @@ def test_losing_one_of_the_two_nodes_keeps_the_service_answering(lan, tmp_path):
             interval=1,
             what="the lost node's replica to be gone",
         )
-        time.sleep(2)
+        loop.wait_for_results(20)  # the last ten checked below all ran after the replica was gone
 
     results, failed = loop.results, loop.failed()
     print(f"\nwhile a node died: {len(results) - len(failed)} ok, {len(failed)} failed; "

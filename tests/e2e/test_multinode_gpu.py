@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from conftest import assert_holds
 from tests.support.multinode import (
     ACCEL_LABEL,
     GPU_NODES,
@@ -121,10 +122,12 @@ def test_a100_spec_never_lands_on_l4_or_a10g(sim, workdir):
         assert {sim.kind_of(r["node_id"]) for r in running(status)} == {"a100"}
         assert {r["node_accelerator_type"] for r in running(status)} == {"A100-80G"}
         assert sorted(replica_infos(sim, "a100-one", 2).values()) == ["0", "1"]
-        time.sleep(3)  # the third replica keeps waiting for an A100 GPU
-        status = sim.status("a100-one")
-        assert status["replicas"]["running"] == 2 and status["replicas"]["target"] == 3
-        assert all(sim.kind_of(r["node_id"]) in ("a100", None) for r in status["replicas"]["items"])
+        def third_waits() -> bool:  # the third replica keeps waiting for an A100 GPU
+            status = sim.status("a100-one")
+            return (status["replicas"]["running"] == 2 and status["replicas"]["target"] == 3
+                    and all(sim.kind_of(r["node_id"]) in ("a100", None) for r in status["replicas"]["items"]))
+
+        assert_holds(third_waits, seconds=3, interval=1, what="two A100 replicas running, the third waiting")
     finally:
         sim.delete("a100-one")
 
@@ -159,9 +162,9 @@ def test_fixed_port_puts_at_most_one_replica_per_node(sim, workdir):
             lambda: (s := sim.status("a100-fixed")) and len(running(s)) == 1 and s, timeout=90, what="one replica"
         )
         assert sim.kind_of(running(status)[0]["node_id"]) == "a100"
-        time.sleep(3)
-        status = sim.status("a100-fixed")
-        assert status["replicas"]["running"] == 1 and status["replicas"]["target"] == 2
+        assert_holds(
+            lambda: (s := sim.status("a100-fixed"))["replicas"]["running"] == 1 and s["replicas"]["target"] == 2,
+            seconds=3, interval=1, what="one fixed-port replica on the one A100 node, the second waiting")
         assert info(sim, "a100-fixed")["cuda"] in ("0", "1")
     finally:
         sim.delete("a100-fixed")
@@ -211,7 +214,7 @@ def test_losing_a_node_moves_the_replica_and_the_service_keeps_answering(sim, wo
     assert len(pids) == 2
 
     with RequestLoop(f"{sim.http}/gpu24/info.json", lambda resp: str(resp.json()["pid"])) as loop:
-        time.sleep(1)
+        loop.wait_for_results(10)
         killed_at = len(loop.results)
         l4_node = sim.node_id("l4")
         sim.kill_node("l4")
@@ -221,7 +224,7 @@ def test_losing_a_node_moves_the_replica_and_the_service_keeps_answering(sim, wo
             timeout=60,
             what="the replica on the lost node to be gone",
         )
-        time.sleep(2)
+        loop.wait_for_results(10)
         status = sim.status("gpu24")
         assert [sim.kind_of(r["node_id"]) for r in running(status)] == ["a10g"]
         assert not any(sim.kind_of(r["node_id"]) == "a100" for r in status["replicas"]["items"])
@@ -232,7 +235,7 @@ def test_losing_a_node_moves_the_replica_and_the_service_keeps_answering(sim, wo
         )
         assert sorted(sim.kind_of(r["node_id"]) for r in running(status)) == ["a10g", "l4b"]
         new_pids = sim.wait_until(lambda: len(p := replica_infos(sim, "gpu24", 2)) == 2 and p, timeout=30)
-        time.sleep(1)
+        loop.wait_for_results(10)  # the last ten checked below ran after the move
 
     results = loop.results
     during = results[killed_at:]  # from the kill until the replica has moved

@@ -92,6 +92,12 @@ class RequestLoop:
         self._stop.set()
         self._thread.join(timeout=self.timeout * 3)
 
+    def wait_for_results(self, n: int, timeout: float = 30.0) -> None:
+        """Block until `n` more requests have finished (whatever their outcome)."""
+        target = len(self.results) + n
+        wait_until(lambda: len(self.results) >= target, timeout=timeout, interval=0.05,
+                   what=f"{n} more requests to finish")
+
     def failed(self, since: int = 0) -> list[tuple[float, bool, str]]:
         return [r for r in self.results[since:] if not r[1]]
 
