@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,6 +41,15 @@ JSON_MEDIA_TYPE = "application/json"
 ROUTE_CHAT = "chat/completions"
 ROUTE_COMPLETIONS = "completions"
 ROUTE_MODELS = "models"
+ADAPTED_ROUTES = (ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_MODELS)
+# Any other `/v1/<route>` a `format: openai` backend serves (embeddings, responses, rerank, tokenize, ...):
+# path segments of safe characters only, so a route can never climb out of the backend's prefix.
+_PASSTHROUGH_ROUTE = re.compile(r"[A-Za-z0-9_\-]+(?:[./][A-Za-z0-9_\-]+)*")
+
+
+def is_passthrough_route(route: str) -> bool:
+    """A route other than the adapted ones that may be forwarded by model (`embeddings`, `audio/speech`)."""
+    return route not in ADAPTED_ROUTES and bool(_PASSTHROUGH_ROUTE.fullmatch(route)) and ".." not in route
 
 
 class ModelConfig(Protocol):
@@ -201,12 +211,28 @@ class ModelEndpoint:
                 if route == ROUTE_CHAT:
                     return await self.chat_completions(body, headers)
                 return await self.completions(body, headers)
+            if is_passthrough_route(route):
+                return await self.other_route(route, path, body, headers, method)
             raise errors.not_found(f"Unknown route {path}")
         except Exception as exc:  # noqa: BLE001 - every failure is an OpenAI-shaped answer
             err = to_openai_error(exc)
             if err.status_code >= 500:
                 log.warning("model %s: %s %s failed: %r", self.name, method or "", path, err)
             return GatewayResponse.of_error(err)
+
+    async def other_route(self, route: str, path: str, body: bytes, headers: Mapping[str, str] | None,
+                          method: str | None) -> GatewayResponse:
+        """`/v1/<route>` beyond chat and completions: passed through, bytes untouched, for `format: openai`;
+        a `format: tgi` backend has no such API, so the answer says the route is not supported."""
+        if not isinstance(self.adapter, OpenAIPassthrough):
+            raise errors.not_found(
+                f"Route /v1/{route} is not supported for `format: tgi` models (model `{self.name}`): "
+                "only /v1/chat/completions, /v1/completions and /v1/models are. Deploy the model with "
+                "`format: openai` (a backend that speaks OpenAI's API) to use /v1/" + route + ".")
+        if method not in (None, "POST"):
+            raise errors.method_not_allowed(method, path)
+        self._check_model(parse_json_object(body))
+        return _from_upstream(await self.adapter.forward("POST", route, body, headers))
 
     def _check_model(self, payload: dict[str, Any]) -> None:
         model = payload.get("model")

@@ -18,7 +18,12 @@ OpenAI's `{"error": {"message", "type", "param", "code"}}`. `to_openai_error(exc
 | `text_generation.errors.ShardTimeoutError`             | 504    | upstream_timeout                   |
 | `httpx.ConnectError` / `httpx.ConnectTimeout` / `httpx.PoolTimeout` | 503 | upstream_unavailable  |
 | `httpx.TimeoutException` (read/write)                  | 504    | upstream_timeout                   |
-| any other `httpx.HTTPError` (protocol, read error)     | 502    | upstream_error                     |
+| `httpx.NetworkError` / `httpx.RemoteProtocolError` (reset, closed) | 502 | upstream_disconnected   |
+| any other `httpx.HTTPError`                            | 502    | upstream_error                     |
+
+`retryable(status, body)` says which answers the `/v1` gateway may retry on another replica when nothing
+reached the client yet: 503 (the backend is unavailable) and 502 `upstream_disconnected` (it reset or closed
+the connection before answering), never a backend's own 502 about a bad answer (that would fail again).
 | anything else                                          | 500    | server_error                       |
 """
 
@@ -37,6 +42,7 @@ NOT_FOUND = "not_found_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER_ERROR = "server_error"
 UPSTREAM_ERROR = "upstream_error"
+UPSTREAM_DISCONNECTED = "upstream_disconnected"  # the `code` of a 502 whose backend reset/closed the connection
 
 
 class OpenAIError(Exception):
@@ -175,6 +181,9 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         return upstream_unavailable(f"The model backend is unavailable: {type(exc).__name__}: {exc}".rstrip(": "))
     if isinstance(exc, httpx.TimeoutException):
         return upstream_timeout(f"The model backend did not answer in time ({type(exc).__name__}).")
+    if isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):
+        return OpenAIError(502, f"Bad response from the model backend (connection closed): {type(exc).__name__}: {exc}".rstrip(": "),
+                           UPSTREAM_ERROR, None, UPSTREAM_DISCONNECTED)
     if isinstance(exc, httpx.HTTPError):
         return upstream_bad_response(f"Bad response from the model backend: {type(exc).__name__}: {exc}".rstrip(": "))
     return OpenAIError(500, f"Internal error: {type(exc).__name__}: {exc}", SERVER_ERROR, None, "internal_error")
@@ -206,6 +215,20 @@ def from_upstream_status(status_code: int, body: bytes) -> OpenAIError:
         message = text[:2000] or f"Upstream answered HTTP {status_code}"
     status = status_code if 400 <= status_code < 500 else (503 if status_code == 503 else 502)
     return OpenAIError(status, message, type_, param, code if code is None or isinstance(code, str) else str(code))
+
+
+def retryable(status: int, body: bytes) -> bool:
+    """Whether an error answer means "this replica could not serve it, another may" (see the module docstring)."""
+    if status == 503:
+        return True
+    if status != 502:
+        return False
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    err = payload.get("error") if isinstance(payload, dict) else None
+    return isinstance(err, dict) and err.get("code") == UPSTREAM_DISCONNECTED
 
 
 def is_openai_error_body(body: bytes) -> bool:
