@@ -20,7 +20,8 @@ from tests.support.gateway_backends import (
 from ray_dstack.openai.errors import OpenAIError
 from ray_dstack.openai.protocol import ChatCompletionRequest, CompletionRequest
 from ray_dstack.openai.templates import ChatTemplate
-from ray_dstack.openai.tgi import TGIAdapter, trim_stop
+from ray_dstack.openai.tgi import TGIAdapter
+from ray_dstack.openai.tgi_mapping import trim_stop
 from ray_dstack.serve.transport import model_server_client
 from ray_dstack.spec import ModelSpec
 
