@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from httpx_sse import EventSource, SSEError
 from text_generation.types import Response, StreamResponse
 
 from ray_dstack.openai import errors, tgi_mapping
@@ -160,8 +161,7 @@ class TGIAdapter:
                 try:
                     payload = json.loads(content)
                 except ValueError:
-                    # TGI may answer an error as an SSE event too
-                    payload = _first_sse_payload(content)
+                    payload = await _error_event_payload(response)
                 raise tgi_mapping.tgi_error(response.status_code, payload) if payload is not None else \
                     errors.from_upstream_status(response.status_code, content)
             events = _sse_events(response)
@@ -287,30 +287,34 @@ class TGIAdapter:
 
 
 async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
-    """JSON payloads of the `data:` events of a server-sent-events body."""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                payload = "\n".join(data)
-                data = []
-                if payload.strip() == "[DONE]":
-                    return
-                yield tgi_mapping.loads_event(payload)
-            continue
-        if line.startswith("data:"):
-            data.append(line[5:].lstrip(" "))
-    if data:
-        payload = "\n".join(data)
-        if payload.strip() != "[DONE]":
-            yield tgi_mapping.loads_event(payload)
+    """The JSON objects of TGI's server-sent events, until `data: [DONE]` or the end of the body.
+
+    httpx-sse does the SSE framing (multi-line `data:`, comments, `\r\n`, events split across reads); an answer
+    that is not `text/event-stream`, or an event that is not a JSON object, is a bad upstream response.
+    """
+    events = EventSource(response).aiter_sse()
+    try:
+        async for sse in events:
+            if not sse.data:  # no data (a lone `event:`/`id:`/`retry:`): the SSE spec dispatches nothing
+                continue
+            if sse.data.strip() == "[DONE]":
+                return
+            yield tgi_mapping.loads_event(sse.data)
+    except SSEError as exc:
+        raise errors.upstream_bad_response(f"The TGI backend's stream is not server-sent events: {exc}") from exc
+    finally:
+        await events.aclose()
 
 
-def _first_sse_payload(content: bytes) -> Any:
-    for line in content.decode("utf-8", "replace").splitlines():
-        if line.startswith("data:"):
-            try:
-                return json.loads(line[5:])
-            except ValueError:
-                return None
+async def _error_event_payload(response: httpx.Response) -> Any:
+    """The JSON of the first event of an error answered as server-sent events (TGI may do that), else None."""
+    events = EventSource(response).aiter_sse()
+    try:
+        async for sse in events:
+            if sse.data:
+                return json.loads(sse.data)
+    except (SSEError, ValueError):
+        return None
+    finally:
+        await events.aclose()
     return None

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 from tests.support.gateway_backends import (
     EOS,
@@ -317,6 +318,77 @@ def test_error_mid_stream_is_a_final_error_event(tgi):
     assert "boom" in err["message"] and set(err) == {"message", "type", "param", "code"}
     texts = [c["choices"][0]["delta"].get("content") for c in evs[:-2]]
     assert texts == generate(prompt_of("a b a b a b"), max_new_tokens=10).tokens[:2]
+
+
+# --- SSE framing (httpx-sse) against exact bytes -------------------------------------------------------------
+
+
+def raw_backend(status: int, content_type: str, pieces: list[bytes]) -> TGIAdapter:
+    """An adapter whose backend answers every request with exactly these body pieces (one read each)."""
+
+    async def body():
+        for piece in pieces:
+            yield piece
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers={"content-type": content_type}, content=body())
+
+    template = ChatTemplate(TEMPLATE, bos_token="<s>", eos_token=EOS)
+    return TGIAdapter("http://tgi", MODEL, template, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+def call_raw(a: TGIAdapter, coro_fn):
+    async def go():
+        try:
+            return await coro_fn(a)
+        finally:
+            await a.client.aclose()
+    return run(go())
+
+
+def token_event(i: int, text: str, last: bool = False) -> dict:
+    ev = {"index": i, "token": {"id": i, "text": text, "logprob": -0.5, "special": False},
+          "generated_text": None, "details": None}
+    if last:
+        ev["details"] = {"finish_reason": "length", "generated_tokens": i + 1, "seed": None, "input_length": 4}
+        ev["generated_text"] = "hello world"
+    return ev
+
+
+def test_sse_framing_crlf_comments_multiline_data_and_split_reads():
+    first = json.dumps(token_event(0, "hello")).encode()
+    last = json.dumps(token_event(1, " world", last=True), indent=1).encode()  # spans lines: several `data:` lines
+    pieces = [b": keep-alive\r\n\r\n", b"data:" + first[:20], first[20:] + b"\r\n\r",
+              b"\nevent: token\n" + b"".join(b"data: " + line + b"\n" for line in last.split(b"\n")) + b"\n",
+              b"data: [DONE]\n\n"]
+    a = raw_backend(200, "text/event-stream; charset=utf-8", pieces)
+
+    async def go(a):
+        return await collect(await a.open_chat_stream(chat_req("x", stream=True, stream_options={"include_usage": True})))
+
+    evs = events(call_raw(a, go))
+    assert evs[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in evs[:-1] if c["choices"]) == "hello world"
+    assert evs[-3]["choices"][0]["finish_reason"] == "length"
+    assert evs[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+def test_error_answered_as_an_sse_event_keeps_its_status():
+    body = b'data:{"error":"Request failed during generation: boom","error_type":"generation"}\n\n'
+    with pytest.raises(OpenAIError) as ei:
+        call_raw(raw_backend(424, "text/event-stream", [body]), lambda a: a.open_chat_stream(chat_req("x", stream=True)))
+    assert ei.value.status_code == 502 and "boom" in ei.value.message
+    body = b'data:{"error":"Input validation error: inputs too long","error_type":"validation"}\n\n'
+    with pytest.raises(OpenAIError) as ei:
+        call_raw(raw_backend(422, "text/event-stream", [body]), lambda a: a.open_chat_stream(chat_req("x", stream=True)))
+    assert ei.value.status_code == 400 and "inputs too long" in ei.value.message
+
+
+def test_stream_answer_that_is_not_server_sent_events_is_502():
+    body = json.dumps({"generated_text": "hello", "details": None}).encode()
+    with pytest.raises(OpenAIError) as ei:
+        call_raw(raw_backend(200, "application/json", [body]), lambda a: a.open_chat_stream(chat_req("x", stream=True)))
+    assert ei.value.status_code == 502 and "text/event-stream" in ei.value.message
 
 
 def test_unreachable_backend_is_503():
