@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Serve application that publishes the OpenAI-compatible routes for every deployed model.
 GATEWAY_APP_NAME = "ray-dstack-gateway"
 GATEWAY_ROUTE_PREFIX = "/v1"
+GATEWAY_APP_ROUTE_PREFIX = "/"  # the gateway application also answers `GET /health` at the ingress root
 GATEWAY_DEPLOYMENT_NAME = "OpenAIGateway"
 # Deployment (inside each service's application) whose replicas run the service's commands.
 REPLICA_DEPLOYMENT_NAME = "ServiceReplica"

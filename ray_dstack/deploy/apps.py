@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.spec import (
     GATEWAY_APP_NAME,
+    GATEWAY_APP_ROUTE_PREFIX,
     GATEWAY_DEPLOYMENT_NAME,
     GATEWAY_IMPORT_PATH,
     GATEWAY_ROUTE_PREFIX,
@@ -86,14 +87,16 @@ def gateway_routes(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "format": spec.model.format,
             "auth": spec.auth.model_dump(mode="json"),
             "created": int(cfg.get("args", {}).get("created", 0)),
+            "request_timeout_s": spec.request_timeout_s,  # bounds the gateway's retries of one request
         }
     return routes
 
 
-def gateway_app(routes: dict[str, Any]) -> dict[str, Any]:
+def gateway_app(routes: dict[str, Any], route_prefix: str = GATEWAY_APP_ROUTE_PREFIX) -> dict[str, Any]:
     return {
         "name": GATEWAY_APP_NAME,
-        "route_prefix": GATEWAY_ROUTE_PREFIX,
+        # The ingress root: the gateway answers `/health` and `/v1/...`; `/<service>` prefixes are longer.
+        "route_prefix": route_prefix,
         "import_path": GATEWAY_IMPORT_PATH,
         "args": {},
         "deployments": [
@@ -124,8 +127,11 @@ def merged_config(
     services = {n: c for n, c in configs.items() if is_service(c)}
     routes = gateway_routes(services)
     applications = [configs[n] for n in sorted(configs)]
-    if routes:
-        applications.append(gateway_app(routes))
+    if services:
+        # Deployed with the first service (even one without a model) so `GET /health` answers; mounted at
+        # `/v1` instead of the root when an application ray-dstack did not deploy already owns "/".
+        root_taken = any(c.get("route_prefix") == GATEWAY_APP_ROUTE_PREFIX for c in configs.values())
+        applications.append(gateway_app(routes, GATEWAY_ROUTE_PREFIX if root_taken else GATEWAY_APP_ROUTE_PREFIX))
     running_http = details.get("http_options") or {}
     http = {"host": running_http.get("host"), "port": running_http.get("port")}
     if not http["port"]:

@@ -12,6 +12,7 @@ port (`ray start --metrics-export-port`, shown as `metrics_export_port` in the d
 | `ray_dstack_output_tokens_total` | counter | service, model, route |
 | `ray_dstack_output_tokens_per_s` | histogram (streams) | service, model, route |
 | `ray_dstack_inflight_streams` | gauge | service, model, route, replica |
+| `ray_dstack_gateway_retries_total` | counter | service, reason (`replica_unavailable`, `backend_unavailable`) |
 
 Where a request is counted: a request through the `/v1` gateway once at the gateway (its own 4xx included,
 with `service`/`model` empty when the model is unknown), a request to `/<service>/...` once at the service's
@@ -64,6 +65,16 @@ def record_replica_rps(service: str, rps: float) -> None:
         pass
 
 
+def record_gateway_retry(service: str, reason: str) -> None:
+    m = instruments()
+    if m is None:
+        return
+    try:
+        m.gateway_retries.inc(1, tags={"service": service, "reason": reason})
+    except Exception:  # noqa: BLE001 - metrics never fail the gateway
+        pass
+
+
 def route_tag(path: str) -> str:
     """`/v1/chat/completions?x` → `chat/completions`; anything not an OpenAI route → `other`."""
     p = path.split("?", 1)[0].strip("/")
@@ -91,6 +102,9 @@ class _Instruments:
             PREFIX + "output_tokens_per_s", "Streams: output tokens per second after the first token",
             boundaries=TOKENS_PER_S_BOUNDARIES, tag_keys=base)
         self.inflight = Gauge(PREFIX + "inflight_streams", "Streams being sent now", tag_keys=base + ("replica",))
+        self.gateway_retries = Counter(
+            PREFIX + "gateway_retries", "/v1 requests retried on another replica before their first byte",
+            tag_keys=("service", "reason"))
         self.replica_rps = Gauge(
             PREFIX + REPLICA_RPS, "Requests per second a replica served over its scaling window",
             tag_keys=("service", "replica"))
