@@ -7,9 +7,10 @@ changes only its own application (and the gateway that routes to models), and wr
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlparse
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.spec import (
@@ -225,25 +226,26 @@ def _node_info(node_id: str | None, nodes: dict[str, dict[str, Any]] | None) -> 
 
 
 REPLICA_RPS_METRIC = "ray_dstack_replica_rps"
-_SAMPLE = re.compile(r"^" + REPLICA_RPS_METRIC + r"\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def measured_rps(metrics_texts: list[str], service: str, replica_ids: set[str]) -> float | None:
-    """The service's RPS: the sum of its running replicas' `ray_dstack_replica_rps` gauges (Prometheus text).
+    """The service's RPS: the sum of its running replicas' `ray_dstack_replica_rps` gauges, read from each node's
+    Prometheus text with prometheus_client's parser.
 
-    Only replicas that run now count: a stopped replica's last value may linger in the exporter."""
+    Only replicas that run now count: a stopped replica's last value may linger in the exporter. A text the
+    parser rejects (a node answering something else than its exporter) counts as no samples."""
     found, total = False, 0.0
     for text in metrics_texts:
-        for line in text.splitlines():
-            match = _SAMPLE.match(line)
-            if not match:
-                continue
-            labels = dict(_LABEL.findall(match["labels"]))
-            if labels.get("service") != service or labels.get("replica") not in replica_ids:
+        try:
+            samples = [s for family in text_string_to_metric_families(text) for s in family.samples
+                       if s.name == REPLICA_RPS_METRIC]
+        except ValueError:
+            continue
+        for sample in samples:
+            if sample.labels.get("service") != service or sample.labels.get("replica") not in replica_ids:
                 continue
             found = True
-            total += float(match["value"])
+            total += sample.value
     return total if found else None
 
 

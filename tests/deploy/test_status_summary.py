@@ -20,6 +20,23 @@ def test_measured_rps_sums_running_replicas_of_the_service_only():
     assert apps.measured_rps([""], "svc", {"r1"}) is None
 
 
+def test_measured_rps_reads_the_exposition_format_not_lines():
+    # A node's real exporter text: other families around ours, escaped label values, exponent notation, a
+    # timestamp; and a node answering an HTML page instead of its exporter (ignored, not an error).
+    text = """# HELP ray_serve_num_http_requests_total The number of HTTP requests processed.
+# TYPE ray_serve_num_http_requests_total counter
+ray_serve_num_http_requests_total{application="svc",route="/"} 12.0
+# HELP ray_dstack_replica_rps Requests per second a replica served over its scaling window
+# TYPE ray_dstack_replica_rps gauge
+ray_dstack_replica_rps{replica="r}1",service="s\\"q\\""} 2.5e0
+ray_dstack_replica_rps{service="s\\"q\\"",replica="r2"} 1.25 1700000000000
+ray_dstack_replica_rps_other{replica="r2",service="s\\"q\\""} 99
+"""
+    html = "<html><body>502 Bad Gateway</body></html>"
+    assert apps.measured_rps([text, html], 's"q"', {"r}1", "r2"}) == 3.75
+    assert apps.measured_rps([html], 's"q"', {"r2"}) is None
+
+
 def _details(text: str) -> dict:
     plan = build_plan(parse_service(text, "svc.dstack.yml"), token_sha256="ab" * 32)
     app = plan.to_serve_config()["applications"][0]
