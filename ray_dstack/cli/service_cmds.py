@@ -68,6 +68,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout:g}")
+    if args.drain_timeout is not None and not args.drain_timeout >= 0:
+        raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout:g}")
     loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
     # Plan before touching the cluster: a config the plan rejects never reaches it.
     plan = build_plan(loaded, token_sha256=None)
@@ -91,6 +93,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             token_sha256=digest,
             created=apps.created_time(existing) or int(time.time()),
             request_timeout_s=args.request_timeout,  # upstream read timeout of the replicas (504 past it)
+            drain_timeout_s=args.drain_timeout,  # how long a replica being removed finishes its requests
             model_settings=resolve_model_settings(plan.spec.model, plan.spec.env),
         )
         app_cfg = plan.application()
@@ -317,6 +320,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--request-timeout", type=float, default=None, metavar="SECONDS",
         help="how long a replica waits for its backend to answer (or to send the next streamed chunk) "
         "before answering 504 (default: 600)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=None, metavar="SECONDS",
+        help="how long a replica being removed (scale-down, redeploy, delete) takes no new requests and lets "
+        "in-flight requests and streams finish before its process is stopped (default: 30)",
     )
     p.add_argument("--http-port", type=int, default=apps.DEFAULT_HTTP_PORT, help="Serve HTTP port if Serve is not running yet")
     p.add_argument("--http-host", help="Serve HTTP host if Serve is not running yet")

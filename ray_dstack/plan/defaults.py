@@ -12,10 +12,15 @@ MAX_ONGOING_REQUESTS = 256
 DEFAULT_NUM_CPUS = 0.5
 DEFAULT_MEMORY_BYTES: int | None = None
 
-# Replica health checking and shutdown (Serve deployment options).
-HEALTH_CHECK_PERIOD_S = 10.0
+# Replica health checking and shutdown (Serve deployment options). Serve stops routing to a replica whose
+# backend died only after 3 failed checks, so a short period keeps that window (and the gateway's
+# retries into it) to a few seconds; a check is one cheap request to the backend.
+HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
+# Drain: a replica being removed gets no new requests and waits up to this long (`deploy --drain-timeout`)
+# for its in-flight requests and streams before its process is stopped; it checks every WAIT_LOOP seconds.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.5
 
 # Autoscaling: dstack's delays are enforced by our policy (written by the autoscaling package), so Serve's
 # own delays are 0 and Serve just follows the policy's answer.

@@ -59,9 +59,10 @@ class ServicePlan:
         created: int | None = None,
         request_timeout_s: float | None = None,
         model_settings: rt.ModelSettings | None = None,
+        drain_timeout_s: float | None = None,
     ) -> ServicePlan:
         """This plan with what `deploy` learns only once it has read the cluster and the Hub: the token's
-        digest (a redeploy keeps the running one), the creation time to keep, `--request-timeout`, and a tgi
+        digest (a redeploy keeps the running one), the creation time to keep, `--request-timeout`, `--drain-timeout`, and a tgi
         model's chat template and special tokens. The Serve config comes from the result, never patched."""
         enabled = self.spec.auth.enabled
         update: dict[str, Any] = {
@@ -74,7 +75,10 @@ class ServicePlan:
                 "eos_token": model_settings.eos_token,
                 "bos_token": self.spec.model.bos_token or model_settings.bos_token,
             })
-        return replace(self, spec=self.spec.model_copy(update=update),
+        deployment = self.deployment
+        if drain_timeout_s is not None:  # `--drain-timeout`: how long a removed replica may finish its requests
+            deployment = {**deployment, "graceful_shutdown_timeout_s": drain_timeout_s}
+        return replace(self, spec=self.spec.model_copy(update=update), deployment=deployment,
                        created=created if created is not None else self.created)
 
     def application(self) -> dict[str, Any]:
@@ -217,6 +221,7 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
         "health_check_period_s": defaults.HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": defaults.HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        "graceful_shutdown_wait_loop_s": defaults.GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
     }
     if not port_from_env:
         deployment["max_replicas_per_node"] = 1

@@ -38,7 +38,11 @@ from ray_dstack.openai.endpoint import (
 from ray_dstack.openai.protocol import Model, ModelList
 from ray_dstack.openai.streams import SSE_DONE
 from ray_dstack.serve.http import to_starlette
-from ray_dstack.serve.metrics import GATEWAY_MODEL_KEY, observed_gateway_call, record_gateway_retry
+from ray_dstack.serve.metrics import (
+    GATEWAY_MODEL_KEY,
+    observed_gateway_call,
+    record_gateway_retry,
+)
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, REPLICA_DEPLOYMENT_NAME, AuthSpec
 
 logger = logging.getLogger("ray.serve")
