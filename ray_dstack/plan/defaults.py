@@ -15,7 +15,7 @@ DEFAULT_MEMORY_BYTES: int | None = None
 # Replica health checking and shutdown (Serve deployment options). Serve stops routing to a replica whose
 # backend died only after 3 failed checks, so a short period keeps that window (and the gateway's
 # retries into it) to a few seconds; a check is one cheap request to the backend.
-HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_PERIOD_S = 1.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Drain: a replica being removed gets no new requests and waits up to this long (`deploy --drain-timeout`)
 # for its in-flight requests and streams before its process is stopped; it checks every WAIT_LOOP seconds.
