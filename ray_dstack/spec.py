@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Serve application that publishes the OpenAI-compatible routes for every deployed model.
 GATEWAY_APP_NAME = "ray-dstack-gateway"
@@ -35,12 +35,26 @@ class _Spec(BaseModel):
 
 
 class ProbeSpec(_Spec):
-    """An HTTP readiness probe: the replica is ready once `path` answers 2xx `ready_after` times in a row."""
+    """An HTTP probe: the replica is ready once `path` answers 2xx `ready_after` times in a row (dstack's fields)."""
 
     path: str = Field("/", description="Path requested on the service's port")
-    interval_s: float = Field(2.0, description="Seconds between probe requests")
-    timeout_s: float = Field(5.0, description="Timeout of one probe request")
-    ready_after: int = Field(1, description="Consecutive successes needed before the replica is ready")
+    method: str = Field("get", description="HTTP method, lower case")
+    headers: list[tuple[str, str]] = Field(default_factory=list, description="Headers sent with the probe")
+    body: str | None = Field(None, description="Request body")
+    interval_s: float = Field(15.0, description="Seconds from the end of one probe to the start of the next")
+    timeout_s: float = Field(10.0, description="Timeout of one probe request")
+    ready_after: int = Field(1, ge=1, description="Consecutive successes needed before the replica is ready")
+    until_ready: bool = Field(False, description="Stop probing once the replica is ready")
+
+
+class RateLimitSpec(_Spec):
+    """One of `rate_limits`: nginx `limit_req rate=rps burst=burst nodelay` per partition of `key`."""
+
+    prefix: str = Field("/", description="Path prefix relative to the service's route (no trailing `/`)")
+    key: Literal["ip_address", "header"] = Field("ip_address", description="What partitions the requests")
+    header: str | None = Field(None, description="Header name for `key: header` (lower case)")
+    rps: float = Field(gt=0, description="Requests per second per partition, for the whole service")
+    burst: int = Field(0, ge=0, description="Requests above the rate still served at once")
 
 
 class AuthSpec(_Spec):
@@ -100,12 +114,36 @@ class ServiceSpec(_Spec):
     port_from_env: bool = Field(
         False, description=f"The commands read ${PORT_ENV_VAR}: each replica gets a free port"
     )
-    probe: ProbeSpec | None = Field(None, description="Readiness probe; default: the port accepts connections")
+    probes: list[ProbeSpec] = Field(
+        default_factory=list, description="HTTP probes, all must pass; none: ready once the port accepts connections"
+    )
+    rate_limits: list[RateLimitSpec] = Field(default_factory=list, description="Request rate limits (429 past them)")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses/networks whose X-Forwarded-For is believed (`deploy --trusted-proxies`)",
+    )
     auth: AuthSpec = Field(default_factory=AuthSpec)
     model: ModelSpec | None = None
     scaling: ScalingSpec | None = None
     ready_timeout_s: float = Field(900.0, description="How long a replica may take to become ready")
     request_timeout_s: float = Field(600.0, description="Upstream read timeout for one request")
+
+    replicas: int = Field(1, ge=0, description="Replicas at deploy time: each enforces 1/N of `rate_limits`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_probe(cls, value: Any) -> Any:
+        # Specs written before several probes were supported carry `probe`: still readable.
+        if isinstance(value, dict) and "probe" in value:
+            value = dict(value)
+            old = value.pop("probe")
+            value.setdefault("probes", [old] if old else [])
+        return value
+
+    @property
+    def probe(self) -> ProbeSpec | None:
+        """The first probe (callers written before several probes were supported)."""
+        return self.probes[0] if self.probes else None
 
 
 def token_digest(token: str) -> str:

@@ -13,16 +13,14 @@ from ray_dstack.config.models.service import (
     IGNORED_FIELDS,
     ModelConfig,
     PortMapping,
-    ProbeConfig,
-    RateLimit,
-    RateLimitKey,
     RegistryAuth,
     ScalingConfig,
     ServiceConfig,
 )
+from ray_dstack.config.models.traffic import ProbeConfig, ProbeHeader, RateLimit, RateLimitKey
 
 __all__ = [
     "ConfigError", "Problem", "LoadedService", "load_service", "parse_service", "name_from_filename",
     "IntRange", "MemoryRange", "DiskSpec", "GPUSpec", "ResourcesSpec", "IGNORED_FIELDS", "ModelConfig",
-    "PortMapping", "ProbeConfig", "RateLimit", "RateLimitKey", "RegistryAuth", "ScalingConfig", "ServiceConfig",
+    "PortMapping", "ProbeConfig", "ProbeHeader", "RateLimit", "RateLimitKey", "RegistryAuth", "ScalingConfig", "ServiceConfig",
 ]

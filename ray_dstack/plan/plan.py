@@ -20,6 +20,7 @@ from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
 from ray_dstack.config.units import format_memory
 from ray_dstack.plan import defaults
 from ray_dstack.plan.gpus import admitted_types
+from ray_dstack.plan.traffic import probe_specs, rate_limit_specs, traffic_lines
 
 
 class PlanError(ConfigError):
@@ -130,6 +131,7 @@ class ServicePlan:
             )
         else:
             lines.append(f"replicas: {self.deployment['num_replicas']}")
+        lines.extend(traffic_lines(self.spec))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return lines
 
@@ -185,12 +187,7 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
     if not commands:
         raise PlanError(where, [Problem("commands", None, "An `image` without `commands` cannot run on Ray: add `commands`")])
     port_from_env = any(_PORT_RE.search(line) for line in commands)
-    probe = None
-    if config.probes:
-        p = config.probes[0]
-        probe = rt.ProbeSpec(path=p.url, interval_s=float(p.interval), timeout_s=float(p.timeout), ready_after=p.ready_after)
-        if len(config.probes) > 1:
-            warnings.append("only the first of `probes` is used")
+    probes = probe_specs(config)
     model = None
     if config.model is not None:
         m = config.model
@@ -208,7 +205,8 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
         )
     spec = rt.ServiceSpec(
         name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
-        port=config.port.container_port, port_from_env=port_from_env, probe=probe,
+        port=config.port.container_port, port_from_env=port_from_env, probes=probes,
+        rate_limits=rate_limit_specs(config), replicas=config.replicas.min or 0,
         auth=rt.AuthSpec(enabled=config.auth, token_sha256=token_sha256 if config.auth else None),
         model=model, scaling=scaling,
     )
@@ -259,8 +257,6 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
         warnings.append("`entrypoint` is not honoured on this cluster (no container image is run)")
     if "home_dir" in config.model_fields_set:
         warnings.append("`home_dir` is not honoured on this cluster")
-    if config.rate_limits:
-        warnings.append("`rate_limits` are not enforced on Ray yet")
     if res.shm_size is not None:
         warnings.append("`resources.shm_size` is not enforced by Ray (the node's /dev/shm is used)")
     if config.port.local_port is not None:

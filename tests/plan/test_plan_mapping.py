@@ -126,7 +126,7 @@ def test_autoscaling():
 
 def test_spec_fields():
     p = plan(BASE + "setup: [pip install x]\nworking_dir: /app\nauth: false\n"
-             "probes: [{url: /health, interval: 3, timeout: 1, ready_after: 2}]\n"
+             "probes: [{type: http, url: /health, interval: 3, timeout: 1, ready_after: 2}]\n"
              "model: {name: m, format: tgi, eos_token: '</s>'}\n")
     s = p.spec
     assert s.commands == ["pip install x", "python3 -m http.server"] and s.working_dir == "/app"

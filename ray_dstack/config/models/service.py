@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from ray_dstack.config.models.common import CoreModel, IntRange
 from ray_dstack.config.models.resources import ResourcesSpec
+from ray_dstack.config.models.traffic import ProbeConfig, RateLimit, check_rate_limits
 from ray_dstack.config.units import parse_duration, parse_int
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -164,52 +165,6 @@ class RegistryAuth(CoreModel):
     password: SecretStr = Field(description="Registry password or token (never printed)")
 
 
-class ProbeConfig(CoreModel):
-    """A readiness probe (dstack ≥0.19)."""
-
-    type: Literal["http"] = Field("http", description="Probe type; `http` is the only one")
-    url: str = Field("/", description="Path requested on the service's port, e.g. `/health`")
-    interval: int = Field(15, description="Seconds between probe requests")
-    timeout: int = Field(10, description="Timeout of one probe request in seconds")
-    ready_after: int = Field(1, ge=1, description="Consecutive successes before the replica is ready")
-
-    @field_validator("interval", "timeout", mode="before")
-    @classmethod
-    def _parse_duration(cls, value: Any) -> Any:
-        return parse_duration(value)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"`url` must be a path starting with `/`, got `{value}`")
-        return value
-
-
-class RateLimitKey(CoreModel):
-    """What a rate limit counts by: the client's IP address or a request header."""
-
-    type: Literal["ip_address", "header"] = Field("ip_address", description="`ip_address` or `header`")
-    header: Optional[str] = Field(None, description="Header name (for `type: header`)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.type == "header" and not self.header:
-            raise ValueError("`header` is required when `type` is `header`")
-        if self.type == "ip_address" and self.header:
-            raise ValueError("`header` is only allowed when `type` is `header`")
-        return self
-
-
-class RateLimit(CoreModel):
-    """A per-client request rate limit (dstack ≥0.19); excess requests get 429."""
-
-    prefix: str = Field("/", description="Path prefix the limit applies to")
-    key: RateLimitKey = Field(default_factory=RateLimitKey, description="What requests are counted by")
-    rps: float = Field(gt=0, description="Allowed requests per second per key")
-    burst: int = Field(0, ge=0, description="Requests allowed above `rps` in a burst")
-
-
 class ServiceConfig(CoreModel):
     """A dstack `service` configuration."""
 
@@ -235,7 +190,11 @@ class ServiceConfig(CoreModel):
     )
     scaling: Optional[ScalingConfig] = Field(None, description="Autoscaling (needs `replicas` as a range)")
     model: Optional[ModelConfig] = Field(None, description="The model served (chat), for the OpenAI endpoint")
-    probes: list[ProbeConfig] = Field(default_factory=list, description="Readiness probes")
+    probes: list[ProbeConfig] = Field(
+        default_factory=list,
+        description="HTTP probes, all must pass; a `model` service without `probes` gets a one-token chat probe, "
+        "`probes: []` turns it off",
+    )
     rate_limits: list[RateLimit] = Field(default_factory=list, description="Per-client request rate limits")
 
     # dstack-backend-only fields (see IGNORED_FIELDS).
@@ -284,6 +243,19 @@ class ServiceConfig(CoreModel):
     def _replicas_min(cls, value: IntRange) -> IntRange:
         if value.min is None:  # `..3` means `0..3`
             value.min = 0
+        return value
+
+    @field_validator("probes", "rate_limits", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _check_rate_limits(cls, value: list[RateLimit]) -> list[RateLimit]:
+        problems = check_rate_limits(value)
+        if problems:
+            raise ValueError(PROBLEM_SEP.join(problems))
         return value
 
     @field_validator("python", mode="before")
