@@ -50,7 +50,7 @@ class ProbeSpec(_Spec):
 class RateLimitSpec(_Spec):
     """One of `rate_limits`: nginx `limit_req rate=rps burst=burst nodelay` per partition of `key`."""
 
-    prefix: str = Field("/", description="Path prefix relative to the service's route (no trailing `/`)")
+    prefix: str = Field("/", description="Path prefix relative to the service's route (a plain string prefix, as an nginx location)")
     key: Literal["ip_address", "header"] = Field("ip_address", description="What partitions the requests")
     header: str | None = Field(None, description="Header name for `key: header` (lower case)")
     rps: float = Field(gt=0, description="Requests per second per partition, for the whole service")

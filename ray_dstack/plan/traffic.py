@@ -18,7 +18,6 @@ import json
 
 from ray_dstack import spec as rt
 from ray_dstack.config import ServiceConfig
-from ray_dstack.config.models.traffic import normalized_prefix
 
 DEFAULT_PROBE_TIMEOUT_S = 10.0
 DEFAULT_PROBE_INTERVAL_S = 15.0
@@ -56,7 +55,7 @@ def probe_specs(config: ServiceConfig) -> list[rt.ProbeSpec]:
 def rate_limit_specs(config: ServiceConfig) -> list[rt.RateLimitSpec]:
     return [
         rt.RateLimitSpec(
-            prefix=normalized_prefix(r.prefix), key=r.key.type,
+            prefix=r.prefix, key=r.key.type,
             header=r.key.header.lower() if r.key.header else None, rps=r.rps, burst=r.burst,
         )
         for r in config.rate_limits

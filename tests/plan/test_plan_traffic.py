@@ -52,12 +52,12 @@ def test_rate_limits_carried_and_no_warning():
                   "  - {key: {type: header, header: X-Api-Key}, rps: 10}\n")
     plan = build_plan(loaded)
     a, b = plan.spec.rate_limits
-    assert (a.prefix, a.key, a.rps, a.burst) == ("/v1", "ip_address", 0.5, 3)
+    assert (a.prefix, a.key, a.rps, a.burst) == ("/v1/", "ip_address", 0.5, 3)
     assert (b.prefix, b.key, b.header, b.rps, b.burst) == ("/", "header", "x-api-key", 10.0, 0)
     assert plan.spec.replicas == 2
     assert not any("rate_limits" in w for w in plan.warnings)
     summary = "\n".join(plan.summary_lines())
-    assert "rate limit: /v1 0.5 rps, burst 3, per client address" in summary
+    assert "rate limit: /v1/ 0.5 rps, burst 3, per client address" in summary
     assert "rate limit: / 10 rps, burst 0, per header x-api-key" in summary
 
 
