@@ -20,7 +20,7 @@ from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
 from ray_dstack.config.units import format_memory
 from ray_dstack.plan import defaults
 from ray_dstack.plan.gpus import admitted_types
-from ray_dstack.plan.traffic import probe_specs, rate_limit_specs, traffic_lines
+from ray_dstack.plan.traffic import UVICORN_TRUST_NONE, probe_specs, rate_limit_specs, traffic_lines
 
 
 class PlanError(ConfigError):
@@ -61,6 +61,8 @@ class ServicePlan:
         request_timeout_s: float | None = None,
         model_settings: rt.ModelSettings | None = None,
         drain_timeout_s: float | None = None,
+        ready_timeout_s: float | None = None,
+        trusted_proxies: list[str] | None = None,
     ) -> ServicePlan:
         """This plan with what `deploy` learns only once it has read the cluster and the Hub: the token's
         digest (a redeploy keeps the running one), the creation time to keep, `--request-timeout`, `--drain-timeout`, and a tgi
@@ -70,6 +72,10 @@ class ServicePlan:
             "auth": rt.AuthSpec(enabled=enabled, token_sha256=token_sha256 if enabled else None)}
         if request_timeout_s is not None:
             update["request_timeout_s"] = request_timeout_s
+        if ready_timeout_s is not None:  # `deploy --timeout`: a probe that never passes fails within it
+            update["ready_timeout_s"] = ready_timeout_s
+        if trusted_proxies is not None:  # `deploy --trusted-proxies`: whose X-Forwarded-For rate limits believe
+            update["trusted_proxies"] = list(trusted_proxies)
         if model_settings is not None and self.spec.model is not None:
             update["model"] = self.spec.model.model_copy(update={
                 "chat_template": model_settings.chat_template,
@@ -87,6 +93,7 @@ class ServicePlan:
             "name": self.name,
             "route_prefix": self.route_prefix,
             "import_path": rt.SERVICE_IMPORT_PATH,
+            "runtime_env": {"env_vars": dict(UVICORN_TRUST_NONE)},
             "args": {"service": self.spec.model_dump(mode="json"),
                      **({"created": self.created} if self.created is not None else {})},
             "deployments": [copy.deepcopy(self.deployment)],

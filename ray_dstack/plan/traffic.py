@@ -76,3 +76,9 @@ def traffic_lines(spec: rt.ServiceSpec) -> list[str]:
         key = f"header {r.header}" if r.key == "header" else "client address"
         lines.append(f"rate limit: {r.prefix} {r.rps:g} rps, burst {r.burst}, per {key}")
     return lines
+
+
+# In every application's runtime env: uvicorn (Serve's per-replica HTTP server) believes `X-Forwarded-For`
+# from no peer (its default trusts loopback, where Serve's HAProxy connects from and passes a client's own
+# header through). The replica honours the header only from `deploy --trusted-proxies`.
+UVICORN_TRUST_NONE = {"FORWARDED_ALLOW_IPS": "none"}

@@ -19,6 +19,7 @@ from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.ports import free_port, port_in_use
 from ray_dstack.serve.forward import Forwarder, upstream_path
 from ray_dstack.serve.http import to_starlette
+from ray_dstack.serve.ingress_traffic import ReplicaTraffic
 from ray_dstack.serve.metrics import observed_service_call, record_replica_rps
 from ray_dstack.serve.process import ServiceProcess, ServiceProcessError
 from ray_dstack.serve.request_counter import RequestCounter
@@ -64,11 +65,14 @@ class ServiceReplica:
             env=spec.env,
             working_dir=spec.working_dir,
             logger=logger,
-            probe=spec.probe,
+            probe=None,  # probes run in ReplicaTraffic.ready, once the port answers
         )
         await self.process.start()
         try:
             await self.process.wait_ready(spec.ready_timeout_s)
+            # Probes and rate limits (ray_dstack.serve.ingress_traffic): not ready, no traffic.
+            self.traffic = await ReplicaTraffic.ready(
+                spec, port, self.process, logger, spec.ready_timeout_s - (time.time() - self.started_at))
         except BaseException:
             await self.process.stop(grace_s=5.0)
             raise
@@ -84,6 +88,9 @@ class ServiceReplica:
 
     @observed_service_call  # ray_dstack.serve.metrics: requests, latency, TTFT, tokens of /<service>/...
     async def __call__(self, request: Request) -> Response:
+        refused = self.traffic.refuse(request)  # `rate_limits`: before any other work
+        if refused is not None:
+            return refused
         if not self.spec.auth.accepts(request.headers.get("authorization")):
             return unauthorized()
         path = upstream_path(request)
@@ -122,6 +129,7 @@ class ServiceReplica:
 
     async def check_health(self) -> None:
         await self.process.check_health()
+        self.traffic.check_health()  # probes failing 3 times in a row
 
     def replica_info(self) -> dict:
         """Where this replica runs (for `ray-dstack status`)."""
@@ -135,9 +143,13 @@ class ServiceReplica:
             "child_pid": self.process.pid,
             "port": self.port,
             "started_at": self.started_at,
+            "probes": self.traffic.probe_states(),
         }
 
     async def __del__(self) -> None:
+        traffic = getattr(self, "traffic", None)
+        if traffic is not None:
+            await traffic.aclose()
         process = getattr(self, "process", None)
         if process is not None:
             await process.stop()
