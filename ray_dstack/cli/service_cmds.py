@@ -22,6 +22,7 @@ from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
 
 TOKEN_ENV = "RAY_DSTACK_TOKEN"
 DEFAULT_DEPLOY_TIMEOUT_S = 900.0
+TRUSTED_PROXIES_ENV = "RAY_DSTACK_TRUSTED_PROXIES"
 
 
 def token_dir() -> Path:
@@ -62,6 +63,16 @@ def resolve_token(cli_token: str | None, existing_app: dict[str, Any] | None) ->
 # --- deploy -------------------------------------------------------------------------------------------
 
 
+def trusted_proxies(args: argparse.Namespace) -> list[str]:
+    from ray_dstack.serve.rate_limit import parse_trusted_proxies
+
+    text = args.trusted_proxies if args.trusted_proxies is not None else os.environ.get(TRUSTED_PROXIES_ENV, "")
+    try:
+        return parse_trusted_proxies(text)
+    except ValueError as exc:
+        raise UsageError(f"--trusted-proxies: {exc}") from None
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
@@ -94,6 +105,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             created=apps.created_time(existing) or int(time.time()),
             request_timeout_s=args.request_timeout,  # upstream read timeout of the replicas (504 past it)
             drain_timeout_s=args.drain_timeout,  # how long a replica being removed finishes its requests
+            # A probe that never passes fails the replica (with its last answer) before `--timeout` runs out.
+            ready_timeout_s=None if args.detach else max(10.0, args.timeout - 5.0),
+            trusted_proxies=trusted_proxies(args),  # whose X-Forwarded-For `rate_limits` believe
             model_settings=resolve_model_settings(plan.spec.model, plan.spec.env),
         )
         app_cfg = plan.application()
@@ -325,6 +339,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--drain-timeout", type=float, default=None, metavar="SECONDS",
         help="how long a replica being removed (scale-down, redeploy, delete) takes no new requests and lets "
         "in-flight requests and streams finish before its process is stopped (default: 30)",
+    )
+    p.add_argument(
+        "--trusted-proxies", default=None, metavar="ADDRS",
+        help="comma-separated addresses/networks of the proxies in front of Serve whose X-Forwarded-For "
+        f"names the client for `rate_limits` (default: ${TRUSTED_PROXIES_ENV}, else none: the peer address)",
     )
     p.add_argument("--http-port", type=int, default=apps.DEFAULT_HTTP_PORT, help="Serve HTTP port if Serve is not running yet")
     p.add_argument("--http-host", help="Serve HTTP host if Serve is not running yet")
