@@ -8,6 +8,7 @@ Env placeholders (`env: [HF_TOKEN]`) are resolved from the validation context
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any, Literal, Optional
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -170,9 +171,13 @@ class ServiceConfig(CoreModel):
 
     type: Literal["service"] = Field(description="Configuration type; must be `service`")
     name: Optional[str] = Field(None, description="Service name; default: derived from the file name")
-    image: Optional[str] = Field(None, description="Container image (mutually exclusive with `python`)")
+    image: Optional[str] = Field(
+        None, description="Container image each replica runs in (podman/docker on the node; excludes `python`)"
+    )
     python: Optional[str] = Field(None, description="Python version, `3.8`…`3.13` (mutually exclusive with `image`)")
-    entrypoint: Optional[str] = Field(None, description="Container entrypoint")
+    entrypoint: Optional[str] = Field(
+        None, description="Replaces the image's entrypoint (shell words); `commands` become its arguments"
+    )
     home_dir: str = Field("/root", description="Home directory inside the container")
     working_dir: Optional[str] = Field(None, description="Working directory of the commands")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before `commands` (legacy)")
@@ -181,7 +186,9 @@ class ServiceConfig(CoreModel):
         default_factory=dict,
         description="Environment: a mapping, or a list of `K=V`; a bare `K` is taken from the deploying user's environment",
     )
-    registry_auth: Optional[RegistryAuth] = Field(None, description="Credentials for a private `image`")
+    registry_auth: Optional[RegistryAuth] = Field(
+        None, description="Credentials for a private `image`, used for that pull only (never a node-wide login)"
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources per replica")
     port: PortMapping = Field(description="Port the service listens on: 8000, \"8000\" or \"80:8000\"")
     auth: bool = Field(True, description="Require `Authorization: Bearer <token>`")
@@ -256,6 +263,25 @@ class ServiceConfig(CoreModel):
         problems = check_rate_limits(value)
         if problems:
             raise ValueError(PROBLEM_SEP.join(problems))
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value.strip() or any(ch.isspace() for ch in value)):
+            raise ValueError(f"Invalid image `{value}`: expected a reference such as `ghcr.io/org/name:tag`")
+        return value
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _check_entrypoint(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                words = shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"Invalid entrypoint: {exc}") from None
+            if not words:
+                raise ValueError("`entrypoint` is empty")
         return value
 
     @field_validator("python", mode="before")
