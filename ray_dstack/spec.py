@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -109,7 +110,15 @@ class ServiceSpec(_Spec):
     name: str = Field(description="Service (and Serve application) name")
     commands: list[str] = Field(description="Shell lines run in order in one shell")
     env: dict[str, str] = Field(default_factory=dict, description="Environment of the commands")
-    working_dir: str | None = Field(None, description="Working directory of the commands")
+    working_dir: str | None = Field(
+        None, description="Working directory of the commands: relative to the replica's own directory, or absolute"
+    )
+    python: str | None = Field(
+        None, description="Python version of the service's environment (`3.12`); None: the node's own version"
+    )
+    network_namespace: bool = Field(
+        False, description="Run the commands in a network namespace of their own (pasta), the fixed port mapped"
+    )
     port: int = Field(ge=1, le=65535, description="Port the service listens on (fixed port mode)")
     port_from_env: bool = Field(
         False, description=f"The commands read ${PORT_ENV_VAR}: each replica gets a free port"
@@ -148,3 +157,8 @@ class ServiceSpec(_Spec):
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def env_dir_name(service: str, version: str) -> str:
+    """Directory name of a service's Python environment on a node (under $RAY_DSTACK_ENV_ROOT)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", service) + f"-py{version}"

@@ -31,13 +31,14 @@ def parse_env_args(pairs: list[str] | None) -> dict[str, str]:
 def _plan(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
+    from ray_dstack.serve import netns
 
     loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
-    plan = build_plan(loaded)
+    plan = build_plan(loaded, network_namespaces=netns.available())
     data = plan.to_display_dict()
     if args.json:
         output.print_json({"serve_config": data, "gpu_types": plan.gpu_types, "warnings": plan.warnings,
-                           "requirements": plan.requirements})
+                           "requirements": plan.requirements, "environment": plan.environment()})
         return 0
     header = "".join(f"# {line}\n" for line in plan.summary_lines())
     sys.stdout.write(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))

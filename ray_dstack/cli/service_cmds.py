@@ -76,6 +76,7 @@ def trusted_proxies(args: argparse.Namespace) -> list[str]:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
+    from ray_dstack.serve import netns
 
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout:g}")
@@ -83,7 +84,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout:g}")
     loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
     # Plan before touching the cluster: a config the plan rejects never reaches it.
-    plan = build_plan(loaded, token_sha256=None)
+    # Namespaces per replica as this machine sees them (pasta on PATH, or $RAY_DSTACK_NETWORK_NAMESPACES): a
+    # node without pasta then fails its replica with what to install, never two replicas on one port.
+    plan = build_plan(loaded, token_sha256=None, network_namespaces=netns.available())
     for warning in plan.warnings:
         output.warn(warning)
     name = plan.name
@@ -253,6 +256,10 @@ def _print_summary(s: dict[str, Any], *, detailed: bool) -> None:
             f"measured {rps} rps, desired {sc.get('desired')}",
             markup=False,
         )
+    if s.get("environment"):
+        env = s["environment"]
+        net = ", a network namespace per replica" if env.get("network_namespace") else ""
+        con.print(f"  python: {env['python']} (environment {env['env']} on each node{net})", markup=False)
     if s.get("message"):
         con.print(f"  message: {s['message']}", markup=False)
     if detailed:

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from prometheus_client.parser import text_string_to_metric_families
 
 from ray_dstack.errors import RayDstackError, UsageError
+from ray_dstack.plan.plan import environment_of
 from ray_dstack.spec import (
     GATEWAY_APP_NAME,
     GATEWAY_APP_ROUTE_PREFIX,
@@ -199,6 +200,7 @@ def service_summary(
         },
         "model": None,
         "auth": spec.auth.enabled if spec else None,
+        "environment": environment_of(spec) if spec else None,
     }
     if spec and spec.model:
         summary["model"] = {

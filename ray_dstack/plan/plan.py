@@ -112,11 +112,22 @@ class ServicePlan:
                 env[key] = defaults.REDACTED
         return data
 
+    def environment(self) -> dict[str, Any]:
+        """Where the commands run on a node: their Python environment and network (for `plan`/`status`)."""
+        return environment_of(self.spec)
+
     def summary_lines(self) -> list[str]:
-        """Human summary: GPU types, resource requests, replicas, warnings."""
+        """Human summary: GPU types, resource requests, replicas, environment, warnings."""
         opts = self.ray_actor_options
-        lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}"
-                 + (" (from $" + rt.PORT_ENV_VAR + ")" if self.spec.port_from_env else " (fixed: 1 replica per node)")]
+        if self.spec.port_from_env:
+            how = " (from $" + rt.PORT_ENV_VAR + ")"
+        elif self.spec.network_namespace:
+            how = " (fixed: a network namespace per replica, pasta)"
+        else:
+            how = " (fixed: 1 replica per node)"
+        lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}{how}"]
+        env = self.environment()
+        lines.append(f"python: {env['python']}, environment {env['env']} on each node")
         gpu = self.config.resources.gpu
         if opts.get("num_gpus"):
             admitted = ", ".join(self.gpu_types) if self.gpu_types else "any"
@@ -143,8 +154,24 @@ class ServicePlan:
         return lines
 
 
-def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | None = None) -> ServicePlan:
-    """Map a validated configuration onto Ray Serve. Raises `PlanError` for what Ray cannot run."""
+def environment_of(spec: rt.ServiceSpec) -> dict[str, Any]:
+    version = spec.python or "<node's>"
+    return {
+        "python": spec.python or "the node's version",
+        "env": f"$RAY_DSTACK_ENV_ROOT/{rt.env_dir_name(spec.name, version)}",
+        "network_namespace": spec.network_namespace,
+    }
+
+
+def build_plan(
+    source: LoadedService | ServiceConfig, *, token_sha256: str | None = None, network_namespaces: bool = False
+) -> ServicePlan:
+    """Map a validated configuration onto Ray Serve. Raises `PlanError` for what Ray cannot run.
+
+    `network_namespaces`: whether the nodes give each replica of a fixed-port service a network namespace
+    (pasta). The plan stays pure: the CLI decides (ray_dstack.serve.netns.available(), i.e.
+    $RAY_DSTACK_NETWORK_NAMESPACES or pasta on the deploying machine's PATH). Without them a fixed port means
+    one replica per node."""
     if isinstance(source, LoadedService):
         config, warnings = source.config, list(source.warnings)
         where = source.path.name if source.path else (config.name or "<config>")
@@ -210,8 +237,10 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
             max_replicas=config.replicas.max or 1, window_s=float(s.window),
             scale_up_delay_s=float(s.scale_up_delay), scale_down_delay_s=float(s.scale_down_delay),
         )
+    namespace = network_namespaces and not port_from_env
     spec = rt.ServiceSpec(
         name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
+        python=config.python, network_namespace=namespace,
         port=config.port.container_port, port_from_env=port_from_env, probes=probes,
         rate_limits=rate_limit_specs(config), replicas=config.replicas.min or 0,
         auth=rt.AuthSpec(enabled=config.auth, token_sha256=token_sha256 if config.auth else None),
@@ -228,8 +257,15 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
         "graceful_shutdown_timeout_s": defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
         "graceful_shutdown_wait_loop_s": defaults.GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
     }
-    if not port_from_env:
+    if not port_from_env and not namespace:
+        # Without a namespace per replica two replicas on one node would both bind `port`.
         deployment["max_replicas_per_node"] = 1
+        if (config.replicas.max or 0) > 1:
+            warnings.append(
+                f"fixed port {config.port.container_port} without network namespaces: at most one replica per "
+                f"node. Install pasta (Debian/Ubuntu package `passt`) on the nodes to run several replicas per "
+                f"node, or use ${rt.PORT_ENV_VAR} in the commands"
+            )
     if scaling is not None:
         deployment["autoscaling_config"] = {
             "min_replicas": scaling.min_replicas,
@@ -254,8 +290,6 @@ def build_plan(source: LoadedService | ServiceConfig, *, token_sha256: str | Non
         deployment["num_replicas"] = config.replicas.min
 
     # --- what this cluster does not honour
-    if config.python is not None:
-        warnings.append(f"`python: {config.python}` is not honoured on this cluster: replicas use the Python of the Ray nodes")
     if config.image is not None:
         warnings.append(f"`image: {config.image}` is not honoured on this cluster: commands run on the Ray node, not in the image")
     if config.registry_auth is not None:

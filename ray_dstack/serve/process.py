@@ -1,8 +1,9 @@
 """The child process of one replica: the service's commands, from start to cleanup.
 
-The replica starts the commands (one shell, `env` applied, working directory set) under
-`ray_dstack.serve.supervise`, streams their output line by line into the replica's log, waits until the
-service answers (its port accepts connections, or the readiness probe answers 2xx), and checks that it keeps
+The replica starts the commands (one shell, `env` applied, working directory set, the service's Python
+environment first on PATH, optionally inside pasta's namespaces) under `ray_dstack.serve.supervise`, streams
+their output line by line into the replica's log, waits until the service answers (its port accepts
+connections or, behind pasta, answers HTTP; or the readiness probe answers 2xx), and checks that it keeps
 answering. Stopping kills the whole process group.
 """
 
@@ -47,11 +48,24 @@ class ServiceProcess:
         logger: logging.Logger,
         probe: ProbeSpec | None = None,
         host: str = "127.0.0.1",
+        path: str | None = None,
+        namespace: list[str] | None = None,
+        service_port: int | None = None,
+        cleanup_dir: str | None = None,
     ) -> None:
+        """`port`: where the service is reached from the replica; `service_port`: the port it listens on
+        inside (differs behind pasta: `namespace` is pasta's argv prefix). `path`: PATH of the commands.
+        `cleanup_dir`: removed by the supervisor once the commands are gone."""
         self.commands = commands
         self.port = port
+        self.service_port = service_port or port
         self.env = dict(env)
         self.working_dir = working_dir
+        self.path = path
+        self.namespace = namespace
+        self.cleanup_dir = cleanup_dir
+        # pasta accepts on the host port before the service listens inside: only an HTTP answer counts.
+        self.http_ready = namespace is not None
         self.logger = logger
         self.probe = probe
         self.host = host
@@ -73,9 +87,9 @@ class ServiceProcess:
 
     async def start(self) -> None:
         shell = shutil.which("bash") or "/bin/sh"
-        env = {**os.environ, **self.env, PORT_ENV_VAR: str(self.port)}
-        # `python`/`pip` in the commands mean the Ray node's Python (the one running this replica).
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env = {**os.environ, **self.env, PORT_ENV_VAR: str(self.service_port)}
+        if self.path is not None:  # the service's Python environment (ray_dstack/serve/python_env.py)
+            env["PATH"] = self.path
         env[REPLICA_PID_ENV] = str(os.getpid())
         # Ray sets these for its workers; the service must not inherit them (it is not a Ray worker).
         for key in list(env):
@@ -86,14 +100,16 @@ class ServiceProcess:
             cwd = os.path.expanduser(cwd)
             if not os.path.isdir(cwd):
                 raise ServiceProcessError(f"working_dir {self.working_dir!r} does not exist on this node")
+        supervise = [sys.executable, "-m", "ray_dstack.serve.supervise"]
+        command = [shell, "-c", shell_script(self.commands)]
+        if self.namespace is not None:
+            command = [*self.namespace, *supervise, "--init", "--", *command]
+        cleanup = ["--cleanup", self.cleanup_dir] if self.cleanup_dir else []
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ray_dstack.serve.supervise",
+            *supervise,
+            *cleanup,
             "--",
-            shell,
-            "-c",
-            shell_script(self.commands),
+            *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -150,14 +166,17 @@ class ServiceProcess:
 
     async def answers(self) -> bool:
         if self.probe is None:
-            return await self._port_open()
+            return await (self._http_answers("/", any_status=True) if self.http_ready else self._port_open())
+        return await self._http_answers(self.probe.path)
+
+    async def _http_answers(self, path: str, any_status: bool = False) -> bool:
         if self._probe_client is None:
-            self._probe_client = httpx.AsyncClient(timeout=self.probe.timeout_s)
+            self._probe_client = httpx.AsyncClient(timeout=self.probe.timeout_s if self.probe else 5.0)
         try:
-            resp = await self._probe_client.get(f"http://{self.host}:{self.port}{self.probe.path}")
+            resp = await self._probe_client.get(f"http://{self.host}:{self.port}{path}")
         except httpx.HTTPError:
             return False
-        return 200 <= resp.status_code < 300
+        return any_status or 200 <= resp.status_code < 300
 
     async def _port_open(self) -> bool:
         try:

@@ -6,6 +6,7 @@ Serve allows: Serve's proxy → this replica → the child process on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -14,9 +15,11 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ray_dstack.errors import RayDstackError
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.ports import free_port, port_in_use
+from ray_dstack.serve import netns, python_env, workspace
 from ray_dstack.serve.forward import Forwarder, upstream_path
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.ingress_traffic import ReplicaTraffic
@@ -42,30 +45,84 @@ def is_openai_route(path: str) -> bool:
     return path.split("?", 1)[0].rstrip("/") in OPENAI_ROUTES
 
 
+def _replica_tag() -> str:
+    """This replica's id in Serve (unique within the deployment), for its working directory's name."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (RayServeException): the process is unique enough
+        return f"pid{os.getpid()}"
+
+
 class ServiceReplica:
     async def __init__(self, service: dict, created: int | None = None) -> None:
         self.spec = spec = ServiceSpec.model_validate(service)
         self.started_at = time.time()
         # Requests per second for the `scaling: {metric: rps}` policy (see ray_dstack.serve.autoscaling_policy).
         self.requests = RequestCounter(spec.scaling.window_s if spec.scaling else 60.0)
+        self.python_env: python_env.PythonEnv | None = None
+        self.workspace = None
+        try:
+            await self._start(spec)
+        except BaseException:
+            self._release()
+            raise
+        port = self.port
+        self.client = model_server_client(f"http://127.0.0.1:{port}", spec.request_timeout_s)
+        self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
+        self.endpoint = None
+        if spec.model is not None:
+            # One connection pool to the child for plain forwarding and the OpenAI routes.
+            self.endpoint = ModelEndpoint(
+                spec.model, f"http://127.0.0.1:{port}", timeout=spec.request_timeout_s, created=created,
+                client=self.client,
+            )
+
+    async def _start(self, spec: ServiceSpec) -> None:
+        node = socket.gethostname()
+        namespace = None
         if spec.port_from_env:
-            port = free_port()
+            port = service_port = free_port()
+        elif spec.network_namespace:
+            pasta = netns.pasta_path()
+            if pasta is None:
+                raise ServiceProcessError(
+                    f"node {node} cannot give this replica a network namespace for its fixed port "
+                    f"{spec.port}: {netns.INSTALL_HINT} on it, or redeploy with ${netns.NETNS_ENV}=off "
+                    "(one replica per node)"
+                )
+            port, service_port = free_port(), spec.port
+            namespace = netns.pasta_argv(pasta, port, spec.port)
         else:
-            port = spec.port
+            port = service_port = spec.port
             if port_in_use(port):
                 raise ServiceProcessError(
-                    f"port {port} is already in use on node {socket.gethostname()}: another replica, another "
+                    f"port {port} is already in use on node {node}: another replica, another "
                     f"service or Serve's own HTTP port holds it. Use ${PORT_ENV_VAR} in the commands so each "
                     "replica gets a free port, or change `port`."
                 )
         self.port = port
+        try:
+            self.workspace = workspace.create(spec.name, _replica_tag())
+            cwd = workspace.working_dir(self.workspace, spec.working_dir)
+            # Blocking (a lock another replica may hold while it creates the env, a subprocess): off the loop.
+            self.python_env = env = await asyncio.to_thread(python_env.acquire, spec.name, spec.python, logger.info)
+        except RayDstackError as exc:
+            raise ServiceProcessError(str(exc)) from exc
+        logger.info("Python %s environment %s %s in %.2fs", env.version, env.path,
+                    "created" if env.created else "reused", env.seconds)
         self.process = ServiceProcess(
             spec.commands,
             port=port,
-            env=spec.env,
-            working_dir=spec.working_dir,
+            env=env.apply(spec.env),
+            working_dir=str(cwd),
             logger=logger,
             probe=None,  # probes run in ReplicaTraffic.ready, once the port answers
+            path=str(env.bin_dir) + os.pathsep + spec.env.get("PATH", os.environ.get("PATH", "")),
+            namespace=namespace,
+            service_port=service_port,
+            cleanup_dir=str(self.workspace),
         )
         await self.process.start()
         try:
@@ -76,15 +133,13 @@ class ServiceReplica:
         except BaseException:
             await self.process.stop(grace_s=5.0)
             raise
-        self.client = model_server_client(f"http://127.0.0.1:{port}", spec.request_timeout_s)
-        self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
-        self.endpoint = None
-        if spec.model is not None:
-            # One connection pool to the child for plain forwarding and the OpenAI routes.
-            self.endpoint = ModelEndpoint(
-                spec.model, f"http://127.0.0.1:{port}", timeout=spec.request_timeout_s, created=created,
-                client=self.client,
-            )
+
+    def _release(self) -> None:
+        if self.python_env is not None:
+            self.python_env.release()
+            self.python_env = None
+        workspace.remove(self.workspace)
+        self.workspace = None
 
     @observed_service_call  # ray_dstack.serve.metrics: requests, latency, TTFT, tokens of /<service>/...
     async def __call__(self, request: Request) -> Response:
@@ -144,6 +199,10 @@ class ServiceReplica:
             "port": self.port,
             "started_at": self.started_at,
             "probes": self.traffic.probe_states(),
+            "python": self.python_env.version if self.python_env else None,
+            "python_env": str(self.python_env.path) if self.python_env else None,
+            "network_namespace": self.spec.network_namespace and not self.spec.port_from_env,
+            "workspace": str(self.workspace) if self.workspace else None,
         }
 
     async def __del__(self) -> None:
@@ -153,6 +212,8 @@ class ServiceReplica:
         process = getattr(self, "process", None)
         if process is not None:
             await process.stop()
+        if hasattr(self, "python_env"):
+            self._release()
         client = getattr(self, "client", None)
         if client is not None:
             await client.aclose()
