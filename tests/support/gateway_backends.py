@@ -100,8 +100,15 @@ class Control:
     raw_bodies: list[bytes] = field(default_factory=list)
     disconnects: int = 0
     completed: int = 0
+    streaming: int = 0  # streams in progress (not reset: they belong to whichever test opened them)
 
-    def reset(self) -> None:
+    def reset(self, quiet_timeout: float = 15.0) -> None:
+        """Back to defaults once no stream of an earlier test is still running: a stream whose client went
+        away may notice it late on a loaded machine, and must not count in the next test's tallies."""
+        deadline = time.monotonic() + quiet_timeout
+        while self.streaming and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.streaming, f"{self.streaming} stream(s) of an earlier test still running"
         self.__init__()
 
 
@@ -187,6 +194,7 @@ def tgi_app(control: Control) -> FastAPI:
         n_input = len(tokenize(body["inputs"]))
 
         async def events():
+            control.streaming += 1
             try:
                 for i, (t, s) in enumerate(zip(g.tokens, g.special)):
                     if control.fail_after is not None and i == control.fail_after:
@@ -206,6 +214,8 @@ def tgi_app(control: Control) -> FastAPI:
             except asyncio.CancelledError:
                 control.disconnects += 1
                 raise
+            finally:
+                control.streaming -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -279,6 +289,7 @@ def openai_app(control: Control, model: str = "oai-model") -> FastAPI:
             return Response(payload.encode(), media_type="application/json")
 
         async def chunks():
+            control.streaming += 1
             try:
                 for i, (t, s) in enumerate(zip(g.tokens, g.special)):
                     if control.fail_after is not None and i == control.fail_after:
@@ -299,6 +310,8 @@ def openai_app(control: Control, model: str = "oai-model") -> FastAPI:
             except asyncio.CancelledError:
                 control.disconnects += 1
                 raise
+            finally:
+                control.streaming -= 1
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
