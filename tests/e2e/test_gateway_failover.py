@@ -1,0 +1,149 @@
+"""The `/v1` gateway on a real local Ray: `GET /health` at the ingress root, `/v1/<route>` passthrough by
+model, and failover before the first byte when a replica's backend or the replica itself dies under load.
+
+Two services share one token: `flaky` (`tests/apps/faulty_server.py`, `format: tgi`, 2 replicas) and
+`routes` (`tests/apps/openai_routes_server.py`, `format: openai`). The failover tests send 16 concurrent
+clients (streaming and not) and kill one replica's backend process, then one replica actor: every request
+that had not started (no byte reached the client) must succeed; the retries are read from
+`ray_dstack_gateway_retries_total` and printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from conftest import write_service
+from tests.apps import openai_routes_server
+from tests.apps.faulty_server import Load, service_yaml
+from tests.support.prom import metrics_url, scrape, total
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "failover-token-0123456789abcdef"
+MODEL = "acme/flaky"
+NAME = "flaky"
+ROUTES_MODEL = "acme/embedder"
+ROUTES_NAME = "routes"
+CLIENTS = 16
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def svc(cli_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("failover")
+    for name, text in ((NAME, service_yaml(NAME, model=MODEL, replicas=2)),
+                       (ROUTES_NAME, openai_routes_server.service_yaml(ROUTES_NAME, model=ROUTES_MODEL))):
+        proc = cli_cluster.run("deploy", str(write_service(tmp, name, text)), "--token", TOKEN,
+                               "--request-timeout", "30", timeout=300)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return cli_cluster
+
+
+@pytest.fixture
+def client():
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        yield c
+
+
+def replicas_healthy(cluster, n: int = 2) -> bool:
+    s = cluster.status(NAME)
+    return s["status"] == "RUNNING" and s["replicas"]["running"] == n and len(s["replicas"]["items"]) == n
+
+
+def backend_pids(cluster, client) -> set[int]:
+    seen: set[int] = set()
+    for _ in range(40):
+        seen.add(client.get(f"{cluster.http}/{NAME}/stats", headers=AUTH).json()["pid"])
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def retries() -> float:
+    return total(scrape(metrics_url()), "ray_dstack_gateway_retries_total", service=NAME)
+
+
+def not_started_failures(outcomes):
+    """Failed requests of which no byte had reached the client (a started stream may fail in-band)."""
+    return [o for o in outcomes if not o.ok and not (o.status == 200 and o.stream and o.text)]
+
+
+def test_health_at_the_ingress_root_needs_no_token_and_names_nothing(svc, client):
+    r = client.get(f"{svc.http}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    for secret in (NAME, ROUTES_NAME, MODEL, ROUTES_MODEL, "acme"):
+        assert secret not in r.text
+    assert client.get(f"{svc.http}/v1/models").status_code == 401  # the listing stays authenticated
+    assert {m["id"] for m in client.get(f"{svc.http}/v1/models", headers=AUTH).json()["data"]} == {MODEL, ROUTES_MODEL}
+    # The services' own routes still win over the root (longest prefix).
+    assert client.get(f"{svc.http}/{NAME}/stats", headers=AUTH).json()["pid"] > 0
+    assert client.get(f"{svc.http}/{NAME}/stats").status_code == 401
+    assert client.get(f"{svc.http}/no-such-thing").status_code == 404
+
+
+def test_other_v1_routes_pass_through_by_model(svc, client):
+    url = f"{svc.http}/v1"
+    r = client.post(f"{url}/embeddings", headers=AUTH, json={"model": ROUTES_MODEL, "input": "hi"})
+    assert r.status_code == 200 and r.content == openai_routes_server.EMBEDDING_BYTES
+    assert client.post(f"{url}/embeddings", json={"model": ROUTES_MODEL, "input": "hi"}).status_code == 401
+    with client.stream("POST", f"{url}/responses", headers=AUTH,
+                       json={"model": ROUTES_MODEL, "stream": True, "input": "x"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks = list(r.iter_raw())
+    assert b"".join(chunks) == b"".join(openai_routes_server.RESPONSE_EVENTS)
+    r = client.post(f"{url}/responses", headers=AUTH, json={"model": ROUTES_MODEL, "input": "x"})
+    assert r.json()["seen"] == {"model": ROUTES_MODEL, "input": "x"}
+    # A tgi model has no such API: a 404 that says so, OpenAI-shaped.
+    r = client.post(f"{url}/embeddings", headers=AUTH, json={"model": MODEL, "input": "hi"})
+    assert r.status_code == 404, r.text
+    assert "/v1/embeddings is not supported for `format: tgi`" in r.json()["error"]["message"]
+    r = client.post(f"{url}/embeddings", headers=AUTH, json={"model": "nope", "input": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def _kill_under_load(svc, kill, what: str) -> None:
+    svc.wait_until(lambda: replicas_healthy(svc), timeout=120, interval=1, what="2 healthy replicas")
+    url = metrics_url()
+    before = total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME)
+    with Load(f"{svc.http}/v1", TOKEN, MODEL, workers=CLIENTS, content="[[slow=30]] hello", timeout=60) as load:
+        time.sleep(2.0)
+        kill()
+        time.sleep(10.0)
+        outcomes = load.stop()
+    bad = not_started_failures(outcomes)
+    in_band = [o for o in outcomes if not o.ok and all(o is not b for b in bad)]
+    # Ray exports counters every few seconds: wait for the gateway's retries to show up.
+    retried = svc.wait_until(
+        lambda: (n := total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME) - before) > 0 and n,
+        timeout=30, interval=2, what="the gateway's retries in the metrics")
+    print(f"\n{what}: {len(outcomes)} requests from {CLIENTS} clients, {int(retried)} retries, "
+          f"{len(in_band)} started streams ended in-band, {len(bad)} failed before their first byte")
+    assert not bad, f"{len(bad)} of {len(outcomes)} requests failed before their first byte, e.g. {bad[:3]}"
+    assert len(outcomes) > 100
+    for o in in_band:
+        assert o.error and (o.done or o.exception == "RemoteProtocolError"), o
+
+
+def test_backend_killed_under_16_clients_fails_no_request_that_had_not_started(svc, client):
+    victim = min(backend_pids(svc, client))
+    _kill_under_load(svc, lambda: os.kill(victim, signal.SIGKILL), "backend process killed")
+    svc.wait_until(lambda: replicas_healthy(svc) and victim not in backend_pids(svc, client), timeout=120,
+                   interval=2, what="the replica with the dead backend to be replaced")
+
+
+def test_replica_actor_killed_under_16_clients_fails_no_request_that_had_not_started(svc, client):
+    svc.wait_until(lambda: replicas_healthy(svc), timeout=120, interval=1, what="2 healthy replicas")
+    victim = svc.status(NAME)["replicas"]["items"][0]
+    _kill_under_load(svc, lambda: os.kill(victim["pid"], signal.SIGKILL), "replica actor killed")
+    svc.wait_until(
+        lambda: replicas_healthy(svc)
+        and victim["replica_id"] not in {r["replica_id"] for r in svc.status(NAME)["replicas"]["items"]},
+        timeout=120, interval=2, what="the killed replica to be replaced")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert all(client.post(f"{svc.http}/v1/chat/completions", headers=AUTH, json=body).status_code == 200
+               for _ in range(4))
