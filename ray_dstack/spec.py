@@ -104,6 +104,14 @@ class ScalingSpec(_Spec):
     scale_down_delay_s: float = Field(600.0, ge=0, description="Min time since the last scaling before scaling down")
 
 
+class RegistryAuthRef(_Spec):
+    """Where a replica finds `registry_auth`: the password is never in the spec (the Serve config is readable
+    through the dashboard API) but in Ray's internal KV under `kv_key` (ray_dstack/deploy/registry_auth.py)."""
+
+    username: str = Field(description="Registry user name (not a secret; shown by `plan`)")
+    kv_key: str = Field(description="Internal-KV key (namespace `ray-dstack`) of `{username, password}`")
+
+
 class ServiceSpec(_Spec):
     """What one replica of a service needs at run time."""
 
@@ -119,6 +127,10 @@ class ServiceSpec(_Spec):
     network_namespace: bool = Field(
         False, description="Run the commands in a network namespace of their own (pasta), the fixed port mapped"
     )
+    image: str | None = Field(None, description="Container image: each replica runs in a container of it")
+    entrypoint: str | None = Field(None, description="Replaces the image's entrypoint; `commands` are its arguments")
+    registry_auth: RegistryAuthRef | None = Field(None, description="Credentials for pulling `image`, by reference")
+    shm_size_bytes: int | None = Field(None, ge=1, description="`resources.shm_size` of the container, in bytes")
     port: int = Field(ge=1, le=65535, description="Port the service listens on (fixed port mode)")
     port_from_env: bool = Field(
         False, description=f"The commands read ${PORT_ENV_VAR}: each replica gets a free port"

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ray_dstack import container_command
 from ray_dstack import spec as rt
 from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
 from ray_dstack.config.units import format_memory
@@ -63,6 +64,7 @@ class ServicePlan:
         drain_timeout_s: float | None = None,
         ready_timeout_s: float | None = None,
         trusted_proxies: list[str] | None = None,
+        registry_auth_key: str | None = None,
     ) -> ServicePlan:
         """This plan with what `deploy` learns only once it has read the cluster and the Hub: the token's
         digest (a redeploy keeps the running one), the creation time to keep, `--request-timeout`, `--drain-timeout`, and a tgi
@@ -76,6 +78,9 @@ class ServicePlan:
             update["ready_timeout_s"] = ready_timeout_s
         if trusted_proxies is not None:  # `deploy --trusted-proxies`: whose X-Forwarded-For rate limits believe
             update["trusted_proxies"] = list(trusted_proxies)
+        if registry_auth_key is not None and self.spec.registry_auth is not None:
+            # `deploy` put the credentials in Ray's internal KV under this key (never in the Serve config).
+            update["registry_auth"] = self.spec.registry_auth.model_copy(update={"kv_key": registry_auth_key})
         if model_settings is not None and self.spec.model is not None:
             update["model"] = self.spec.model.model_copy(update={
                 "chat_template": model_settings.chat_template,
@@ -119,7 +124,9 @@ class ServicePlan:
     def summary_lines(self) -> list[str]:
         """Human summary: GPU types, resource requests, replicas, environment, warnings."""
         opts = self.ray_actor_options
-        if self.spec.port_from_env:
+        if self.spec.image is not None:
+            how = " (in each replica's container, published on a free loopback port of the node)"
+        elif self.spec.port_from_env:
             how = " (from $" + rt.PORT_ENV_VAR + ")"
         elif self.spec.network_namespace:
             how = " (fixed: a network namespace per replica, pasta)"
@@ -127,7 +134,8 @@ class ServicePlan:
             how = " (fixed: 1 replica per node)"
         lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}{how}"]
         env = self.environment()
-        lines.append(f"python: {env['python']}, environment {env['env']} on each node")
+        if self.spec.image is None:
+            lines.append(f"python: {env['python']}, environment {env['env']} on each node")
         gpu = self.config.resources.gpu
         if opts.get("num_gpus"):
             admitted = ", ".join(self.gpu_types) if self.gpu_types else "any"
@@ -149,9 +157,21 @@ class ServicePlan:
             )
         else:
             lines.append(f"replicas: {self.deployment['num_replicas']}")
+        lines.extend(container_lines(self.spec))
         lines.extend(traffic_lines(self.spec))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return lines
+
+
+def container_lines(spec: rt.ServiceSpec) -> list[str]:
+    """`image`: the command each replica runs (podman shown; docker's differs only in the GPU flag)."""
+    if spec.image is None:
+        return []
+    lines = [f"container per replica: {container_command.display(spec)}"]
+    if spec.registry_auth is not None:
+        lines.append(f"registry_auth: user {spec.registry_auth.username}, password {defaults.REDACTED} "
+                     "(handed to the replicas through Ray's internal KV, used for that pull only)")
+    return lines
 
 
 def environment_of(spec: rt.ServiceSpec) -> dict[str, Any]:
@@ -197,7 +217,7 @@ def build_plan(
             opts["memory"] = defaults.DEFAULT_MEMORY_BYTES
         requirements["memory"] = f"{res.memory} (dstack default)"
     requirements["disk"] = str(res.disk.size) + ("" if "disk" in res.model_fields_set else " (dstack default)")
-    if res.shm_size is not None:
+    if res.shm_size is not None and config.image is None:  # with `image`: the container's --shm-size
         requirements["shm_size"] = format_memory(res.shm_size)
     gpu_types: list[str] | None = None
     if res.gpu is not None and (res.gpu.count.min or 0) > 0:
@@ -218,9 +238,9 @@ def build_plan(
 
     # --- runtime spec
     commands = list(config.setup) + list(config.commands)
-    if not commands:
-        raise PlanError(where, [Problem("commands", None, "An `image` without `commands` cannot run on Ray: add `commands`")])
-    port_from_env = any(_PORT_RE.search(line) for line in commands)
+    image = config.image
+    # In a container the service has the container's network to itself: the fixed port never collides.
+    port_from_env = image is None and any(_PORT_RE.search(line) for line in commands)
     probes = probe_specs(config)
     model = None
     if config.model is not None:
@@ -237,14 +257,20 @@ def build_plan(
             max_replicas=config.replicas.max or 1, window_s=float(s.window),
             scale_up_delay_s=float(s.scale_up_delay), scale_down_delay_s=float(s.scale_down_delay),
         )
-    namespace = network_namespaces and not port_from_env
+    namespace = network_namespaces and not port_from_env and image is None
+    registry_auth = None
+    if config.registry_auth is not None and image is not None:
+        # The key is chosen by `deploy` when it stores the password (ServicePlan.finalized).
+        registry_auth = rt.RegistryAuthRef(username=config.registry_auth.username, kv_key="<set by deploy>")
     spec = rt.ServiceSpec(
         name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
         python=config.python, network_namespace=namespace,
         port=config.port.container_port, port_from_env=port_from_env, probes=probes,
         rate_limits=rate_limit_specs(config), replicas=config.replicas.min or 0,
         auth=rt.AuthSpec(enabled=config.auth, token_sha256=token_sha256 if config.auth else None),
-        model=model, scaling=scaling,
+        model=model, scaling=scaling, image=image, entrypoint=config.entrypoint if image else None,
+        registry_auth=registry_auth,
+        shm_size_bytes=int(res.shm_size * 1024**3) if image and res.shm_size else None,
     )
 
     # --- deployment
@@ -257,7 +283,7 @@ def build_plan(
         "graceful_shutdown_timeout_s": defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
         "graceful_shutdown_wait_loop_s": defaults.GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
     }
-    if not port_from_env and not namespace:
+    if not port_from_env and not namespace and image is None:
         # Without a namespace per replica two replicas on one node would both bind `port`.
         deployment["max_replicas_per_node"] = 1
         if (config.replicas.max or 0) > 1:
@@ -290,15 +316,13 @@ def build_plan(
         deployment["num_replicas"] = config.replicas.min
 
     # --- what this cluster does not honour
-    if config.image is not None:
-        warnings.append(f"`image: {config.image}` is not honoured on this cluster: commands run on the Ray node, not in the image")
-    if config.registry_auth is not None:
-        warnings.append("`registry_auth` is not honoured on this cluster (no container image is pulled)")
-    if config.entrypoint is not None:
-        warnings.append("`entrypoint` is not honoured on this cluster (no container image is run)")
+    if config.registry_auth is not None and image is None:
+        warnings.append("`registry_auth` is ignored: there is no `image` to pull")
+    if config.entrypoint is not None and image is None:
+        warnings.append("`entrypoint` is ignored: there is no `image` (the commands run on the Ray node)")
     if "home_dir" in config.model_fields_set:
         warnings.append("`home_dir` is not honoured on this cluster")
-    if res.shm_size is not None:
+    if res.shm_size is not None and image is None:
         warnings.append("`resources.shm_size` is not enforced by Ray (the node's /dev/shm is used)")
     if config.port.local_port is not None:
         warnings.append(f"`port` local part {config.port.local_port} is ignored: the service is reached at {'/' + name}")

@@ -17,7 +17,6 @@ Imports no other ray_dstack module: it runs as a stand-alone program.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess

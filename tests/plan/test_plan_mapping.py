@@ -139,8 +139,9 @@ def test_not_honoured_warnings():
     p = plan("type: service\nimage: x/y\nenv: [PW=1]\nregistry_auth: {username: u, password: '${{ env.PW }}'}\n"
              "commands: [run]\nport: 80\nbackends: [aws]\n")
     text = "\n".join(p.warnings)
-    assert "`backends` is ignored on Ray" in text and "`image: x/y` is not honoured" in text
-    assert "`registry_auth` is not honoured" in text
+    assert "`backends` is ignored on Ray" in text
+    # `image` and `registry_auth` are honoured now (tests/plan/test_plan_container.py).
+    assert "image" not in text and "registry_auth" not in text
     honoured = plan(BASE + "python: '3.11'\n")
     assert honoured.spec.python == "3.11" and not any("python" in w for w in honoured.warnings)
 

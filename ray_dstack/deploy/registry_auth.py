@@ -1,0 +1,82 @@
+"""`registry_auth` on its way to the replicas: through Ray's internal KV, never through the Serve config.
+
+The Serve config (the application's `args`) is readable by anyone who can reach the dashboard API
+(`GET /api/serve/applications/`, `ray-dstack status --json`), so the password cannot travel there. `deploy`
+writes `{"username", "password"}` under a fresh random key (`registry-auth/<service>/<random>`, namespace
+`ray-dstack`) in the cluster's internal KV (the GCS, through a `GcsClient`: no driver, no job); the Serve
+config carries only that key and the user name; the replica reads the KV entry when it pulls
+(ray_dstack/serve/container_replica.py). No dashboard route lists or reads the internal KV. A successful
+deploy removes the service's older entries, a failed one its new entry, `delete` all of the service's.
+
+The KV lives in the GCS on the head node: `deploy` reaches it at `$RAY_DSTACK_GCS_ADDRESS` (host:port), else the
+local cluster's (`ray start --head` on this machine), else the dashboard's host on port 6379.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from urllib.parse import urlparse
+
+from ray_dstack.errors import RayDstackError
+from ray_dstack.serve.container import KV_KEY_PREFIX as KEY_PREFIX
+from ray_dstack.serve.container import KV_NAMESPACE
+
+GCS_ADDRESS_ENV = "RAY_DSTACK_GCS_ADDRESS"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def new_key(service: str) -> str:
+    return f"{KEY_PREFIX}{service}/{secrets.token_hex(12)}"
+
+
+def gcs_address(dashboard_address: str) -> str:
+    explicit = os.environ.get(GCS_ADDRESS_ENV, "").strip()
+    if explicit:
+        return explicit
+    host = urlparse(dashboard_address).hostname or "127.0.0.1"
+    if host in LOOPBACK:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            return canonicalize_bootstrap_address_or_die("auto")  # the local head's GCS, whatever its port
+        except Exception:  # noqa: BLE001 - no local cluster file: fall back to the default port
+            pass
+    return f"{host}:6379"
+
+
+class CredentialStore:
+    """A connection to the cluster's GCS for the duration of one command."""
+
+    def __init__(self, dashboard_address: str) -> None:
+        self.address = gcs_address(dashboard_address)
+        try:
+            from ray._raylet import GcsClient
+
+            self._gcs = GcsClient(address=self.address)
+            self._gcs.internal_kv_keys(KEY_PREFIX.encode(), KV_NAMESPACE, timeout=10)  # reachable?
+        except Exception as exc:  # noqa: BLE001 - any failure: say where we tried and how to point elsewhere
+            raise RayDstackError(
+                f"cannot reach the cluster's GCS at {self.address} to hand `registry_auth` to the replicas "
+                f"({type(exc).__name__}); set {GCS_ADDRESS_ENV}=<head>:<gcs port> (default port 6379)"
+            ) from None
+
+    def put(self, key: str, username: str, password: str) -> None:
+        value = json.dumps({"username": username, "password": password}).encode()
+        self._gcs.internal_kv_put(key.encode(), value, True, KV_NAMESPACE, timeout=10)
+
+    def keys(self, service: str) -> list[str]:
+        raw = self._gcs.internal_kv_keys(f"{KEY_PREFIX}{service}/".encode(), KV_NAMESPACE, timeout=10)
+        return [k.decode() for k in raw]
+
+    def forget(self, service: str, keep: str | None = None) -> int:
+        """Delete the service's entries except `keep`; returns how many went."""
+        gone = 0
+        for key in self.keys(service):
+            if key != keep:
+                gone += self._gcs.internal_kv_del(key.encode(), False, KV_NAMESPACE, timeout=10)
+        return gone
+
+    def delete(self, key: str) -> None:
+        self._gcs.internal_kv_del(key.encode(), False, KV_NAMESPACE, timeout=10)
