@@ -52,10 +52,13 @@ class ServiceProcess:
         namespace: list[str] | None = None,
         service_port: int | None = None,
         cleanup_dir: str | None = None,
+        command: list[str] | None = None,
     ) -> None:
         """`port`: where the service is reached from the replica; `service_port`: the port it listens on
         inside (differs behind pasta: `namespace` is pasta's argv prefix). `path`: PATH of the commands.
-        `cleanup_dir`: removed by the supervisor once the commands are gone."""
+        `cleanup_dir`: removed by the supervisor once the commands are gone. `command`: an argv run under the
+        supervisor instead of the shell (a container: ray_dstack/serve/container_replica.py)."""
+        self.command = command
         self.commands = commands
         self.port = port
         self.service_port = service_port or port
@@ -65,7 +68,8 @@ class ServiceProcess:
         self.namespace = namespace
         self.cleanup_dir = cleanup_dir
         # pasta accepts on the host port before the service listens inside: only an HTTP answer counts.
-        self.http_ready = namespace is not None
+        # A published container port too (docker-proxy accepts before the container listens).
+        self.http_ready = namespace is not None or command is not None
         self.logger = logger
         self.probe = probe
         self.host = host
@@ -101,7 +105,7 @@ class ServiceProcess:
             if not os.path.isdir(cwd):
                 raise ServiceProcessError(f"working_dir {self.working_dir!r} does not exist on this node")
         supervise = [sys.executable, "-m", "ray_dstack.serve.supervise"]
-        command = [shell, "-c", shell_script(self.commands)]
+        command = self.command or [shell, "-c", shell_script(self.commands)]
         if self.namespace is not None:
             command = [*self.namespace, *supervise, "--init", "--", *command]
         cleanup = ["--cleanup", self.cleanup_dir] if self.cleanup_dir else []

@@ -19,7 +19,7 @@ from ray_dstack.errors import RayDstackError
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.ports import free_port, port_in_use
-from ray_dstack.serve import netns, python_env, workspace
+from ray_dstack.serve import container_replica, netns, python_env, workspace
 from ray_dstack.serve.forward import Forwarder, upstream_path
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.ingress_traffic import ReplicaTraffic
@@ -80,6 +80,9 @@ class ServiceReplica:
             )
 
     async def _start(self, spec: ServiceSpec) -> None:
+        if spec.image is not None:
+            await self._run(spec, await self._container_process(spec))
+            return
         node = socket.gethostname()
         namespace = None
         if spec.port_from_env:
@@ -112,7 +115,7 @@ class ServiceReplica:
             raise ServiceProcessError(str(exc)) from exc
         logger.info("Python %s environment %s %s in %.2fs", env.version, env.path,
                     "created" if env.created else "reused", env.seconds)
-        self.process = ServiceProcess(
+        await self._run(spec, ServiceProcess(
             spec.commands,
             port=port,
             env=env.apply(spec.env),
@@ -123,7 +126,27 @@ class ServiceReplica:
             namespace=namespace,
             service_port=service_port,
             cleanup_dir=str(self.workspace),
-        )
+        ))
+
+    async def _container_process(self, spec: ServiceSpec) -> ServiceProcess:
+        """`image`: the replica owns a container (pulled with `registry_auth`, the GPUs Ray assigned) run under
+        the same supervisor as a service's shell; its port is published on a free loopback port."""
+        import ray
+
+        self.port = port = free_port()
+        try:
+            prepared = await asyncio.to_thread(
+                container_replica.prepare, spec, replica_tag=_replica_tag(), host_port=port,
+                gpu_ids=ray.get_gpu_ids(), log=logger.info)
+        except RayDstackError as exc:
+            raise ServiceProcessError(str(exc)) from exc
+        self.container = prepared
+        logger.info("container %s (%s): %s", prepared.name, prepared.runtime, prepared.run.display())
+        return ServiceProcess(spec.commands, port=port, env=prepared.process_env, working_dir=None, logger=logger,
+                              probe=None, command=prepared.command)
+
+    async def _run(self, spec: ServiceSpec, process: ServiceProcess) -> None:
+        self.process = process
         await self.process.start()
         try:
             await self.process.wait_ready(spec.ready_timeout_s)
@@ -135,6 +158,9 @@ class ServiceReplica:
             raise
 
     def _release(self) -> None:
+        container = getattr(self, "container", None)
+        if container is not None:  # container_run deletes its env file; this covers a start that never got there
+            container.discard()
         if self.python_env is not None:
             self.python_env.release()
             self.python_env = None
@@ -203,6 +229,7 @@ class ServiceReplica:
             "python_env": str(self.python_env.path) if self.python_env else None,
             "network_namespace": self.spec.network_namespace and not self.spec.port_from_env,
             "workspace": str(self.workspace) if self.workspace else None,
+            "container": self.container.name if getattr(self, "container", None) else None,
         }
 
     async def __del__(self) -> None:
