@@ -103,7 +103,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         token, digest, generated = (None, None, False)
         if loaded.config.auth:
             token, digest, generated = resolve_token(args.token, existing)
+        store, auth_key = hand_over_registry_auth(client.address, name, loaded.config, plan.spec.registry_auth)
         plan = plan.finalized(
+            registry_auth_key=auth_key,
             token_sha256=digest,
             created=apps.created_time(existing) or int(time.time()),
             request_timeout_s=args.request_timeout,  # upstream read timeout of the replicas (504 past it)
@@ -134,16 +136,33 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         )
         if not result.ok:
             rollback(client, name, existing)
+            if store is not None:  # the previous version (if any) keeps its own entry
+                store.delete(auth_key)
             raise RayDstackError(
                 f"service {name!r} did not become ready: {result.reason}\n"
                 + ("The previous version keeps serving." if existing else "Nothing was left deployed.")
             )
+        if store is not None:  # older versions' credentials: no replica of them is left
+            store.forget(name, keep=auth_key)
         details = client.serve_details()
         summary = apps.service_summary(name, details["applications"][name], apps.http_base_url(details, client.address))
     if token and (generated or args.token or os.environ.get(TOKEN_ENV)):
         save_token(name, token)
     print_ready(summary, token if generated else None, auth=bool(summary.get("auth")))
     return 0
+
+
+def hand_over_registry_auth(address: str, name: str, config, ref) -> tuple[Any, str | None]:
+    """`registry_auth` goes to the replicas through Ray's internal KV under a fresh key, never through the
+    Serve config (ray_dstack/deploy/registry_auth.py). Returns (store, key), or (None, None) without it."""
+    if ref is None:
+        return None, None
+    from ray_dstack.deploy.registry_auth import CredentialStore, new_key
+
+    store = CredentialStore(address)
+    key = new_key(name)
+    store.put(key, config.registry_auth.username, config.registry_auth.password.get_secret_value())
+    return store, key
 
 
 def http_options(args: argparse.Namespace, started_locally: bool) -> dict[str, Any]:
@@ -308,7 +327,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if not apps.is_service(configs[args.name]):
             raise UsageError(f"{args.name!r} is a Serve application that ray-dstack did not deploy; not deleting it")
         apps.check_can_write(details, args.name)
+        ref = apps.service_spec(configs[args.name]).registry_auth
         client.put_applications(apps.merged_config(details, remove=args.name))
+        if ref is not None:
+            from ray_dstack.deploy.registry_auth import CredentialStore
+
+            CredentialStore(client.address).forget(args.name)
         deadline = time.monotonic() + args.timeout
         while args.name in (client.serve_details().get("applications") or {}):
             if time.monotonic() > deadline:
