@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -199,6 +200,14 @@ class ModelEndpoint:
     async def handle(self, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
                      *, method: str | None = None) -> GatewayResponse:
         """Answer one OpenAI request; never raises for request or upstream failures."""
+        resp = await self._handle(path, body, headers, method=method)
+        # OpenAI answers every request with an `x-request-id` (the SDK shows it as `_request_id` / `request_id`,
+        # users log it); a passthrough backend's own id is kept.
+        resp.headers.setdefault("x-request-id", f"req_{uuid.uuid4().hex}")
+        return resp
+
+    async def _handle(self, path: str, body: bytes, headers: Mapping[str, str] | None,
+                      *, method: str | None) -> GatewayResponse:
         route = route_of(path)
         try:
             if route == ROUTE_MODELS:

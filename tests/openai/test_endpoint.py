@@ -151,6 +151,20 @@ def test_openai_format_endpoint_forwards_bytes(env):
     assert data == httpx.post(oai.url + "/v1/chat/completions", content=body).content
 
 
+def test_every_answer_carries_a_request_id(env):
+    """OpenAI sends `x-request-id` on every answer; the SDK exposes it (`_request_id`, `with_raw_response`)."""
+    tgi, _, oai, _ = env
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "a b a"}], "max_tokens": 2}
+    answers = [handle(TGI_MODEL, tgi.url, "/v1/chat/completions", chat)[0],
+               handle(TGI_MODEL, tgi.url, "/v1/chat/completions", {**chat, "stream": True})[0],
+               handle(TGI_MODEL, tgi.url, "/v1/chat/completions", {**chat, "model": "other"})[0],
+               handle(TGI_MODEL, tgi.url, "/v1/models", b"")[0],
+               handle(OAI_MODEL, oai.url, "/v1/chat/completions", {**chat, "model": "oai-model"})[0]]
+    ids = [r.headers["x-request-id"] for r in answers]
+    assert [r.status for r in answers] == [200, 200, 404, 200, 200]
+    assert len(set(ids)) == len(ids) and all(i.startswith("req_") and len(i) > 20 for i in ids)
+
+
 def test_gateway_response_helpers():
     r = GatewayResponse.of_json({"a": 1}, 201)
     assert r.status == 201 and r.json() == {"a": 1} and not r.is_stream and r.media_type == "application/json"
