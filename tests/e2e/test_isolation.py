@@ -1,0 +1,202 @@
+"""Replicas isolated as dstack isolates them, on one local Ray node through the console script: a network
+namespace per replica (two replicas and an autoscaled service all on port 8000), the service's own Python
+environment (`python: "3.12"` while Ray runs 3.11; `pip install` stays out of Ray's Python; a missing version
+fails the deploy), a working directory per replica, and nothing left behind after a crash or `delete`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import BIN, REPO, CliCluster, free_port, ray_stop, write_service
+
+pytestmark = pytest.mark.slow
+
+NODE = f"{sys.version_info[0]}.{sys.version_info[1]}"
+PYENV = Path.home() / ".pyenv" / "versions"
+OTHER = "3.12" if NODE != "3.12" else "3.13"
+MISSING = "3.10"  # left out of the node's interpreters below
+
+
+def interpreter(version: str) -> Path:
+    found = sorted(PYENV.glob(f"{version}.*/bin/python{version}"))
+    assert found, f"this kind of machine has Python {version} under {PYENV} (shared/notes/environment.md)"
+    return found[-1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local Ray whose node offers only Python NODE and OTHER, with env and work roots of its own."""
+    base = tmp_path_factory.mktemp("isolation")
+    pythons = base / "pythons"
+    pythons.mkdir()
+    for version in (NODE, OTHER):
+        (pythons / f"python{version}").symlink_to(interpreter(version))
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update({
+        "RAY_DSTACK_HOME": str(base / "home"),
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        "RAY_DSTACK_ENV_ROOT": str(base / "envs"),
+        "RAY_DSTACK_WORK_ROOT": str(base / "work"),
+        "RAY_DSTACK_PYTHON_DIRS": str(pythons),
+        "RAY_DSTACK_NETWORK_NAMESPACES": "auto",
+    })
+    ray_stop(env)
+    c = CliCluster(env=env, http_port=free_port(), home=base / "home")
+    c.base = base
+    yield c
+    ray_stop(env)
+
+
+def service(name: str, body: str, *, bind: str = "0.0.0.0", python: str | None = None) -> str:
+    return f"""
+type: service
+name: {name}
+{f'python: "{python}"' if python else ''}
+port: 8000
+auth: false
+commands:
+  - echo "$$-$RANDOM" > who
+  - python -c "import sys; print('%d.%d' % sys.version_info[:2], sys.prefix)" > python
+  - exec python -m http.server 8000 --bind {bind}
+{body}
+"""
+
+
+def get(cluster, path: str) -> str:
+    resp = httpx.get(f"{cluster.http}{path}", timeout=10)
+    resp.raise_for_status()
+    return resp.text.strip()
+
+
+def our_processes() -> dict[int, str]:
+    """pasta and supervisor processes on this machine."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if comm.startswith(("pasta", "passt")):
+            found[int(entry)] = "pasta"
+        elif "ray_dstack.serve.supervise" in cmd:
+            found[int(entry)] = cmd
+    return found
+
+
+def running(cluster, name: str) -> int:
+    return cluster.status(name)["replicas"]["running"]
+
+
+def test_two_replicas_on_port_8000_with_their_own_files_env_and_pip(cluster, tmp_path):
+    body = "replicas: 2\n"
+    text = service("iso", body).replace("  - exec python", "  - pip install -q pyjokes\n  - exec python")
+    proc = cluster.run("deploy", str(write_service(tmp_path, "iso", text)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert running(cluster, "iso") == 2
+    # Both replicas listen on 8000 on this one node; each serves the file it wrote in its own directory.
+    whos = cluster.wait_until(lambda: len(s := {get(cluster, "/iso/who") for _ in range(20)}) == 2 and s,
+                              timeout=30, interval=0.2, what="answers from both replicas")
+    assert len(whos) == 2
+    version, prefix = get(cluster, "/iso/python").split()
+    env_dir = cluster.base / "envs" / f"iso-py{NODE}"
+    assert version == NODE and Path(prefix) == env_dir
+    # pip installed into the service's env, not into the Python Ray runs from.
+    assert list((env_dir / "lib").glob("python*/site-packages/pyjokes"))
+    ray_python = BIN / "python"
+    check = subprocess.run([str(ray_python), "-c", "import pyjokes"], capture_output=True, timeout=60)
+    assert check.returncode != 0
+    status = cluster.status("iso")
+    assert status["environment"]["network_namespace"] is True
+    assert status["environment"]["python"] == "the node's version"
+    assert len(list((cluster.base / "work").iterdir())) == 2
+
+    # A replica crash (its worker SIGKILLed): its pasta, supervisor, service and directory go with it, and
+    # the replacement reuses the environment (no reinstall).
+    victim = status["replicas"]["items"][0]["pid"]
+    before = our_processes()
+    workdirs = set((cluster.base / "work").iterdir())
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    cluster.wait_until(lambda: {p for p, c in our_processes().items() if p in before} != set(before),
+                       timeout=30, interval=0.2, what="the killed replica's processes to go")
+    cluster.wait_until(lambda: running(cluster, "iso") == 2 and len({get(cluster, "/iso/who") for _ in range(20)}) == 2,
+                       timeout=120, interval=0.5, what="the replacement replica")
+    restart_s = time.monotonic() - killed_at
+    print(f"replica replaced and serving {restart_s:.1f}s after SIGKILL")
+    now = set((cluster.base / "work").iterdir())
+    assert len(now) == 2 and len(now & workdirs) == 1  # the dead replica's directory is gone
+    alive = our_processes()
+    assert len([c for c in alive.values() if "supervise --cleanup" in c]) == 2 * 2  # anchor + guard per replica
+    assert list(alive.values()).count("pasta") == 2
+
+    assert cluster.run("delete", "iso").returncode == 0
+    cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
+    assert list((cluster.base / "work").iterdir()) == []
+    assert env_dir.is_dir()  # kept for the next deploy; collected once unused for a day
+
+
+def test_python_version_of_the_service(cluster, tmp_path):
+    proc = cluster.run("deploy", str(write_service(tmp_path, "py", service("py", "", python=OTHER))), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    version, prefix = get(cluster, "/py/python").split()
+    assert version == OTHER and NODE != OTHER == version
+    assert Path(prefix) == cluster.base / "envs" / f"py-py{OTHER}"
+    assert cluster.status("py")["environment"]["python"] == OTHER
+    cluster.run("delete", "py", check=True)
+
+
+def test_missing_python_version_fails_the_deploy(cluster, tmp_path):
+    started = time.monotonic()
+    proc = cluster.run("deploy", str(write_service(tmp_path, "nopy", service("nopy", "", python=MISSING))),
+                       "--timeout", "120", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    import socket
+
+    assert f'python: "{MISSING}"' in out and socket.gethostname() in out and f"{NODE}, {OTHER}" in out
+    assert "Traceback" not in out
+    print(f"deploy failed in {time.monotonic() - started:.1f}s")
+
+
+def test_seed_autoscaling_shape_scales_past_one_replica_on_one_node(cluster, tmp_path):
+    body = ("replicas: 1..3\nscaling:\n  metric: rps\n  target: 2\n  window: 4s\n"
+            "  scale_up_delay: 1s\n  scale_down_delay: 3s\n")
+    path = write_service(tmp_path, "auto", service("auto", body, bind="127.0.0.1"))
+    assert cluster.run("deploy", str(path), timeout=300).returncode == 0
+    stop, sent = threading.Event(), []
+
+    def load():  # 7 requests/s: 3.5x the target
+        rate, start, i = 7.0, time.monotonic(), 0
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                sent.append(client.get(f"{cluster.http}/auto/who").status_code)
+                i += 1
+                time.sleep(max(0.0, start + i / rate - time.monotonic()))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        cluster.wait_until(lambda: running(cluster, "auto") == 3, timeout=90, what="3 replicas on one node")
+        answers = {get(cluster, "/auto/who") for _ in range(30)}
+        assert len(answers) == 3  # three processes, all on port 8000
+    finally:
+        stop.set()
+        thread.join()
+    assert sent and all(code == 200 for code in sent)
+    cluster.wait_until(lambda: cluster.status("auto")["replicas"]["target"] == 1 and running(cluster, "auto") == 1,
+                       timeout=90, what="back to 1 replica")
+    cluster.run("delete", "auto", check=True)
+    cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
