@@ -86,6 +86,8 @@ def lan(tmp_path_factory):
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DSTACK_ADDRESS", "RAY_DSTACK_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    # One fixed-port replica per node, each node a host of its own: the fallback where nodes lack pasta.
+    env["RAY_DSTACK_NETWORK_NAMESPACES"] = "off"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     lab = NetnsLab.create()
     try:

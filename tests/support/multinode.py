@@ -236,6 +236,8 @@ def start_sim_cluster(home: Path) -> SimCluster:
         env.pop(var, None)
     env["RAY_DSTACK_HOME"] = str(home)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # These tests place fixed-port replicas one per node (the fallback where nodes lack pasta).
+    env["RAY_DSTACK_NETWORK_NAMESPACES"] = "off"
     sim = SimCluster(cluster=cluster, dashboard=f"http://127.0.0.1:{dash_port}", http_port=free_port(), env=env)
     sim.nodes["head"] = cluster.head_node
     try:
