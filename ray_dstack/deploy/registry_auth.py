@@ -52,7 +52,14 @@ class CredentialStore:
     def __init__(self, dashboard_address: str) -> None:
         self.address = gcs_address(dashboard_address)
         try:
+            # Ray 2.60 clusters started where a token exists (~/.ray/auth_token) want it; Ray's own drivers
+            # turn token mode on the same way before they talk to the GCS.
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
             from ray._raylet import GcsClient
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
             self._gcs = GcsClient(address=self.address)
             self._gcs.internal_kv_keys(KEY_PREFIX.encode(), KV_NAMESPACE, timeout=10)  # reachable?
