@@ -3,8 +3,9 @@
 The replica starts the commands (one shell, `env` applied, working directory set, the service's Python
 environment first on PATH, optionally inside pasta's namespaces) under `ray_dstack.serve.supervise`, streams
 their output line by line into the replica's log, waits until the service answers (its port accepts
-connections or, behind pasta, answers HTTP; or the readiness probe answers 2xx), and checks that it keeps
-answering. Stopping kills the whole process group.
+connections or, behind pasta or a published container port, answers HTTP), and checks that it keeps
+answering. dstack's `probes` run after that, in ray_dstack.serve.ingress_traffic. Stopping kills the whole
+process group.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import httpx
 
 from ray_dstack.errors import RayDstackError
 from ray_dstack.serve.supervise import REPLICA_PID_ENV
-from ray_dstack.spec import PORT_ENV_VAR, ProbeSpec
+from ray_dstack.spec import PORT_ENV_VAR
 
 TAIL_LINES = 200
 
@@ -46,7 +47,6 @@ class ServiceProcess:
         env: Mapping[str, str],
         working_dir: str | None,
         logger: logging.Logger,
-        probe: ProbeSpec | None = None,
         host: str = "127.0.0.1",
         path: str | None = None,
         namespace: list[str] | None = None,
@@ -71,7 +71,6 @@ class ServiceProcess:
         # A published container port too (docker-proxy accepts before the container listens).
         self.http_ready = namespace is not None or command is not None
         self.logger = logger
-        self.probe = probe
         self.host = host
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._proc: asyncio.subprocess.Process | None = None
@@ -141,9 +140,7 @@ class ServiceProcess:
         """Return once the service answers; raise ServiceProcessError if it exits or the time runs out."""
         assert self._proc
         deadline = time.monotonic() + timeout_s
-        successes = 0
-        needed = self.probe.ready_after if self.probe else 1
-        interval = min(self.probe.interval_s, 1.0) if self.probe else 0.2
+        interval = 0.2
         while True:
             if self._proc.returncode is not None:
                 await self._drain()
@@ -152,16 +149,12 @@ class ServiceProcess:
                     + self._tail_suffix()
                 )
             if await self.answers():
-                successes += 1
-                if successes >= needed:
-                    self.logger.info("service is ready on port %s", self.port)
-                    return
-            else:
-                successes = 0
+                self.logger.info("service is ready on port %s", self.port)
+                return
             if time.monotonic() > deadline:
-                what = f"{self.probe.path} did not answer 2xx" if self.probe else f"port {self.port} never opened"
                 raise ServiceProcessError(
-                    f"the service was not ready after {timeout_s:.0f}s: {what}" + self._tail_suffix()
+                    f"the service was not ready after {timeout_s:.0f}s: port {self.port} never opened"
+                    + self._tail_suffix()
                 )
             try:
                 await asyncio.wait_for(asyncio.shield(self._proc.wait()), interval)
@@ -169,18 +162,17 @@ class ServiceProcess:
                 pass
 
     async def answers(self) -> bool:
-        if self.probe is None:
-            return await (self._http_answers("/", any_status=True) if self.http_ready else self._port_open())
-        return await self._http_answers(self.probe.path)
+        """The port takes connections (any HTTP answer where a proxy accepts before the service listens)."""
+        return await (self._http_answers() if self.http_ready else self._port_open())
 
-    async def _http_answers(self, path: str, any_status: bool = False) -> bool:
+    async def _http_answers(self) -> bool:
         if self._probe_client is None:
-            self._probe_client = httpx.AsyncClient(timeout=self.probe.timeout_s if self.probe else 5.0)
+            self._probe_client = httpx.AsyncClient(timeout=5.0)
         try:
-            resp = await self._probe_client.get(f"http://{self.host}:{self.port}{path}")
+            await self._probe_client.get(f"http://{self.host}:{self.port}/")
         except httpx.HTTPError:
             return False
-        return any_status or 200 <= resp.status_code < 300
+        return True
 
     async def _port_open(self) -> bool:
         try:

@@ -121,7 +121,6 @@ class ServiceReplica:
             env=env.apply(spec.env),
             working_dir=str(cwd),
             logger=logger,
-            probe=None,  # probes run in ReplicaTraffic.ready, once the port answers
             path=str(env.bin_dir) + os.pathsep + spec.env.get("PATH", os.environ.get("PATH", "")),
             namespace=namespace,
             service_port=service_port,
@@ -143,7 +142,7 @@ class ServiceReplica:
         self.container = prepared
         logger.info("container %s (%s): %s", prepared.name, prepared.runtime, prepared.run.display())
         return ServiceProcess(spec.commands, port=port, env=prepared.process_env, working_dir=None, logger=logger,
-                              probe=None, command=prepared.command)
+                              command=prepared.command)
 
     async def _run(self, spec: ServiceSpec, process: ServiceProcess) -> None:
         self.process = process
