@@ -151,7 +151,7 @@ class ServiceReplica:
             await self.process.wait_ready(spec.ready_timeout_s)
             # Probes and rate limits (ray_dstack.serve.ingress_traffic): not ready, no traffic.
             self.traffic = await ReplicaTraffic.ready(
-                spec, port, self.process, logger, spec.ready_timeout_s - (time.time() - self.started_at))
+                spec, self.port, self.process, logger, spec.ready_timeout_s - (time.time() - self.started_at))
         except BaseException:
             await self.process.stop(grace_s=5.0)
             raise
