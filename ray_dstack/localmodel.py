@@ -12,7 +12,9 @@ serves any other GGUF with the same server.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -127,6 +129,103 @@ def evaluate_prompts_whole() -> None:
     Llama.generate = generate_whole
 
 
+# Whether the request being served asked for `stream_options.include_usage` (set per request by
+# OpenAIFieldsMiddleware; llama-cpp-python runs the generation in a worker thread with a copy of the context).
+_INCLUDE_USAGE: contextvars.ContextVar[bool] = contextvars.ContextVar("include_usage", default=False)
+_USAGE_ATTR = "_ray_dstack_usage"
+
+
+class OpenAIFieldsMiddleware:
+    """ASGI middleware for two request fields llama-cpp-python 0.3.36's server ignores, which clients send:
+    `max_completion_tokens` (the name the OpenAI API documents; LangChain and guidellm send it) is honoured as
+    `max_tokens`, and `stream_options.include_usage` ends a chat stream with a usage chunk (see `count_usage`).
+    Other requests pass untouched."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        parts, message = [], {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            parts.append(message.get("body", b""))
+        body = b"".join(parts)
+        include_usage = False
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None  # the server's own validation answers it
+        if isinstance(data, dict):
+            if data.get("max_completion_tokens") is not None and data.get("max_tokens") is None:
+                data["max_tokens"] = data["max_completion_tokens"]
+                body = json.dumps(data).encode()
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                         + [(b"content-length", str(len(body)).encode())]}
+            options = data.get("stream_options")
+            include_usage = bool(data.get("stream")) and isinstance(options, dict) and bool(options.get("include_usage"))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        token = _INCLUDE_USAGE.set(include_usage)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            _INCLUDE_USAGE.reset(token)
+
+
+def count_usage() -> None:
+    """Count each generation's prompt and completion tokens on the `Llama` object, and end a chat stream that
+    asked for `include_usage` with OpenAI's usage chunk (no choices, `usage` set). Requests on one model run
+    one at a time (llama-cpp-python's server holds a lock per model), so a counter on the object is safe."""
+    from llama_cpp import Llama
+
+    if getattr(Llama.create_chat_completion, "_counts_usage", False):
+        return
+    generate, create = Llama.generate, Llama.create_chat_completion
+
+    def generate_counted(self, tokens, *args, **kwargs):
+        usage = {"prompt_tokens": len(tokens), "completion_tokens": 0}
+        setattr(self, _USAGE_ATTR, usage)
+        for token in generate(self, tokens, *args, **kwargs):
+            if token != self.token_eos():  # as llama.cpp's own non-streaming usage counts
+                usage["completion_tokens"] += 1
+            yield token
+
+    def create_chat_completion(self, *args, **kwargs):
+        result = create(self, *args, **kwargs)
+        if not (kwargs.get("stream") and _INCLUDE_USAGE.get()):
+            return result
+        return _with_usage_chunk(self, result)
+
+    def _with_usage_chunk(llama, chunks):
+        last = None
+        for chunk in chunks:
+            last = chunk
+            yield chunk
+        usage = dict(getattr(llama, _USAGE_ATTR, None) or {"prompt_tokens": 0, "completion_tokens": 0})
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if last is not None:
+            yield {"id": last["id"], "object": "chat.completion.chunk", "created": last["created"],
+                   "model": last["model"], "choices": [], "usage": usage}
+
+    create_chat_completion._counts_usage = True
+    Llama.generate = generate_counted
+    Llama.create_chat_completion = create_chat_completion
+
+
 def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
     """llama.cpp's OpenAI server (what `python -m llama_cpp.server` runs), with these changes for serving:
 
@@ -140,6 +239,7 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
       context (a small model sometimes rambles on without emitting its end-of-turn token).
     - unless `reuse_prompt`, every request evaluates its whole prompt (see `evaluate_prompts_whole`), so
       temperature 0 gives the same answer to the same request, streamed or not, whatever was asked before.
+    - `max_completion_tokens` and `stream_options.include_usage` work (`OpenAIFieldsMiddleware`).
     """
     if not extra_buffer_types:
         import llama_cpp.llama_cpp as low
@@ -155,6 +255,7 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
 
     if not opts.reuse_prompt:
         evaluate_prompts_whole()
+    count_usage()
 
     from llama_cpp.server import types
 
@@ -173,6 +274,7 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
         n_threads_batch=opts.n_threads, chat_format=opts.chat_format, verbose=opts.verbose,
     )
     app = create_app(server_settings=server, model_settings=[model])  # loads the model
+    app.add_middleware(OpenAIFieldsMiddleware)
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:

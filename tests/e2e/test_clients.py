@@ -123,15 +123,12 @@ def test_sdk_sync_streaming(client, model):
         ["stop"], ["length"])
 
 
-# What llama-cpp-python 0.3.36's server (the demo backend, passed through untouched for `format: openai`) does
-# not do: it ignores `max_completion_tokens` (the name the SDK documents and LangChain always sends) and
-# `stream_options.include_usage`. The passthrough forwards bytes by design, so the demo server
-# (ray_dstack/localmodel.py) is where this belongs; strict: these fail loudly once it is fixed.
-LLAMA_GAP = pytest.mark.xfail(strict=True, reason="llama-cpp-python's server ignores this field (see above)")
-MODELS_WITH_GAPS = [pytest.param(LLAMA, marks=LLAMA_GAP), TINY]
+# llama-cpp-python 0.3.36's own server ignores `max_completion_tokens` (the name the SDK documents and LangChain
+# always sends) and `stream_options.include_usage`; the passthrough forwards bytes by design, so the demo server
+# (ray_dstack/localmodel.py, OpenAIFieldsMiddleware) makes both work.
 
 
-@pytest.mark.parametrize("model", MODELS_WITH_GAPS)
+@pytest.mark.parametrize("model", MODELS)
 def test_token_limit_under_its_current_name(base_url, client, model):
     from langchain_openai import ChatOpenAI
 
@@ -142,7 +139,7 @@ def test_token_limit_under_its_current_name(base_url, client, model):
     assert answer.content and 0 < answer.usage_metadata["output_tokens"] <= 3
 
 
-@pytest.mark.parametrize("model", MODELS_WITH_GAPS)
+@pytest.mark.parametrize("model", MODELS)
 def test_stream_usage(base_url, client, model):
     from langchain_openai import ChatOpenAI
 
@@ -221,8 +218,8 @@ def test_langchain_invoke_stream_batch(base_url, model):
     assert all(m.usage_metadata["output_tokens"] > 0 for m in batch)
 
 
-# Only the tiny model: guidellm sends `max_completion_tokens` (and `ignore_eos`), which the llama backend
-# ignores, so each answer there runs to the server's default length (6 of 6 succeeded, but in ~100 s).
+# The tiny model only: guidellm also sends `ignore_eos`, which llama.cpp's server ignores, so there its answers
+# end at the model's end of turn instead of the requested length (6 of 6 succeeded too, in a longer run).
 @pytest.mark.parametrize("model", [TINY])
 def test_guidellm_fixed_rate_run_succeeds(base_url, model, tmp_path):
     rate, count = 2, 6
