@@ -10,6 +10,8 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
   svc-openai  ray-dstack `format: openai` service: POST /<svc>/v1/chat/completions (proxy → ServiceReplica → child)
   gw-openai   the same service through the /v1 gateway (proxy → OpenAIGateway → handle → ServiceReplica → child)
   svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
+  svc-ns      svc-openai's service with a fixed `--port 8000`: the child runs in a network namespace of its own
+              (pasta), the replica forwards to the host port pasta maps to it (compare with svc-openai)
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
 and, with --llama (on by default in a full run), the real llama.cpp demo service (SmolLM2-135M) at low concurrency.
 
@@ -39,14 +41,15 @@ from bench import loadgen, report, stack
 SYNTH_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
 
-def service_yaml(name: str, model: str, fmt: str, *, rate: float, tokens: int) -> str:
+def service_yaml(name: str, model: str, fmt: str, *, rate: float, tokens: int, port: str = "$RAY_DSTACK_PORT") -> str:
+    """`port`: `$RAY_DSTACK_PORT` (a free port on the node) or a fixed one (`8000`: a network namespace per replica)."""
     extra = ""
     if fmt == "tgi":
         extra = f'  chat_template: "{SYNTH_CHAT_TEMPLATE}"\n  eos_token: "</s>"\n'
     return f"""type: service
 name: {name}
 commands:
-  - exec {sys.executable} -m bench.synth --port $RAY_DSTACK_PORT --rate {rate} --tokens {tokens} --model {model}
+  - exec {sys.executable} -m bench.synth --port {port} --rate {rate} --tokens {tokens} --model {model}
 working_dir: {stack.REPO}
 port: 8000
 auth: false
@@ -124,9 +127,12 @@ class Bench:
         files = {
             "synth-openai": tmp / "synth-openai.dstack.yml",
             "synth-tgi": tmp / "synth-tgi.dstack.yml",
+            "synth-ns": tmp / "synth-ns.dstack.yml",
         }
         files["synth-openai"].write_text(service_yaml("synth-openai", "synth", "openai", rate=self.a.rate, tokens=self.a.tokens))
         files["synth-tgi"].write_text(service_yaml("synth-tgi", "synth-tgi", "tgi", rate=self.a.rate, tokens=self.a.tokens))
+        files["synth-ns"].write_text(service_yaml("synth-ns", "synth-ns", "openai", rate=self.a.rate, tokens=self.a.tokens,
+                                                  port="8000"))
         with stack.machine_lock(self.a.lock):
             self.log(f"variant {variant}: starting Ray ({stack.VARIANTS[variant] or 'no Serve env vars'})")
             cluster = stack.RayCluster(variant, pin=self.a.pin)
@@ -138,6 +144,7 @@ class Bench:
                 self.log(f"variant {variant}: deployed {timings}")
                 svc_openai = cluster.base_url("synth-openai", "/synth-openai")
                 svc_tgi = cluster.base_url("synth-tgi", "/synth-tgi")
+                svc_ns = cluster.base_url("synth-ns", "/synth-ns")
                 gw = cluster.base_url("ray-dstack-gateway", "/v1")
                 hand = cluster.base_url("hand", "/hand")
                 targets: dict[str, loadgen.Target] = {}
@@ -148,6 +155,7 @@ class Bench:
                 targets["svc-openai"] = loadgen.Target("svc-openai", f"{svc_openai}/synth-openai/v1/chat/completions", "synth")
                 targets["gw-openai"] = loadgen.Target("gw-openai", f"{gw}/v1/chat/completions", "synth")
                 targets["svc-tgi"] = loadgen.Target("svc-tgi", f"{svc_tgi}/synth-tgi/v1/chat/completions", "synth-tgi")
+                targets["svc-ns"] = loadgen.Target("svc-ns", f"{svc_ns}/synth-ns/v1/chat/completions", "synth-ns")
                 targets["hand"] = loadgen.Target("hand", f"{hand}/hand/v1/chat/completions", "synth")
                 timings["urls"] = {k: t.url for k, t in targets.items()}  # type: ignore[assignment]
                 self.timings[variant] = timings
@@ -289,7 +297,9 @@ class Bench:
               f"answers ({a.nonstream_tokens} tokens) are immediate. Latencies in ms.", "",
               "## All runs", "", report.results_table(self.runs), "",
               "## Ratios vs direct (TTFT added, tokens/s) and vs the hand-written Serve passthrough (non-streaming req/s)",
-              "", ratio_md, "", "## Serve options vs the default data path (same run)", "", variant_md, "",
+              "", ratio_md, "", "## Pairs of paths, same run", "", report.pairs(self.runs, variants=variants,
+                                                                               concurrency=a.concurrency), "",
+              "## Serve options vs the default data path (same run)", "", variant_md, "",
               "## As shipped: ray-dstack vs a hand-written Serve passthrough on Serve's defaults (non-streaming)", "",
               report.as_shipped(self.runs, nonstream_concurrency=a.nonstream_concurrency), "",
               "## Memory (RSS, MB)", "", "```", json.dumps({k: {kk: {x: y for x, y in vv.items() if x not in ("titles", "pids")}
@@ -308,6 +318,7 @@ class Bench:
         (self.out / "results.md").write_text("\n".join(md) + "\n")
         print("\n" + report.results_table(self.runs))
         print("\n" + ratio_md)
+        print("\n" + report.pairs(self.runs, variants=variants, concurrency=a.concurrency))
         print("\n" + variant_md)
         for v, m in self.memory.items():
             print(f"\nmemory [{v}] after load:", {k: x for k, x in m["after_load"].items() if k not in ("titles", "pids")})

@@ -12,7 +12,12 @@ TOKENS_RATIO_PASSTHROUGH = 0.9
 TOKENS_RATIO_TGI = 0.85
 NONSTREAM_RATIO_VS_HAND = 2.0
 
-RAY_DSTACK_PATHS = ("svc-openai", "gw-openai", "svc-tgi")
+RAY_DSTACK_PATHS = ("svc-openai", "gw-openai", "svc-tgi", "svc-ns")
+# Paths compared with each other in the same run: (path, baseline, what the difference is, targets from the issues).
+PAIRS = (
+    ("svc-ns", "svc-openai", "a network namespace per replica (pasta) vs a free port on the node",
+     {"ttft_p50_added_ms_c1": 0.2, "tokens_ratio_cmax": 0.98}),
+)
 
 
 def _f(v: Any, nd: int = 1) -> str:
@@ -85,6 +90,31 @@ def ratios(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list
                     f"| {variant} | {path} | {c} | {row['ttft_added_p50_ms']:+.1f} | {row['ttft_added_p99_ms']:+.1f} | "
                     f"{_f(row['tokens_ratio'], 2)} | {_f(row.get('nonstream_vs_hand'), 2)} | {row['targets']} |")
     return "\n".join(lines), rows
+
+
+def pairs(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list[int]) -> str:
+    """Each pair of PAIRS at each concurrency: TTFT p50 added over the baseline path and tokens/s ratio to it."""
+    lines = ["| variant | path vs baseline | c | TTFT p50 added ms | tok/s ratio | target | what differs |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        for path, base, what, targets in PAIRS:
+            for c in concurrency:
+                r = find(runs, variant=variant, path=path, mode="stream", c=c)
+                b = find(runs, variant=variant, path=base, mode="stream", c=c)
+                if r is None or b is None or r["ttft_ms"]["p50"] is None or b["ttft_ms"]["p50"] is None:
+                    continue
+                added = r["ttft_ms"]["p50"] - b["ttft_ms"]["p50"]
+                ratio = r["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
+                if c == min(concurrency):
+                    limit = targets["ttft_p50_added_ms_c1"]
+                    target = f"TTFT ≤ +{limit} ms: {'ok' if added <= limit else 'MISS'}"
+                elif c == max(concurrency):
+                    limit = targets["tokens_ratio_cmax"]
+                    target = f"tok/s ≥ {limit}: {'ok' if ratio is not None and ratio >= limit else 'MISS'}"
+                else:
+                    target = ""
+                lines.append(f"| {variant} | {path} vs {base} | {c} | {added:+.1f} | {_f(ratio, 3)} | {target} | {what} |")
+    return "\n".join(lines)
 
 
 def variant_table(runs: list[dict[str, Any]], *, variants: list[str], nonstream_c: int, stream_c_max: int) -> str:
