@@ -16,6 +16,7 @@ from ray_dstack.deploy import apps
 from ray_dstack.deploy.dashboard import ClusterError, DashboardClient
 from ray_dstack.deploy.local import connect
 from ray_dstack.deploy.model_settings import resolve_model_settings
+from ray_dstack.deploy.probe_state import add_probe_states
 from ray_dstack.deploy.rollout import wait_for_service
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
@@ -222,6 +223,8 @@ def _summaries(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         except ClusterError:
             nodes = None
         summaries = apps.service_summaries(details, client.address, nodes)
+        for summary in summaries:  # each replica's probes, from its log (ray_dstack/deploy/probe_state.py)
+            add_probe_states(client, summary)
         if any("scaling" in s for s in summaries):
             apps.with_measured_rps(summaries, [client.scrape(t) for t in client.metrics_targets()])
         return summaries, client.address
@@ -285,6 +288,15 @@ def _print_summary(s: dict[str, Any], *, detailed: bool) -> None:
         for r in s["replicas"]["items"]:
             gpu = f", {r['node_accelerator_type']}" if r.get("node_accelerator_type") else ""
             con.print(f"  replica {r['replica_id']}: {r['state']} on node {r['node_ip']} ({r['node_id']}{gpu})", markup=False)
+            if s.get("probes"):
+                con.print(f"    probes: {probe_line(r.get('probes'))}", markup=False)
+
+
+def probe_line(states: list[dict[str, Any]] | None) -> str:
+    """`✓ GET /health (HTTP 200); × POST /ready (HTTP 503: loading)`, as dstack's `ps --verbose` marks them."""
+    if states is None:
+        return "unknown (no probe state in the replica's log yet)"
+    return "; ".join(f"{'✓' if p.get('ready') else '×'} {p.get('probe')} ({p.get('last')})" for p in states)
 
 
 # --- logs / delete ------------------------------------------------------------------------------------

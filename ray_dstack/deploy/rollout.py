@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_dstack.deploy.dashboard import DashboardClient
+from ray_dstack.deploy.probe_state import why_not_ready
 from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME
 
 UNSCHEDULABLE_MARKERS = ("to be scheduled", "Resources required for each replica")
@@ -158,6 +159,17 @@ def wait_for_service(
                     on_progress(f"waiting for the autoscaler to add a node: {problem}")
                 pending_placement = problem
         if time.monotonic() > deadline:
-            what = pending_placement or (app or {}).get("message") or "the replicas did not become ready"
+            what = pending_placement or _timeout_reason(client, app or {})
             return RolloutResult(False, reason=f"not ready after {timeout_s:.0f}s: {what}", app=app or {})
         time.sleep(poll_s)
+
+
+def _timeout_reason(client: DashboardClient, app: dict[str, Any]) -> str:
+    """Why the replicas are not ready when `--timeout` runs out: a replica's own error from an earlier try,
+    else the probes' last answers from the replicas still starting (the replica's own ready timeout counts
+    from its start, later than the deploy's, so it usually has not failed yet), else Serve's message."""
+    message = _deployment(app).get("message") or ""
+    if "ServiceProcessError: " in message:
+        return failure_reason(app)
+    return (why_not_ready(client, _deployment(app).get("replicas") or [])
+            or app.get("message") or "the replicas did not become ready")

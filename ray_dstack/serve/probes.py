@@ -9,12 +9,16 @@
   `check_health` raises, and Serve, after its own 3 failed health checks in a row (`health_check_period_s`
   apart), stops routing to the replica and replaces it. One failure alone is not enough: a probe that times
   out once under a burst of traffic would otherwise cost a replica exactly when it is needed.
-- `states()` is what `ray-dstack status` shows per replica.
+- State for `ray-dstack status` and `deploy`: whenever a probe's readiness or last answer changes, the replica
+  logs one line `STATE_LOG_MARKER` + JSON (`as_dicts()`), and `status`/`deploy` read the last such line from the
+  replica's log through the dashboard (ray_dstack/deploy/probe_state.py). The log is the one channel that also
+  works while the replica's constructor still waits on the probes, when no method of the replica can be called.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +30,8 @@ from ray_dstack.spec import ProbeSpec
 
 FAILURES_UNHEALTHY = 3
 FIRST_SUCCESS_RETRY_S = 1.0
+# Prefix of the log line that carries the probes' state (a JSON list of ProbeState.as_dict()).
+STATE_LOG_MARKER = "ray-dstack probe state: "
 
 
 class ProbeError(Exception):
@@ -65,6 +71,7 @@ class ProbeRunner:
         self.logger = logger or logging.getLogger(__name__)
         self._client = client or httpx.AsyncClient()
         self._tasks: list[asyncio.Task] = []
+        self._logged: list[tuple[bool, str]] | None = None
 
     async def probe(self, state: ProbeState) -> bool:
         spec = state.spec
@@ -93,7 +100,15 @@ class ProbeRunner:
             if state.failures == 0 and state.ever_ready:
                 self.logger.warning("probe %s failed: %s", state.describe(), answer)
             state.successes, state.failures = 0, state.failures + 1
+        self._log_state()
         return ok
+
+    def _log_state(self) -> None:
+        """One log line when what status shows changes (not on every probe: a steady state logs nothing)."""
+        now = [(s.ready, s.last) for s in self.states]
+        if now != self._logged:
+            self._logged = now
+            self.logger.info("%s%s", STATE_LOG_MARKER, json.dumps(self.as_dicts()))
 
     async def wait_ready(self, timeout_s: float, exited: Callable[[], str | None] = lambda: None) -> None:
         """Return once every probe is ready; raise ProbeError (last answers) when `timeout_s` runs out, or

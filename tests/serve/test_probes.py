@@ -126,3 +126,21 @@ def test_successes_after_the_first_are_interval_apart():
 
     times = asyncio.run(scenario())
     assert len(times) == 2 and times[1] - times[0] >= 0.29
+
+
+def test_the_state_is_logged_when_it_changes_only(caplog):
+    import json
+    import logging
+
+    from ray_dstack.serve.probes import STATE_LOG_MARKER
+
+    backend = Backend(x=[503, 503, 503, "refuse", 200])
+    r = runner(backend, fast("/x"))
+    r.logger = logging.getLogger("probe-test")
+    with caplog.at_level(logging.INFO, logger="probe-test"):
+        asyncio.run(r.wait_ready(10))
+    lines = [m.split(STATE_LOG_MARKER, 1)[1] for m in caplog.messages if STATE_LOG_MARKER in m]
+    assert len(backend.requests) == 5 and len(lines) == 3  # 503 (once for three), refused, 200
+    states = [json.loads(line)[0] for line in lines]
+    assert [(s["ready"], s["last"]) for s in states] == [
+        (False, "HTTP 503: loading"), (False, "connection refused"), (True, "HTTP 200")]
