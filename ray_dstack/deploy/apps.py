@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.plan.plan import environment_of
+from ray_dstack.plan.traffic import UVICORN_TRUST_NONE
 from ray_dstack.spec import (
     GATEWAY_APP_NAME,
     GATEWAY_APP_ROUTE_PREFIX,
@@ -26,6 +27,8 @@ from ray_dstack.spec import (
 )
 
 OUR_IMPORT_PATHS = {SERVICE_IMPORT_PATH, GATEWAY_IMPORT_PATH}
+# Replicas of the `/v1` gateway: each enforces 1/GATEWAY_REPLICAS of every service's `rate_limits`.
+GATEWAY_REPLICAS = 1
 DEFAULT_HTTP_PORT = 8100
 
 
@@ -90,6 +93,10 @@ def gateway_routes(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "auth": spec.auth.model_dump(mode="json"),
             "created": int(cfg.get("args", {}).get("created", 0)),
             "request_timeout_s": spec.request_timeout_s,  # bounds the gateway's retries of one request
+            # `rate_limits` hold for the model's `/v1` requests too, checked as the service's path `/v1/<route>`
+            # (serve/gateway_traffic.py); whose X-Forwarded-For to believe comes with them.
+            "rate_limits": [r.model_dump(mode="json") for r in spec.rate_limits],
+            "trusted_proxies": list(spec.trusted_proxies),
         }
     return routes
 
@@ -100,14 +107,16 @@ def gateway_app(routes: dict[str, Any], route_prefix: str = GATEWAY_APP_ROUTE_PR
         # The ingress root: the gateway answers `/health` and `/v1/...`; `/<service>` prefixes are longer.
         "route_prefix": route_prefix,
         "import_path": GATEWAY_IMPORT_PATH,
+        # uvicorn believes no one's X-Forwarded-For, as in the services' applications (plan/traffic.py).
+        "runtime_env": {"env_vars": dict(UVICORN_TRUST_NONE)},
         "args": {},
         "deployments": [
             {
                 "name": GATEWAY_DEPLOYMENT_NAME,
-                "num_replicas": 1,
+                "num_replicas": GATEWAY_REPLICAS,
                 "max_ongoing_requests": 1024,
                 "ray_actor_options": {"num_cpus": 0},
-                "user_config": {"routes": routes},
+                "user_config": {"routes": routes, "replicas": GATEWAY_REPLICAS},
             }
         ],
     }
@@ -201,6 +210,8 @@ def service_summary(
         "model": None,
         "auth": spec.auth.enabled if spec else None,
         "environment": environment_of(spec) if spec else None,
+        # The probes every replica must pass; each replica's state is added by deploy/probe_state.py.
+        "probes": [f"{p.method.upper()} {p.path}" for p in spec.probes] if spec else None,
     }
     if spec and spec.model:
         summary["model"] = {

@@ -9,6 +9,8 @@ its own model server on loopback.
 The application is mounted at the ingress root ("/"): it answers `GET /health` (200, no token, nothing about
 services) and `/v1/...`; Serve still routes `/<service>/...` to each service (longest prefix wins).
 Routes beyond chat and completions (`/v1/embeddings`, `/v1/responses`, ...) go by `model` like the others.
+Rate limits: a service's `rate_limits` hold for its model's `/v1` requests too, checked here once the model is
+known and before the token or any forwarding (ray_dstack/serve/gateway_traffic.py).
 Failover: until the first byte went to the client, a try that meets a dead replica, a backend refusing or
 resetting the connection, or a 503 is repeated (at most twice, within the service's request timeout).
 """
@@ -37,6 +39,7 @@ from ray_dstack.openai.endpoint import (
 )
 from ray_dstack.openai.protocol import Model, ModelList
 from ray_dstack.openai.streams import SSE_DONE
+from ray_dstack.serve.gateway_traffic import GatewayLimits
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.metrics import (
     GATEWAY_MODEL_KEY,
@@ -122,12 +125,14 @@ class OpenAIGateway:
         self._routes: dict[str, dict[str, Any]] = {}
         self._auth: dict[str, AuthSpec] = {}
         self._handles: dict[str, Any] = {}
+        self._limits = GatewayLimits()
         self.reconfigure({"routes": routes or {}})
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         routes = dict(config.get("routes") or {})
         self._routes = routes
         self._auth = {name: AuthSpec.model_validate(r.get("auth") or {}) for name, r in routes.items()}
+        self._limits.configure(routes, int(config.get("replicas") or 1))
         apps = {r["app"] for r in routes.values()}
         self._handles = {app: h for app, h in self._handles.items() if app in apps}
 
@@ -174,6 +179,9 @@ class OpenAIGateway:
             if target is None:
                 raise errors.model_not_found(model)
             request.scope[GATEWAY_MODEL_KEY] = model  # for the metrics' service/model tags
+            refused = self._limits.refuse(target["app"], route, request)  # `rate_limits`: before the token
+            if refused is not None:
+                return refused
             if not self._auth[model].accepts(request.headers.get("authorization")):
                 raise errors.unauthorized()
             return await self._forward(target, route, body)

@@ -42,3 +42,17 @@ def test_the_gateway_stays_at_v1_when_a_foreign_app_owns_the_root():
                                          web=foreign))
     assert _gateway(merged)["route_prefix"] == "/v1"
     ServeDeploySchema.model_validate(merged)
+
+
+def test_the_routes_carry_the_rate_limits_and_trusted_proxies_and_uvicorn_trusts_no_one():
+    text = ("type: service\nname: svc\ncommands: [x]\nport: 8000\nmodel: m1\n"
+            "rate_limits:\n  - {prefix: /v1, rps: 2, burst: 3}\n")
+    merged = apps.merged_config(_details(text))
+    gateway = _gateway(merged)
+    user_config = gateway["deployments"][0]["user_config"]
+    route = user_config["routes"]["m1"]
+    assert [(r["prefix"], r["rps"], r["burst"]) for r in route["rate_limits"]] == [("/v1", 2.0, 3)]
+    assert route["trusted_proxies"] == []
+    assert user_config["replicas"] == gateway["deployments"][0]["num_replicas"] == apps.GATEWAY_REPLICAS
+    assert gateway["runtime_env"]["env_vars"]["FORWARDED_ALLOW_IPS"] == "none"
+    ServeDeploySchema.model_validate(merged)
