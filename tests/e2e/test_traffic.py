@@ -38,6 +38,7 @@ probes:
       - {name: X-Probe, value: secret}
     body: ping
     interval: 2
+model: {name: limited-model, format: openai}
 rate_limits:
   - {prefix: /, rps: 0.2, burst: 2}
   - {prefix: /open, rps: 1000, burst: 1000}
@@ -65,6 +66,29 @@ def test_429_past_the_rate_with_retry_after(limited):
     # A client cannot pick its own partition with X-Forwarded-For: nobody is a trusted proxy.
     spoofed = httpx.get(f"{limited}/a", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
     assert spoofed.status_code == 429
+
+
+def test_v1_requests_for_the_model_are_limited_at_the_gateway(cli_cluster, limited):
+    # prefix `/` covers the model's `/v1/chat/completions`; the gateway keeps its own budget (1 gateway replica).
+    body = {"model": "limited-model", "messages": [{"role": "user", "content": "hi"}]}
+    answers = [httpx.post(f"{cli_cluster.http}/v1/chat/completions", json=body, timeout=30) for _ in range(5)]
+    codes = [a.status_code for a in answers]
+    assert codes[:3] == [200, 200, 200] and set(codes[3:]) == {429}, codes
+    refused = answers[-1]
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_status_shows_each_replicas_probes(cli_cluster, limited):
+    import json
+
+    proc = cli_cluster.run("status", "limited", "--json", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    items = json.loads(proc.stdout)["replicas"]["items"]
+    assert items and all(r["probes"][0]["probe"] == "POST /probe" and r["probes"][0]["ready"] for r in items), items
+    assert items[0]["probes"][0]["last"] == "HTTP 200"
+    text = cli_cluster.run("status", "limited", timeout=60).stdout
+    assert "probes: ✓ POST /probe (HTTP 200)" in text, text
 
 
 def test_longest_prefix_wins(limited):
