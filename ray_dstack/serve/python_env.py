@@ -220,11 +220,13 @@ def acquire(service: str, version: str | None, log=lambda _msg: None) -> PythonE
             shutil.rmtree(path, ignore_errors=True)  # a creation that died half way
             log(f"creating the Python {version} environment {path} from {python}")
             _create(python, path, log)
-            if version == node_version():
-                _see_node_site(path, version)
             (path / COMPLETE).write_text(f"{python}\n")
             created = True
             collect_garbage(root, keep=path.name)
+        if version == node_version():
+            # Every time, not only at creation: the env follows the node's current packages (a Ray venv that was
+            # reinstalled elsewhere, a new clone of the project) instead of those of the venv it was made from.
+            _see_node_site(path, version)
         # Taken under the creation lock, so garbage collection (which holds it too) cannot remove the env now.
         in_use = _lock(path / IN_USE, fcntl.LOCK_SH)
         os.utime(path / IN_USE)
