@@ -7,7 +7,6 @@ list) until the counters match what was sent.
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import httpx
 import pytest
@@ -16,52 +15,13 @@ pytestmark = pytest.mark.slow
 
 import llama_cpp  # noqa: F401 - the test extra installs the local backend
 import openai
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402 - comes with ray
+from tests.support.prom import metrics_url, scrape, total
 
 TOKEN = "metrics-token-0123456789"
 MODEL = "smollm2-135m"  # configs/local-chat.dstack.yml
 SERVICE = "local-chat"
 CHAT = "chat/completions"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
-
-
-def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    text = httpx.get(url, timeout=10).text
-    samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("ray_dstack_"):
-                samples[s.name].append((s.labels, s.value))
-    return samples
-
-
-def total(samples, name: str, **labels: str) -> float:
-    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == want for k, want in labels.items()))
-
-
-def _find(obj, keys):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in keys and v:
-                yield v
-            yield from _find(v, keys)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _find(v, keys)
-
-
-def metrics_url() -> str:
-    """The head node's metrics export endpoint, from the dashboard's node view (GCS node info)."""
-    from ray_dstack.deploy.dashboard import DashboardClient  # sends Ray's auth token when the cluster wants one
-
-    with DashboardClient("http://127.0.0.1:8265") as client:
-        resp = client._request("GET", "/nodes", params={"view": "summary"})
-        resp.raise_for_status()
-        body = resp.json()
-    ports = list(_find(body, {"metricsExportPort", "metrics_export_port"}))
-    ips = list(_find(body, {"nodeManagerAddress", "node_ip", "ip"}))
-    assert ports and ips, f"no metrics export port in the dashboard's node view: {str(body)[:2000]}"
-    return f"http://{ips[0]}:{ports[0]}/metrics"
 
 
 def test_metrics_count_what_was_sent(cli_cluster):
