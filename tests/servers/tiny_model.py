@@ -113,10 +113,14 @@ def build_tiny_model(path: str | Path) -> Path:
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] *= EOS_BOOST
     model.eval()
+    return save_model(model, tokenizer, path)
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    """Weights and tokenizer into `path`, with the chat template in tokenizer_config.json, the one place both
+    transformers 4.57 and the newer one vLLM brings read it (4.57 may write chat_template.jinja instead)."""
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-
-    # One place for the chat template (transformers 4.57 may write it to chat_template.jinja instead).
     config_path = path / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text())
     tok_config["chat_template"] = CHAT_TEMPLATE

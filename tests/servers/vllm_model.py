@@ -11,10 +11,9 @@ float32 or bfloat16 on any x86 CPU. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tests.servers.tiny_model import CHAT_TEMPLATE, SEED, build_tokenizer
+from tests.servers.tiny_model import SEED, build_tokenizer, save_model
 
 HIDDEN = 128
 HEADS = 2
@@ -48,20 +47,7 @@ def build_vllm_model(path: str | Path) -> Path:
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-
-    # The template in tokenizer_config.json, where both transformers 4.57 and the newer one vLLM brings read it.
-    config_path = path / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    tok_config["chat_template"] = CHAT_TEMPLATE
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_config["model_input_names"] = ["input_ids", "attention_mask"]
-    if isinstance(tok_config.get("extra_special_tokens"), list):
-        del tok_config["extra_special_tokens"]
-    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
-    (path / "chat_template.jinja").unlink(missing_ok=True)
-    return path
+    return save_model(model, tokenizer, path)
 
 
 if __name__ == "__main__":
