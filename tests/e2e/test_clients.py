@@ -243,7 +243,10 @@ def test_guidellm_fixed_rate_run_succeeds(base_url, model, tmp_path):
     assert made == {"successful": count, "errored": 0, "incomplete": 0, "total": count}, (made, time.monotonic() - started)
     assert bench["config"]["strategy"]["type_"] == "constant" and bench["config"]["strategy"]["rate"] == rate
     requests = bench["requests"]["successful"]
-    assert all(r["output"] and r["info"]["error"] is None for r in requests)
+    # Each request answered without error; a random-weight model sampling at guidellm's default temperature may
+    # end one at its first token (an empty completion is an answer), so text is required overall, not of each.
+    assert len(requests) == count and all(r["info"]["error"] is None for r in requests)
+    assert any(r["output"] for r in requests)
     metrics = bench["metrics"]
     assert metrics["time_to_first_token_ms"]["successful"]["mean"] > 0
     assert metrics["output_token_count"]["successful"]["total_sum"] > 0
