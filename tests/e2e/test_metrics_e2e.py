@@ -85,5 +85,6 @@ def test_metrics_count_what_was_sent(cli_cluster):
     assert total(s, "ray_dstack_output_tokens_per_s_count", **tags) >= 1
     assert total(s, "ray_dstack_output_tokens_per_s_sum", **tags) > 0
     assert total(s, "ray_dstack_inflight_streams", **tags) == 0
-    # Serve's own metrics are on the same endpoint.
-    assert "ray_serve_num_http_requests" in httpx.get(url, timeout=10).text
+    # Serve's own metrics are on the same endpoint (exported on their own interval, so wait for them too).
+    cli_cluster.wait_until(lambda: "ray_serve_num_http_requests" in httpx.get(url, timeout=10).text,
+                           timeout=90, interval=3, what="Serve's own metrics on the same endpoint")
