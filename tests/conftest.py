@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import os
 import shutil
 import subprocess
@@ -35,6 +37,29 @@ def wait_until(predicate, *, timeout: float, interval: float, what: str, retry_o
                 return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+@contextlib.contextmanager
+def steady_load(url: str, rate: float):
+    """GET `url` at `rate` requests per second on a fixed schedule from a thread while in the block; yields the
+    list the status codes are appended to."""
+    stop, codes = threading.Event(), []
+
+    def run() -> None:
+        start, i = time.monotonic(), 0
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                codes.append(client.get(url).status_code)
+                i += 1
+                stop.wait(max(0.0, start + i / rate - time.monotonic()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield codes
+    finally:
+        stop.set()
+        thread.join()
 
 
 def assert_holds(predicate, *, seconds: float, interval: float, what: str, retry_on=POLL_ERRORS) -> None:

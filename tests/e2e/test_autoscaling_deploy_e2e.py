@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import REPO, write_service
+from conftest import REPO, steady_load, write_service
 
 pytestmark = pytest.mark.slow
 
@@ -45,20 +44,8 @@ def test_load_at_3x_target_scales_1_to_3_and_back(cli_cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert replicas(cli_cluster, "scale") == (1, 1)
 
-    stop = threading.Event()
-    sent = []
-
-    def load():  # 7 requests/s on a fixed schedule: 3.5x the target, i.e. 3 replicas after clipping to max
-        rate, start, i = 7.0, time.monotonic(), 0
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                sent.append(client.get(f"{cli_cluster.http}/scale/pid").status_code)
-                i += 1
-                time.sleep(max(0.0, start + i / rate - time.monotonic()))
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    try:
+    # 7 requests/s on a fixed schedule: 3.5x the target, i.e. 3 replicas after clipping to max
+    with steady_load(f"{cli_cluster.http}/scale/pid", rate=7.0) as sent:
         cli_cluster.wait_until(lambda: replicas(cli_cluster, "scale") == (3, 3), timeout=60, what="3 replicas")
         status = cli_cluster.status("scale")
         assert status["scaling"]["min"] == 1 and status["scaling"]["max"] == 3
@@ -70,9 +57,6 @@ def test_load_at_3x_target_scales_1_to_3_and_back(cli_cluster, tmp_path):
             what="measured rps in status",
         )
         assert 1 < measured < 12
-    finally:
-        stop.set()
-        thread.join()
     assert sent and all(code == 200 for code in sent)
     cli_cluster.wait_until(lambda: replicas(cli_cluster, "scale") == (1, 1), timeout=60, what="back to 1 replica")
     cli_cluster.run("delete", "scale", check=True)

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import BIN, REPO, CliCluster, free_port, ray_stop, write_service
+from conftest import BIN, REPO, CliCluster, free_port, ray_stop, steady_load, write_service
 
 pytestmark = pytest.mark.slow
 
@@ -176,25 +175,10 @@ def test_seed_autoscaling_shape_scales_past_one_replica_on_one_node(cluster, tmp
             "  scale_up_delay: 1s\n  scale_down_delay: 3s\n")
     path = write_service(tmp_path, "auto", service("auto", body, bind="127.0.0.1"))
     assert cluster.run("deploy", str(path), timeout=300).returncode == 0
-    stop, sent = threading.Event(), []
-
-    def load():  # 7 requests/s: 3.5x the target
-        rate, start, i = 7.0, time.monotonic(), 0
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                sent.append(client.get(f"{cluster.http}/auto/who").status_code)
-                i += 1
-                time.sleep(max(0.0, start + i / rate - time.monotonic()))
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    try:
+    with steady_load(f"{cluster.http}/auto/who", rate=7.0) as sent:  # 3.5x the target
         cluster.wait_until(lambda: running(cluster, "auto") == 3, timeout=90, what="3 replicas on one node")
         answers = {get(cluster, "/auto/who") for _ in range(30)}
         assert len(answers) == 3  # three processes, all on port 8000
-    finally:
-        stop.set()
-        thread.join()
     assert sent and all(code == 200 for code in sent)
     cluster.wait_until(lambda: cluster.status("auto")["replicas"]["target"] == 1 and running(cluster, "auto") == 1,
                        timeout=90, what="back to 1 replica")
