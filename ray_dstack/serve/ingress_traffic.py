@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,7 +26,13 @@ from ray_dstack.serve.forward import path_below_root
 from ray_dstack.serve.probes import ProbeError, ProbeRunner
 from ray_dstack.serve.process import ServiceProcess, ServiceProcessError
 from ray_dstack.serve.rate_limit import RateLimiter, TrustedProxies, Verdict
+from ray_dstack.serve.transport import plain_transport
 from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME, ServiceSpec
+
+
+def probe_client(process: ServiceProcess) -> httpx.AsyncClient:
+    """The probes' own client to the service (the same way in as its traffic: into its namespace if any)."""
+    return httpx.AsyncClient(transport=plain_transport(httpx.Limits(), process.network_backend), trust_env=False)
 
 
 SHARE_REFRESH_S = 5.0
@@ -65,7 +72,8 @@ class ReplicaTraffic:
         """Wait until every probe passes (the constructor is still running: Serve sends no traffic yet)."""
         runner = None
         if spec.probes:
-            runner = ProbeRunner(spec.probes, f"http://127.0.0.1:{port}", logger=logger)
+            runner = ProbeRunner(spec.probes, f"http://127.0.0.1:{port}", logger=logger,
+                                 client=probe_client(process))
 
             def exited() -> str | None:
                 code = process.returncode

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import httpx
 
 from ray_dstack.errors import RayDstackError
+from ray_dstack.serve.netns_connect import NamespaceBackend, NamespaceConnector
 from ray_dstack.serve.supervise import REPLICA_PID_ENV
 from ray_dstack.spec import PORT_ENV_VAR
 
@@ -53,11 +54,14 @@ class ServiceProcess:
         service_port: int | None = None,
         cleanup_dir: str | None = None,
         command: list[str] | None = None,
+        connector: NamespaceConnector | None = None,
     ) -> None:
         """`port`: where the service is reached from the replica; `service_port`: the port it listens on
         inside (differs behind pasta: `namespace` is pasta's argv prefix). `path`: PATH of the commands.
         `cleanup_dir`: removed by the supervisor once the commands are gone. `command`: an argv run under the
-        supervisor instead of the shell (a container: ray_dstack/serve/container_replica.py)."""
+        supervisor instead of the shell (a container: ray_dstack/serve/container_replica.py). `connector`: the
+        namespace's init hands out connections to the service (ray_dstack/serve/netns_connect.py); readiness
+        is then its port accepting inside the namespace."""
         self.command = command
         self.commands = commands
         self.port = port
@@ -67,15 +71,21 @@ class ServiceProcess:
         self.path = path
         self.namespace = namespace
         self.cleanup_dir = cleanup_dir
+        self.connector = connector if namespace is not None else None
         # pasta accepts on the host port before the service listens inside: only an HTTP answer counts.
         # A published container port too (docker-proxy accepts before the container listens).
-        self.http_ready = namespace is not None or command is not None
+        self.http_ready = (namespace is not None and self.connector is None) or command is not None
         self.logger = logger
         self.host = host
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
         self._probe_client: httpx.AsyncClient | None = None
+
+    @property
+    def network_backend(self) -> NamespaceBackend | None:
+        """How a client reaches the service when not by host and port (into its namespace); None: plainly."""
+        return NamespaceBackend(self.connector) if self.connector is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -105,9 +115,13 @@ class ServiceProcess:
                 raise ServiceProcessError(f"working_dir {self.working_dir!r} does not exist on this node")
         supervise = [sys.executable, "-m", "ray_dstack.serve.supervise"]
         command = self.command or [shell, "-c", shell_script(self.commands)]
-        if self.namespace is not None:
-            command = [*self.namespace, *supervise, "--init", "--", *command]
         cleanup = ["--cleanup", self.cleanup_dir] if self.cleanup_dir else []
+        if self.namespace is not None:
+            init = [*supervise, "--init"]
+            if self.connector is not None:
+                init += ["--connector", self.connector.path]
+                cleanup += ["--cleanup", self.connector.path]
+            command = [*self.namespace, *init, "--", *command]
         self._proc = await asyncio.create_subprocess_exec(
             *supervise,
             *cleanup,
@@ -163,6 +177,8 @@ class ServiceProcess:
 
     async def answers(self) -> bool:
         """The port takes connections (any HTTP answer where a proxy accepts before the service listens)."""
+        if self.connector is not None:
+            return await self.connector.accepts()
         return await (self._http_answers() if self.http_ready else self._port_open())
 
     async def _http_answers(self) -> bool:

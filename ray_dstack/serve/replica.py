@@ -19,7 +19,7 @@ from ray_dstack.errors import RayDstackError
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.ports import free_port, port_in_use
-from ray_dstack.serve import container_replica, netns, python_env, workspace
+from ray_dstack.serve import container_replica, netns, netns_connect, python_env, workspace
 from ray_dstack.serve.forward import Forwarder, upstream_path
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.ingress_traffic import ReplicaTraffic
@@ -69,7 +69,8 @@ class ServiceReplica:
             self._release()
             raise
         port = self.port
-        self.client = model_server_client(f"http://127.0.0.1:{port}", spec.request_timeout_s)
+        self.client = model_server_client(f"http://127.0.0.1:{port}", spec.request_timeout_s,
+                                          network_backend=self.process.network_backend)
         self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
         self.endpoint = None
         if spec.model is not None:
@@ -106,8 +107,11 @@ class ServiceReplica:
                     "replica gets a free port, or change `port`."
                 )
         self.port = port
+        connector = None
         try:
             self.workspace = workspace.create(spec.name, _replica_tag())
+            if namespace is not None:
+                connector = netns_connect.connector_for(self.workspace, spec.port, logger.warning)
             cwd = workspace.working_dir(self.workspace, spec.working_dir)
             # Blocking (a lock another replica may hold while it creates the env, a subprocess): off the loop.
             self.python_env = env = await asyncio.to_thread(python_env.acquire, spec.name, spec.python, logger.info)
@@ -125,6 +129,7 @@ class ServiceReplica:
             namespace=namespace,
             service_port=service_port,
             cleanup_dir=str(self.workspace),
+            connector=connector,
         ))
 
     async def _container_process(self, spec: ServiceSpec) -> ServiceProcess:

@@ -1,7 +1,7 @@
 """Runs a service's shell in its own process group and takes the whole group down with the replica.
 
-    python -m ray_dstack.serve.supervise [--cleanup DIR] -- /bin/bash -c "<commands>"
-    python -m ray_dstack.serve.supervise --init -- /bin/bash -c "<commands>"   (PID 1 of a PID namespace)
+    python -m ray_dstack.serve.supervise [--cleanup PATH]... -- /bin/bash -c "<commands>"
+    python -m ray_dstack.serve.supervise --init [--connector SOCKET] -- /bin/bash -c "<commands>"   (PID 1)
 
 Two processes, because the replica can die in ways that leave no chance to clean up:
 - the *anchor* (this process, the replica's direct child) asks for SIGTERM when the replica dies
@@ -11,25 +11,31 @@ Two processes, because the replica can die in ways that leave no chance to clean
   asks for SIGTERM when the anchor dies, is a subreaper so orphaned descendants stay under it, and on
   any termination signal kills the whole group, escalating to SIGKILL.
 A parent-death signal alone would reach only the shell, not the model server it started. The exit
-status is the shell's. `--cleanup DIR`: the guard removes DIR (the replica's working directory) once the
-service is gone, so a replica that died without cleaning up leaves no directory either.
+status is the shell's. `--cleanup PATH` (repeatable): the guard removes PATH (the replica's working
+directory, the namespace connector's socket) once the service is gone, so a replica that died without
+cleaning up leaves nothing either.
 
 `--init` runs inside the PID namespace pasta creates for a replica's network namespace
 (ray_dstack/serve/netns.py), where the command is PID 1: the kernel gives PID 1 no default action for
 SIGTERM (an ordinary server as PID 1 would ignore it) and makes it the reaper of every orphan. So the init
 forwards termination to every process of the namespace (`kill(-1)` there means "everyone but me"), reaps,
 and dies with pasta (its parent) through a parent-death signal; when it exits the kernel kills whatever is
-left in the namespace.
+left in the namespace. `--connector PATH`: the init also hands out connections to the namespace's loopback
+over a Unix socket at PATH, so the replica's data path bypasses pasta (ray_dstack/serve/netns_connect.py has
+why and the protocol).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 PR_SET_PDEATHSIG = 1
@@ -76,12 +82,64 @@ def _kill_own_group(grace_s: float) -> None:
         pass
 
 
-def _remove(cleanup: str | None) -> None:
-    if cleanup:
-        shutil.rmtree(cleanup, ignore_errors=True)
+def _remove(cleanup: list[str]) -> None:
+    for path in cleanup:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
-def _guard(argv: list[str], anchor: int, cleanup: str | None) -> int:
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _hand_out_connection(client: socket.socket) -> None:
+    """One request of the connector protocol: b"<port>\\n" → a socket connected to 127.0.0.1:<port> here."""
+    with client:
+        try:
+            client.settimeout(CONNECT_TIMEOUT_S)
+            port = int(client.recv(16).strip())
+            with socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S) as conn:
+                socket.send_fds(client, [b"ok"], [conn.fileno()])
+        except ValueError:
+            client.sendall(b"error %d a port number, then a newline" % errno.EINVAL)
+        except OSError as exc:
+            try:
+                client.sendall(b"error %d %s" % (exc.errno or errno.EIO, str(exc.strerror or exc).encode()))
+            except OSError:
+                pass  # the replica gave up waiting
+
+
+def serve_connector(path: str) -> socket.socket:
+    """Listen on the Unix socket `path` (mode 0600) and answer each request in a thread of its own."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(128)
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=_hand_out_connection, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept_forever, name="connector", daemon=True).start()
+    return listener
+
+
+def _guard(argv: list[str], anchor: int, cleanup: list[str]) -> int:
     os.setsid()
     if not _die_with_parent(anchor):
         _remove(cleanup)
@@ -126,11 +184,19 @@ def _end_namespace(grace_s: float) -> None:
         pass
 
 
-def _init(argv: list[str]) -> int:
+def _init(argv: list[str], connector: str | None) -> int:
     # kill(-1) outside a PID namespace would signal every process the user may signal: refuse.
     if os.getpid() != 1:
         print("supervise --init must run as PID 1 of its own PID namespace", file=sys.stderr)
         return 2
+    try:
+        return _init_namespace(argv, connector)
+    finally:
+        if connector:
+            _remove([connector])
+
+
+def _init_namespace(argv: list[str], connector: str | None) -> int:
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # pasta died: take the namespace down
 
     class Stop(Exception):
@@ -143,6 +209,8 @@ def _init(argv: list[str]) -> int:
         signal.signal(signum, on_signal)
     try:
         child = subprocess.Popen(argv).pid
+        if connector:
+            serve_connector(connector)
         while True:  # reap every orphan of the namespace until the service's shell exits
             pid, status = os.waitpid(-1, 0)
             if pid == child:
@@ -159,16 +227,19 @@ def _init(argv: list[str]) -> int:
     return code if code >= 0 else 128 - code
 
 
-USAGE = "usage: python -m ray_dstack.serve.supervise [--cleanup DIR | --init] -- CMD [ARGS...]"
+USAGE = ("usage: python -m ray_dstack.serve.supervise [--cleanup PATH]... -- CMD [ARGS...]\n"
+         "       python -m ray_dstack.serve.supervise --init [--connector SOCKET] -- CMD [ARGS...]")
 
 
 def main(argv: list[str]) -> int:
-    init, cleanup = False, None
+    init, cleanup, connector = False, [], None
     while argv and argv[0] != "--":
         if argv[0] == "--init":
             init, argv = True, argv[1:]
         elif argv[0] == "--cleanup" and len(argv) > 1:
-            cleanup, argv = argv[1], argv[2:]
+            cleanup, argv = [*cleanup, argv[1]], argv[2:]
+        elif argv[0] == "--connector" and len(argv) > 1:
+            connector, argv = argv[1], argv[2:]
         else:
             break
     if argv[:1] == ["--"]:
@@ -177,7 +248,7 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     if init:
-        return _init(argv)
+        return _init(argv, connector)
     # The replica passes its pid, so a replica that died before we got here is noticed too.
     replica = int(os.environ.get(REPLICA_PID_ENV) or os.getppid())
     if not _die_with_parent(replica):

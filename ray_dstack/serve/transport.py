@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+import httpcore
 import httpx
 
 SHARDS = 16
@@ -23,7 +24,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
     A streamed response keeps its connection in the pool that opened it until it is closed, as with one
     transport; limits apply per pool."""
 
-    def __init__(self, *, limits: httpx.Limits, shards: int = SHARDS) -> None:
+    def __init__(self, *, limits: httpx.Limits, shards: int = SHARDS,
+                 network_backend: httpcore.AsyncNetworkBackend | None = None) -> None:
         if shards < 1:
             raise ValueError("shards must be at least 1")
         per_pool = httpx.Limits(
@@ -31,7 +33,7 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             max_keepalive_connections=_split(limits.max_keepalive_connections, shards),
             keepalive_expiry=limits.keepalive_expiry,
         )
-        self.pools = [httpx.AsyncHTTPTransport(limits=per_pool) for _ in range(shards)]
+        self.pools = [plain_transport(per_pool, network_backend) for _ in range(shards)]
         self._next = itertools.cycle(self.pools)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -42,12 +44,29 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
+def plain_transport(limits: httpx.Limits,
+                    network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncHTTPTransport:
+    """httpx's transport (plain HTTP/1.1), its connections opened by `network_backend` when given (a
+    replica's namespace: ray_dstack/serve/netns_connect.py). httpx does not take a backend, so its pool is
+    replaced by an identical one that uses it; tests/serve/test_netns_connect.py checks it is used."""
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    if network_backend is not None:
+        transport._pool = httpcore.AsyncConnectionPool(
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=network_backend,
+        )
+    return transport
+
+
 def _split(total: int | None, shards: int) -> int | None:
     return None if total is None else max(1, -(-total // shards))
 
 
 def upstream_client(*, base_url: str = "", timeout: httpx.Timeout, max_connections: int | None,
-                    max_keepalive: int, keepalive_expiry: float = 30.0) -> httpx.AsyncClient:
+                    max_keepalive: int, keepalive_expiry: float = 30.0,
+                    network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncClient:
     """A long-lived client to a model server on the replica's node: sharded pools, no proxies from the
     environment (a replica's traffic never leaves for a proxy), no redirects followed."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive,
@@ -55,7 +74,7 @@ def upstream_client(*, base_url: str = "", timeout: httpx.Timeout, max_connectio
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=timeout,
-        transport=ShardedTransport(limits=limits),
+        transport=ShardedTransport(limits=limits, network_backend=network_backend),
         trust_env=False,
         follow_redirects=False,
     )
@@ -65,7 +84,8 @@ CONNECT_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 60.0
 
 
-def model_server_client(base_url: str, timeout_s: float | None) -> httpx.AsyncClient:
+def model_server_client(base_url: str, timeout_s: float | None,
+                        network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncClient:
     """The one client a replica keeps to its model server, shared by plain forwarding and the OpenAI adapters.
 
     `timeout_s` bounds each read (so the gap between two streamed chunks), not a whole stream: a long stream
@@ -76,4 +96,5 @@ def model_server_client(base_url: str, timeout_s: float | None) -> httpx.AsyncCl
         timeout=httpx.Timeout(connect=connect, read=timeout_s, write=WRITE_TIMEOUT_S, pool=None),
         max_connections=None,
         max_keepalive=512,
+        network_backend=network_backend,
     )

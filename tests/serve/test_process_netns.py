@@ -1,4 +1,5 @@
-"""Two service processes on port 8000 at once, each in its own pasta namespace (no Ray needed)."""
+"""Two service processes on port 8000 at once, each in its own pasta namespace (no Ray needed), reached the
+way a replica reaches them: through the connector of the namespace's init, and through pasta's host port."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import httpx
 import pytest
 
 from ray_dstack.ports import free_port
-from ray_dstack.serve import netns
+from ray_dstack.serve import netns, netns_connect
 from ray_dstack.serve.process import ServiceProcess
+from ray_dstack.serve.transport import model_server_client
 
 PASTA = shutil.which("pasta")
 assert PASTA is not None, "pasta (Debian package passt) is missing: .ci/run installs it"
@@ -40,6 +42,7 @@ def service(tmp_path, name: str, bind: str) -> ServiceProcess:
         [f"exec python3 -m http.server 8000 --bind {bind}"],
         port=host_port, service_port=8000, env={}, working_dir=str(root), logger=logging.getLogger("test"),
         namespace=netns.pasta_argv(PASTA, host_port, 8000), cleanup_dir=str(root),
+        connector=netns_connect.connector_for(root, 8000, warn=pytest.fail),
     )
 
 
@@ -55,6 +58,14 @@ def test_two_services_on_port_8000(tmp_path):
             async with httpx.AsyncClient() as client:
                 answers = [(await client.get(f"http://127.0.0.1:{p.port}/who")).text for p in (a, b)]
             assert answers == ["a", "b"]
+            # The replica's own client goes in through the connector: the URL's port is not used at all.
+            for p, name in ((a, "a"), (b, "b")):
+                assert os.path.exists(p.connector.path)
+                client = model_server_client(f"http://127.0.0.1:{free_port()}", 10, network_backend=p.network_backend)
+                try:
+                    assert [(await client.get("/who")).text for _ in range(3)] == [name] * 3
+                finally:
+                    await client.aclose()
             await a.check_health()
         finally:
             await a.stop(grace_s=10)
@@ -62,5 +73,6 @@ def test_two_services_on_port_8000(tmp_path):
         return a, b
 
     a, b = asyncio.run(scenario())
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # the supervisor cleaned up
+    # The supervisor cleaned up: directories and the connectors' sockets.
+    assert sorted(os.listdir(tmp_path)) == []
     assert pasta_pids() - before == set()
