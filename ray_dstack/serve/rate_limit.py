@@ -14,8 +14,8 @@ partition).
 Cluster-wide limits: every ingress process (each replica of the service, and the `/v1` gateway) enforces the
 limit for `share` of the traffic: R·share per second and B·share of burst. With N processes, share = 1/N, so
 while the load balancer spreads a client's requests evenly the service as a whole serves R per second, and an
-initial burst can reach B + N − 1 requests (each process lets its first request through). A client whose
-requests all land on one process gets R/N. See docs/traffic.md.
+initial burst can reach B + N requests, N − 1 more than nginx's B + 1 (each process serves ⌊B/N⌋ + 1 at once).
+A client whose requests all land on one process gets R/N. See docs/traffic.md.
 
 Cost: one dict lookup and a few float operations per request (bench: tests/serve/test_rate_limit.py).
 """

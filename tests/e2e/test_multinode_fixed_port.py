@@ -17,12 +17,15 @@ Run under the machine-wide lock: `flock /tmp/ray-e2e.lock python -m pytest tests
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,105 @@ def children_answering(lan: LanCluster, name: str, expected: int, tries: int = 6
 
 def running(status: dict) -> list[dict]:
     return [r for r in status["replicas"]["items"] if r["state"] == "RUNNING"]
+
+
+# The two-node rate limit: rps and burst for the service as a whole, driven well above the rate for a window.
+RL_RPS, RL_BURST, RL_REPLICAS = 10.0, 5, 2
+RL_WINDOW_S, RL_CLIENTS, RL_CLIENT_RPS = 10.0, 4, 20.0  # 80 requests/s offered: 8x the limit
+
+
+@dataclass
+class Sent:
+    sent: float  # client clock (time.monotonic), when the request left
+    done: float
+    status: int  # 0: no answer
+    host: str | None  # the worker whose child answered a 200
+    retry_after: str | None
+    error_code: str | None
+
+
+def drive(url: str, lan: LanCluster, start: float) -> list[Sent]:
+    """RL_CLIENTS threads, each sending GETs at RL_CLIENT_RPS from `start` for RL_WINDOW_S (paced on the clock,
+    a late request goes at once), every answer recorded with the client's timestamps."""
+    out: list[Sent] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        mine: list[Sent] = []
+        # Threads offset within one period, so the offered load is spread rather than in lockstep.
+        due = start + i / (RL_CLIENT_RPS * RL_CLIENTS)
+        with httpx.Client(timeout=10) as http:
+            while due < start + RL_WINDOW_S:
+                time.sleep(max(0.0, due - time.monotonic()))  # pacing to a schedule, not waiting on a condition
+                t0 = time.monotonic()
+                try:
+                    resp = http.get(url)
+                except httpx.HTTPError as exc:
+                    mine.append(Sent(t0, time.monotonic(), 0, None, None, repr(exc)))
+                else:
+                    host = lan.host_of_ip(resp.json()["ips"].split()[0]) if resp.status_code == 200 else None
+                    code = resp.json()["error"]["code"] if resp.status_code == 429 else None
+                    mine.append(Sent(t0, time.monotonic(), resp.status_code, host, resp.headers.get("retry-after"), code))
+                due += 1.0 / RL_CLIENT_RPS
+        with lock:
+            out.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(RL_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=RL_WINDOW_S + 60)
+    return sorted(out, key=lambda r: r.sent)
+
+
+def test_a_rate_limit_holds_for_the_service_across_two_nodes(lan, tmp_path):
+    """docs/traffic.md, "Cluster-wide, and its tolerance": each of N replicas enforces rps/N and burst/N. With one
+    replica per node and the requests spread over both by Serve, the service as a whole serves, in any window T
+    from a fresh start, at most rps*T + burst + N (GCRA per replica: floor(T*rps/N + burst/N) + 1), and at least
+    about rps*T while every replica is offered more than its share; each refusal is a 429 with Retry-After."""
+    name = "limited"
+    path = tmp_path / f"{name}.dstack.yml"
+    limit = f"rate_limits:\n  - {{prefix: /, rps: {RL_RPS:g}, burst: {RL_BURST}}}\n"
+    path.write_text(info_service_yaml(name, tmp_path, gpu="24GB", replicas=RL_REPLICAS, port=SERVICE_PORT, bind=None)
+                    + limit)
+    try:
+        proc = lan.run("deploy", str(path))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        replicas = running(lan.status(name))
+        assert sorted(lan.host_of_ip(r["node_ip"]) for r in replicas) == ["a10g-1", "a10g-2"], replicas
+
+        # No request reached the service before: every replica's partition starts fresh at `start`.
+        start = time.monotonic() + 0.2
+        sent = drive(f"{lan.http}/{name}/info.json", lan, start)
+    finally:
+        lan.run("delete", name, timeout=120)  # the GPUs are the next test's
+
+    n = RL_REPLICAS
+    accepted = [r for r in sent if r.status == 200]
+    refused = [r for r in sent if r.status == 429]
+    others = [r for r in sent if r.status not in (200, 429)]
+    # Every decision was made between `start` and the last answer; the lower bound uses the last request sent.
+    span = max(r.done for r in sent) - start
+    sending = max(r.sent for r in sent) - start
+    per_node = {h: sum(r.host == h for r in accepted) for h in lan.workers}
+    late = [r for r in accepted if r.sent >= start + RL_WINDOW_S / 2]
+    steady = len(late) / (RL_WINDOW_S / 2)
+    upper = RL_RPS * span + RL_BURST + n
+    lower = 0.8 * RL_RPS * sending
+    print(f"\nrate limit rps={RL_RPS:g} burst={RL_BURST} over {n} replicas on two nodes: offered "
+          f"{len(sent) / RL_WINDOW_S:.1f} req/s for {RL_WINDOW_S:g} s; accepted {len(accepted)} "
+          f"({len(accepted) / sending:.2f}/s over {sending:.2f} s; second half {steady:.2f}/s vs rps {RL_RPS:g}), "
+          f"refused {len(refused)}, other {len(others)}; bounds [{lower:.1f}, {upper:.1f}]; per node {per_node}; "
+          f"first second {sum(r.sent < start + 1 for r in accepted)} accepted")
+    assert not others, others[:5]
+    assert len(sent) / RL_WINDOW_S >= 3 * RL_RPS, "the clients did not drive the service well above its limit"
+    assert lower <= len(accepted) <= upper
+    # Each replica enforces its share (rps/N, burst/N), and the proxy gave both enough to use it.
+    for host, count in per_node.items():
+        assert RL_RPS / n * 0.5 * sending <= count <= RL_RPS / n * span + RL_BURST / n + 1, (host, count)
+    # A refusal waits at most one of a replica's intervals (N/rps): Retry-After is whole seconds, at least 1.
+    assert refused and all(r.error_code == "rate_limit_exceeded" for r in refused)
+    assert {r.retry_after for r in refused} == {str(max(1, math.ceil(n / RL_RPS)))}
 
 
 def test_fixed_port_replicas_run_on_two_nodes_and_both_serve(lan, tmp_path):

@@ -104,6 +104,25 @@ def test_share_divides_rate_and_burst_and_keeps_state():
     assert served(lim, 10) == 0  # the partition kept its state across the change
 
 
+@pytest.mark.parametrize("burst", [4, 5])
+def test_n_processes_serve_at_most_rps_t_plus_burst_plus_n_in_a_window(burst):
+    """docs/traffic.md's tolerance: N processes with share 1/N, each flooded (every 10 ms) for T seconds from a
+    fresh start, serve at most rps*T + burst + N together (each floor(T*rps/N + burst/N) + 1), and at least
+    rps*T: the initial burst is burst + N when N divides it (N - 1 more than one nginx's burst + 1)."""
+    n, rps, t = 2, 10.0, 10.0
+    clocks = [Clock() for _ in range(n)]
+    lims = [RateLimiter([RateLimitSpec(rps=rps, burst=burst)], share=1 / n, clock=c) for c in clocks]
+    at_once = sum(served(lim, 50) for lim in lims)
+    assert at_once == n * (burst // n + 1)
+    total = at_once
+    for _ in range(int(t / 0.01)):
+        for c in clocks:
+            c.t += 0.01
+        total += sum(served(lim, 1) for lim in lims)
+    assert rps * t <= total <= rps * t + burst + n
+    assert total == n * (int(t * rps / n + burst / n + 1e-9) + 1)
+
+
 def test_expired_partitions_are_swept(monkeypatch):
     import ray_dstack.serve.rate_limit as rl
 
