@@ -6,12 +6,15 @@ host. Here each replica's commands run under
     pasta --config-net -t 127.0.0.1/HOSTPORT:PORT -T none -U none -u none -- <command>
 
 which puts them in new network (and user and PID) namespaces with outbound access through pasta, and maps
-the free host port HOSTPORT (loopback only) to PORT inside; the replica forwards to HOSTPORT. Measured on
+the free host port HOSTPORT (loopback only) to PORT inside. The replica itself does not use that mapping (it
+costs 40 ms a request: ray_dstack/serve/netns_connect.py): the namespace's init hands it sockets connected
+inside; HOSTPORT stays for a person on the node and for a socket path too long for the connector. Measured on
 pasta 2023-03 (Debian 12): connections to the host's loopback are spliced to the namespace's loopback, so a
 service bound to `0.0.0.0:8000` and one bound to `127.0.0.1:8000` both answer. `-T none`/`-U none`: by default
 pasta also binds, inside the namespace, every port the host listens on (to reach host services), which would
 take 8000 itself when Serve's HTTP port is 8000 on the node. pasta accepts on HOSTPORT before the service
-listens inside, so readiness is an HTTP answer, not a TCP connect (ServiceProcess.http_ready).
+listens inside, so readiness through it is an HTTP answer (ServiceProcess.http_ready); through the connector
+it is the port accepting inside.
 
 The command is PID 1 of the new PID namespace: `supervise --init` runs there (ray_dstack/serve/supervise.py).
 As root pasta needs `--runas 0` (it drops to nobody otherwise); it cannot map uids then, so the commands see

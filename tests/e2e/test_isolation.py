@@ -95,6 +95,14 @@ def our_processes() -> dict[int, str]:
     return found
 
 
+def workdirs(cluster) -> set[Path]:
+    """The replicas' working directories (each with its namespace connector's socket beside it)."""
+    found = set((cluster.base / "work").iterdir())
+    dirs = {p for p in found if p.is_dir()}
+    assert found - dirs == {Path(f"{d}.sock") for d in dirs}, "a socket without its replica, or the reverse"
+    return dirs
+
+
 def running(cluster, name: str) -> int:
     return cluster.status(name)["replicas"]["running"]
 
@@ -120,13 +128,13 @@ def test_two_replicas_on_port_8000_with_their_own_files_env_and_pip(cluster, tmp
     status = cluster.status("iso")
     assert status["environment"]["network_namespace"] is True
     assert status["environment"]["python"] == "the node's version"
-    assert len(list((cluster.base / "work").iterdir())) == 2
+    assert len(workdirs(cluster)) == 2
 
     # A replica crash (its worker SIGKILLed): its pasta, supervisor, service and directory go with it, and
     # the replacement reuses the environment (no reinstall).
     victim = status["replicas"]["items"][0]["pid"]
     before = our_processes()
-    workdirs = set((cluster.base / "work").iterdir())
+    dirs = workdirs(cluster)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     cluster.wait_until(lambda: {p for p, c in our_processes().items() if p in before} != set(before),
@@ -135,8 +143,8 @@ def test_two_replicas_on_port_8000_with_their_own_files_env_and_pip(cluster, tmp
                        timeout=120, interval=0.5, what="the replacement replica")
     restart_s = time.monotonic() - killed_at
     print(f"replica replaced and serving {restart_s:.1f}s after SIGKILL")
-    now = set((cluster.base / "work").iterdir())
-    assert len(now) == 2 and len(now & workdirs) == 1  # the dead replica's directory is gone
+    now = workdirs(cluster)
+    assert len(now) == 2 and len(now & dirs) == 1  # the dead replica's directory and socket are gone
     alive = our_processes()
     assert len([c for c in alive.values() if "supervise --cleanup" in c]) == 2 * 2  # anchor + guard per replica
     assert list(alive.values()).count("pasta") == 2
@@ -184,3 +192,17 @@ def test_seed_autoscaling_shape_scales_past_one_replica_on_one_node(cluster, tmp
                        timeout=90, what="back to 1 replica")
     cluster.run("delete", "auto", check=True)
     cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
+
+
+def test_ray_stop_on_the_node_leaves_no_namespace_behind(cluster, tmp_path):
+    """The node's `ray stop` (as an operator runs it, not --force) with namespaced replicas up: their pasta,
+    supervisors, services, working directories and connector sockets all go."""
+    path = write_service(tmp_path, "stopped", service("stopped", "replicas: 2\n"))
+    assert cluster.run("deploy", str(path), timeout=300).returncode == 0
+    assert list(our_processes().values()).count("pasta") == 2
+    assert len(workdirs(cluster)) == 2
+    stop = subprocess.run([str(BIN / "ray"), "stop"], capture_output=True, text=True, env=cluster.env, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
+    cluster.wait_until(lambda: not list((cluster.base / "work").iterdir()), timeout=10, interval=0.2,
+                       what="no working directory or socket left")
