@@ -59,13 +59,10 @@ def _die_with_parent(expected_parent: int) -> bool:
     return os.getppid() == expected_parent
 
 
-def _kill_own_group(grace_s: float) -> None:
-    """SIGTERM the guard's group (the service), reap, then SIGKILL what is left. The guard survives."""
-    for signum in TERMINATING:
-        signal.signal(signum, signal.SIG_IGN)
-    pgid = os.getpgid(0)
+def _terminate(kill, grace_s: float) -> None:
+    """`kill(SIGTERM)`, reap children until none is left or `grace_s` passed, then `kill(SIGKILL)`."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        kill(signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
@@ -77,9 +74,17 @@ def _kill_own_group(grace_s: float) -> None:
         if pid == 0:
             time.sleep(0.05)
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        kill(signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _kill_own_group(grace_s: float) -> None:
+    """SIGTERM the guard's group (the service), reap, then SIGKILL what is left. The guard survives."""
+    for signum in TERMINATING:
+        signal.signal(signum, signal.SIG_IGN)
+    pgid = os.getpgid(0)
+    _terminate(lambda signum: os.killpg(pgid, signum), grace_s)
 
 
 def _remove(cleanup: list[str]) -> None:
@@ -166,22 +171,7 @@ def _guard(argv: list[str], anchor: int, cleanup: list[str]) -> int:
 
 def _end_namespace(grace_s: float) -> None:
     """SIGTERM every other process of this PID namespace, reap, then SIGKILL the rest."""
-    try:
-        os.kill(-1, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.05)
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _terminate(lambda signum: os.kill(-1, signum), grace_s)
 
 
 def _init(argv: list[str], connector: str | None) -> int:
