@@ -8,6 +8,15 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+RUNTIME_ENV = "RAY_DSTACK_CONTAINER_RUNTIME"  # podman, docker, or a path to either (on the nodes; and for `plan`)
+RUNTIMES = ("podman", "docker")
+
+
+def runtime_kind(chosen: str) -> str | None:
+    """"podman" or "docker" for a runtime name or path (`/usr/local/bin/docker`), None for anything else."""
+    base = chosen.strip().rsplit("/", 1)[-1]
+    return next((r for r in RUNTIMES if base.startswith(r)), None)
+
 
 def container_name(service: str, replica: str) -> str:
     """`<service>-<replica>`, reduced to the characters runtimes accept in a name."""
@@ -86,11 +95,12 @@ class ContainerRun:
         return shlex.join(self.argv())
 
 
-def display(spec) -> str:
-    """The podman command `plan` shows for a service spec with `image` (duck-typed: this module sits beside
-    ray_dstack.spec). Placeholders where the replica decides: its name, host port, env file, node flags."""
+def display(spec, runtime: str = "podman") -> str:
+    """The `runtime` ("podman" or "docker") command `plan` shows for a service spec with `image` (duck-typed:
+    this module sits beside ray_dstack.spec). Placeholders where the replica decides: its name, host port, env
+    file, node flags."""
     run = ContainerRun(
-        runtime="podman", name=f"{spec.name}-<replica>", image=spec.image,
+        runtime=runtime, name=f"{spec.name}-<replica>", image=spec.image,
         container_port=spec.port, host_port=0, commands=list(spec.commands), entrypoint=spec.entrypoint,
         working_dir=spec.working_dir if not spec.working_dir or spec.working_dir.startswith("/")
         else "/" + spec.working_dir, shm_size_bytes=spec.shm_size_bytes,

@@ -28,13 +28,23 @@ def parse_env_args(pairs: list[str] | None) -> dict[str, str]:
     return result
 
 
+def container_runtime() -> str:
+    """Whose `run` command `plan` shows: what $RAY_DSTACK_CONTAINER_RUNTIME names here (docker, podman or a
+    path to either), else podman. An unknown value is the nodes' error to report; here it shows podman's."""
+    import os
+
+    from ray_dstack.container_command import RUNTIME_ENV, runtime_kind
+
+    return runtime_kind(os.environ.get(RUNTIME_ENV) or "") or "podman"
+
+
 def _plan(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
     from ray_dstack.serve import netns
 
     loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
-    plan = build_plan(loaded, network_namespaces=netns.available())
+    plan = build_plan(loaded, network_namespaces=netns.available(), container_runtime=container_runtime())
     data = plan.to_display_dict()
     if args.json:
         output.print_json({"serve_config": data, "gpu_types": plan.gpu_types, "warnings": plan.warnings,

@@ -49,6 +49,7 @@ class ServicePlan:
     requirements: dict[str, str]  # advisory / not enforced by Ray, for display
     warnings: list[str] = field(default_factory=list)
     created: int | None = None  # the model's `created` time in /v1/models: first deploy, kept on redeploys
+    container_runtime: str = "podman"  # whose `run` command the plan shows for `image` (the nodes choose their own)
 
     @property
     def route_prefix(self) -> str:
@@ -157,17 +158,17 @@ class ServicePlan:
             )
         else:
             lines.append(f"replicas: {self.deployment['num_replicas']}")
-        lines.extend(container_lines(self.spec))
+        lines.extend(container_lines(self.spec, self.container_runtime))
         lines.extend(traffic_lines(self.spec))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return lines
 
 
-def container_lines(spec: rt.ServiceSpec) -> list[str]:
-    """`image`: the command each replica runs (podman shown; docker's differs only in the GPU flag)."""
+def container_lines(spec: rt.ServiceSpec, runtime: str = "podman") -> list[str]:
+    """`image`: the command each replica runs with `runtime` (podman or docker: the GPU flags differ)."""
     if spec.image is None:
         return []
-    lines = [f"container per replica: {container_command.display(spec)}"]
+    lines = [f"container per replica: {container_command.display(spec, runtime)}"]
     if spec.registry_auth is not None:
         lines.append(f"registry_auth: user {spec.registry_auth.username}, password {defaults.REDACTED} "
                      "(handed to the replicas through Ray's internal KV, used for that pull only)")
@@ -184,14 +185,20 @@ def environment_of(spec: rt.ServiceSpec) -> dict[str, Any]:
 
 
 def build_plan(
-    source: LoadedService | ServiceConfig, *, token_sha256: str | None = None, network_namespaces: bool = False
+    source: LoadedService | ServiceConfig, *, token_sha256: str | None = None, network_namespaces: bool = False,
+    container_runtime: str = "podman",
 ) -> ServicePlan:
     """Map a validated configuration onto Ray Serve. Raises `PlanError` for what Ray cannot run.
 
     `network_namespaces`: whether the nodes give each replica of a fixed-port service a network namespace
     (pasta). The plan stays pure: the CLI decides (ray_dstack.serve.netns.available(), i.e.
     $RAY_DSTACK_NETWORK_NAMESPACES or pasta on the deploying machine's PATH). Without them a fixed port means
-    one replica per node."""
+    one replica per node.
+
+    `container_runtime`: "podman" or "docker", whose `run` command the plan shows for `image` (the CLI passes
+    what $RAY_DSTACK_CONTAINER_RUNTIME names where it runs; each node still detects its own)."""
+    if container_runtime not in container_command.RUNTIMES:
+        raise ValueError(f"container_runtime must be one of {container_command.RUNTIMES}, got {container_runtime!r}")
     if isinstance(source, LoadedService):
         config, warnings = source.config, list(source.warnings)
         where = source.path.name if source.path else (config.name or "<config>")
@@ -330,6 +337,7 @@ def build_plan(
     return ServicePlan(
         name=name, config=config, spec=spec, ray_actor_options=opts, deployment=deployment,
         gpu_types=gpu_types if "num_gpus" in opts else None, requirements=requirements, warnings=warnings,
+        container_runtime=container_runtime,
     )
 
 

@@ -29,16 +29,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ray_dstack.container_command import (  # noqa: F401
+    RUNTIME_ENV,
+    RUNTIMES,
     ContainerRun,
     container_name,
     gpu_flags,
+    runtime_kind,
     shell_script,
 )
 from ray_dstack.errors import RayDstackError
 
-RUNTIME_ENV = "RAY_DSTACK_CONTAINER_RUNTIME"
 FLAGS_ENV = "RAY_DSTACK_CONTAINER_FLAGS"
-RUNTIMES = ("podman", "docker")
 # Every container ray-dstack starts carries these labels: the owner (replica pid + its start time, so a reused
 # pid is not mistaken for the owner) lets any replica on the node remove containers whose owner is gone.
 LABEL = "ray-dstack"
@@ -79,8 +80,7 @@ def detect_runtime(environ: Mapping[str, str] | None = None, which=shutil.which,
     node = node or node_name()
     chosen = (environ.get(RUNTIME_ENV) or "").strip()
     if chosen:
-        base = os.path.basename(chosen)
-        kind = next((r for r in RUNTIMES if base.startswith(r)), None)
+        kind = runtime_kind(chosen)
         if kind is None:
             raise ContainerError(f"{RUNTIME_ENV}={chosen!r} on node {node}: expected podman or docker (or a path to one)")
         path = which(chosen)

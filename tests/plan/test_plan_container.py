@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ray_dstack.cli.main import main
 from ray_dstack.plan import build_plan
 from tests.support.config_helpers import load
@@ -63,3 +65,25 @@ def test_cli_plan_redacts_the_registry_password(tmp_path, capsys):
     assert main(["plan", str(f)]) == 0
     out = capsys.readouterr().out
     assert "hunter2-plan-pw" not in out and "hf_plan_secret" not in out and "podman run" in out
+
+
+def test_plan_shows_dockers_command_where_the_runtime_chosen_is_docker(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "llm.dstack.yml"
+    f.write_text(IMAGE + "commands: [run]\n")
+    monkeypatch.delenv("RAY_DSTACK_CONTAINER_RUNTIME", raising=False)
+    assert main(["plan", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "container per replica: podman run --name 'llm-<replica>'" in out and "docker run" not in out
+    for chosen in ("docker", "/usr/local/bin/docker"):
+        monkeypatch.setenv("RAY_DSTACK_CONTAINER_RUNTIME", chosen)
+        assert main(["plan", str(f)]) == 0
+        out = capsys.readouterr().out
+        assert "container per replica: docker run --name 'llm-<replica>' --init --rm --pull never" in out
+        assert "podman run" not in out and "hunter2-plan-pw" not in out
+
+
+def test_build_plan_takes_the_runtime_to_show():
+    p = build_plan(load(IMAGE + "commands: [run]\n"), container_runtime="docker")
+    assert any(line.startswith("container per replica: docker run ") for line in p.summary_lines())
+    with pytest.raises(ValueError, match="container_runtime"):
+        build_plan(load(IMAGE), container_runtime="lxc")
