@@ -121,20 +121,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         previous_time = ((details.get("applications") or {}).get(name) or {}).get("last_deployed_time_s")
 
         output.err.print(f"Deploying {name} to {client.address} ...")
+        pulls = watch_pulls(client.address, name) if plan.spec.image and not args.detach else None
         client.put_applications(new_config)
         if args.detach:
             output.out.print(f"Submitted {name}; watch it with `ray-dstack status {name}`")
             return 0
-        result = wait_for_service(
-            client,
-            name,
-            timeout_s=args.timeout,
-            on_progress=lambda line: output.err.print(f"  {line}", markup=False),
-            previous_deployed_time=previous_time,
-            ray_actor_options=app_cfg["deployments"][0].get("ray_actor_options") or {},
-            # Where an autoscaler may still add a node that fits, wait the whole timeout.
-            fail_if_unplaceable=client.is_fixed_size(),
-        )
+        try:
+            result = wait_for_service(
+                client,
+                name,
+                timeout_s=args.timeout,
+                on_progress=lambda line: output.err.print(f"  {line}", markup=False),
+                previous_deployed_time=previous_time,
+                ray_actor_options=app_cfg["deployments"][0].get("ray_actor_options") or {},
+                # Where an autoscaler may still add a node that fits, wait the whole timeout.
+                fail_if_unplaceable=client.is_fixed_size(),
+                more_progress=pulls.lines if pulls else None,  # the image pull's progress per node
+            )
+        finally:
+            if pulls:
+                pulls.clear()
         if not result.ok:
             rollback(client, name, existing)
             if store is not None:  # the previous version (if any) keeps its own entry
@@ -164,6 +170,19 @@ def hand_over_registry_auth(address: str, name: str, config, ref) -> tuple[Any, 
     key = new_key(name)
     store.put(key, config.registry_auth.username, config.registry_auth.password.get_secret_value())
     return store, key
+
+
+def watch_pulls(address: str, name: str):
+    """The image pull's progress per node (ray_dstack/deploy/pull_watch.py), its stale entries cleared; None,
+    with a note, where the cluster's GCS cannot be reached from here (the deploy goes on without it)."""
+    from ray_dstack.deploy.pull_watch import PullWatch
+
+    pulls, why_not = PullWatch.connect(address, name)
+    if pulls is None:
+        output.err.print(f"  (no image pull progress: {why_not})", markup=False)
+        return None
+    pulls.clear()
+    return pulls
 
 
 def http_options(args: argparse.Namespace, started_locally: bool) -> dict[str, Any]:
@@ -339,12 +358,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if not apps.is_service(configs[args.name]):
             raise UsageError(f"{args.name!r} is a Serve application that ray-dstack did not deploy; not deleting it")
         apps.check_can_write(details, args.name)
-        ref = apps.service_spec(configs[args.name]).registry_auth
+        spec = apps.service_spec(configs[args.name])
         client.put_applications(apps.merged_config(details, remove=args.name))
-        if ref is not None:
+        if spec.registry_auth is not None:
             from ray_dstack.deploy.registry_auth import CredentialStore
 
             CredentialStore(client.address).forget(args.name)
+        if spec.image is not None:  # pull progress that replicas started after the deploy left behind
+            from ray_dstack.deploy.pull_watch import PullWatch
+
+            pulls, _ = PullWatch.connect(client.address, args.name)
+            if pulls:
+                pulls.clear()
         deadline = time.monotonic() + args.timeout
         while args.name in (client.serve_details().get("applications") or {}):
             if time.monotonic() > deadline:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 from urllib.parse import urlparse
 
 from ray_dstack.errors import RayDstackError
@@ -46,28 +47,38 @@ def gcs_address(dashboard_address: str) -> str:
     return f"{host}:6379"
 
 
+def connect_gcs(address: str, purpose: str):
+    """A `GcsClient` for the cluster's GCS at `address`, checked reachable; RayDstackError saying where it tried
+    (and how to point elsewhere) otherwise. `purpose` completes "cannot reach the cluster's GCS at X to ..."."""
+    try:
+        # A GcsClient retries an address that refuses for ~40 s; a plain connect says so in a few.
+        host, _, port = address.rpartition(":")
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+        # Ray 2.60 clusters started where a token exists (~/.ray/auth_token) want it; Ray's own drivers
+        # turn token mode on the same way before they talk to the GCS.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+        from ray._raylet import GcsClient
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+        gcs = GcsClient(address=address)
+        gcs.internal_kv_keys(KEY_PREFIX.encode(), KV_NAMESPACE, timeout=10)  # reachable?
+        return gcs
+    except Exception as exc:  # noqa: BLE001 - any failure: say where we tried and how to point elsewhere
+        raise RayDstackError(
+            f"cannot reach the cluster's GCS at {address} to {purpose} ({type(exc).__name__}); "
+            f"set {GCS_ADDRESS_ENV}=<head>:<gcs port> (default port 6379)"
+        ) from None
+
+
 class CredentialStore:
     """A connection to the cluster's GCS for the duration of one command."""
 
     def __init__(self, dashboard_address: str) -> None:
         self.address = gcs_address(dashboard_address)
-        try:
-            # Ray 2.60 clusters started where a token exists (~/.ray/auth_token) want it; Ray's own drivers
-            # turn token mode on the same way before they talk to the GCS.
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-            from ray._raylet import GcsClient
-
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-            self._gcs = GcsClient(address=self.address)
-            self._gcs.internal_kv_keys(KEY_PREFIX.encode(), KV_NAMESPACE, timeout=10)  # reachable?
-        except Exception as exc:  # noqa: BLE001 - any failure: say where we tried and how to point elsewhere
-            raise RayDstackError(
-                f"cannot reach the cluster's GCS at {self.address} to hand `registry_auth` to the replicas "
-                f"({type(exc).__name__}); set {GCS_ADDRESS_ENV}=<head>:<gcs port> (default port 6379)"
-            ) from None
+        self._gcs = connect_gcs(self.address, "hand `registry_auth` to the replicas")
 
     def put(self, key: str, username: str, password: str) -> None:
         value = json.dumps({"username": username, "password": password}).encode()

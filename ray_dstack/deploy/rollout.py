@@ -116,15 +116,19 @@ def wait_for_service(
     ray_actor_options: dict[str, Any] | None = None,
     fail_if_unplaceable: bool = True,
     unplaceable_after_s: float = 30.0,
+    more_progress: Callable[[], list[str]] | None = None,
 ) -> RolloutResult:
     """`previous_deployed_time`: the app's `last_deployed_time_s` before this deploy (a redeploy is
-    watched only once Serve has taken the new config)."""
+    watched only once Serve has taken the new config). `more_progress`: lines to print on each poll besides
+    the replicas' states (an image pull's progress, ray_dstack/deploy/pull_watch.py)."""
     started = time.monotonic()
     deadline = started + timeout_s
     last_line = ""
     pending_placement: str | None = None
     while True:
         details = client.serve_details()
+        for extra in more_progress() if more_progress else ():
+            on_progress(extra)
         app = (details.get("applications") or {}).get(name)
         if app is not None and app.get("last_deployed_time_s") != previous_deployed_time:
             status = app.get("status")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ray_dstack.serve import container as c
+from ray_dstack.serve import pull_progress
 from ray_dstack.spec import PORT_ENV_VAR, ServiceSpec
 
 
@@ -44,6 +45,26 @@ def read_credentials(key: str) -> tuple[str, str]:
         raise c.ContainerError("this deploy's `registry_auth` is no longer in the cluster's KV: deploy the service again")
     data = json.loads(raw)
     return data["username"], data["password"]
+
+
+def pull_with_progress(runtime: c.Runtime, spec: ServiceSpec, username: str | None, password: str | None,
+                       log: Callable[[str], None]) -> bool:
+    """The pull, its lines into the replica's log and its progress to `deploy` (ray_dstack/serve/pull_progress.py).
+    The lines are scrubbed of the password before either sees them (container.pull)."""
+    assert spec.image is not None
+    progress = pull_progress.Publisher(spec.name, spec.image, c.node_name())
+
+    def on_line(line: str) -> None:
+        log(f"[pull] {line}")
+        progress.line(line)
+
+    try:
+        pulled = c.pull(runtime, spec.image, username=username, password=password, on_line=on_line)
+    except c.ContainerError as exc:
+        progress.finish(c.scrub(str(exc), password), failed=True)
+        raise
+    progress.finish("pulled" if pulled else "already on the node, reused")
+    return pulled
 
 
 def container_working_dir(working_dir: str | None) -> str | None:
@@ -79,7 +100,7 @@ def prepare(spec: ServiceSpec, *, replica_tag: str, host_port: int, gpu_ids: Seq
     if spec.registry_auth is not None:
         username, password = read_credentials(spec.registry_auth.kv_key)
     log(f"pulling image {spec.image} with {runtime.name}" + (f" as {username}" if username else ""))
-    pulled = c.pull(runtime, spec.image, username=username, password=password, on_line=lambda line: log(f"[pull] {line}"))
+    pulled = pull_with_progress(runtime, spec, username, password, log)
     log(f"image {spec.image} " + ("pulled" if pulled else "already on this node: reused"))
     name = c.container_name(spec.name, replica_tag)
     secret_dir = c.private_dir("ray-dstack-ctr-")
