@@ -12,6 +12,8 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
   svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
   svc-ns      svc-openai's service with a fixed `--port 8000`: the child runs in a network namespace of its own
               (pasta), the replica forwards to the host port pasta maps to it (compare with svc-openai)
+  svc-rl      svc-openai's service with a `rate_limits` entry too high ever to refuse: what checking a limit on
+              every request costs (compare with svc-openai)
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
 and, with --llama (on by default in a full run), the real llama.cpp demo service (SmolLM2-135M) at low concurrency.
 
@@ -41,11 +43,19 @@ from bench import loadgen, report, stack
 SYNTH_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
 
-def service_yaml(name: str, model: str, fmt: str, *, rate: float, tokens: int, port: str = "$RAY_DSTACK_PORT") -> str:
-    """`port`: `$RAY_DSTACK_PORT` (a free port on the node) or a fixed one (`8000`: a network namespace per replica)."""
+# svc-rl's limit: one partition (the load generator's address) far above any rate the bench reaches, so every
+# request is checked and none is refused (the cost of the check is what svc-rl vs svc-openai measures).
+UNREACHABLE_LIMIT = "rate_limits:\n  - {prefix: /, rps: 1000000, burst: 1000000}\n"
+
+
+def service_yaml(name: str, model: str, fmt: str, *, rate: float, tokens: int, port: str = "$RAY_DSTACK_PORT",
+                 rate_limits: str = "") -> str:
+    """`port`: `$RAY_DSTACK_PORT` (a free port on the node) or a fixed one (`8000`: a network namespace per replica).
+    `rate_limits`: YAML appended as is (`UNREACHABLE_LIMIT`)."""
     extra = ""
     if fmt == "tgi":
         extra = f'  chat_template: "{SYNTH_CHAT_TEMPLATE}"\n  eos_token: "</s>"\n'
+    extra += rate_limits
     return f"""type: service
 name: {name}
 commands:
@@ -128,11 +138,14 @@ class Bench:
             "synth-openai": tmp / "synth-openai.dstack.yml",
             "synth-tgi": tmp / "synth-tgi.dstack.yml",
             "synth-ns": tmp / "synth-ns.dstack.yml",
+            "synth-rl": tmp / "synth-rl.dstack.yml",
         }
         files["synth-openai"].write_text(service_yaml("synth-openai", "synth", "openai", rate=self.a.rate, tokens=self.a.tokens))
         files["synth-tgi"].write_text(service_yaml("synth-tgi", "synth-tgi", "tgi", rate=self.a.rate, tokens=self.a.tokens))
         files["synth-ns"].write_text(service_yaml("synth-ns", "synth-ns", "openai", rate=self.a.rate, tokens=self.a.tokens,
                                                   port="8000"))
+        files["synth-rl"].write_text(service_yaml("synth-rl", "synth-rl", "openai", rate=self.a.rate, tokens=self.a.tokens,
+                                                  rate_limits=UNREACHABLE_LIMIT))
         with stack.machine_lock(self.a.lock):
             self.log(f"variant {variant}: starting Ray ({stack.VARIANTS[variant] or 'no Serve env vars'})")
             cluster = stack.RayCluster(variant, pin=self.a.pin)
@@ -145,6 +158,7 @@ class Bench:
                 svc_openai = cluster.base_url("synth-openai", "/synth-openai")
                 svc_tgi = cluster.base_url("synth-tgi", "/synth-tgi")
                 svc_ns = cluster.base_url("synth-ns", "/synth-ns")
+                svc_rl = cluster.base_url("synth-rl", "/synth-rl")
                 gw = cluster.base_url("ray-dstack-gateway", "/v1")
                 hand = cluster.base_url("hand", "/hand")
                 targets: dict[str, loadgen.Target] = {}
@@ -153,6 +167,8 @@ class Bench:
                     if nginx is not None:
                         targets["nginx"] = loadgen.Target("nginx", f"{nginx.url}/v1/chat/completions", "synth")
                 targets["svc-openai"] = loadgen.Target("svc-openai", f"{svc_openai}/synth-openai/v1/chat/completions", "synth")
+                # Right after svc-openai: the two are compared, and points are measured in this order.
+                targets["svc-rl"] = loadgen.Target("svc-rl", f"{svc_rl}/synth-rl/v1/chat/completions", "synth-rl")
                 targets["gw-openai"] = loadgen.Target("gw-openai", f"{gw}/v1/chat/completions", "synth")
                 targets["svc-tgi"] = loadgen.Target("svc-tgi", f"{svc_tgi}/synth-tgi/v1/chat/completions", "synth-tgi")
                 targets["svc-ns"] = loadgen.Target("svc-ns", f"{svc_ns}/synth-ns/v1/chat/completions", "synth-ns")
