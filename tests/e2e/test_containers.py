@@ -4,15 +4,18 @@ Images are built from this machine's files (tests/support/images.py: busybox for
 stdlib TGI-wire server as `text-generation-launcher`), pushed to a local registry that wants a password, and
 deployed with `registry_auth`: two replicas on the same container port both serve; the password shows in no
 output and no process's command line; a wrong password fails the deploy with the registry's reason and leaves
-nothing; `delete` leaves no container; the TGI-shaped image with `format: tgi` answers the OpenAI SDK.
+nothing; a failed redeploy keeps the previous version serving; `delete` leaves no container; the TGI-shaped
+image with `format: tgi` answers the OpenAI SDK; the pull's progress shows in deploy's output.
 The runtime flags podman needs on this machine reach the replicas through RAY_DSTACK_CONTAINER_FLAGS.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +121,8 @@ def test_private_image_two_replicas_on_one_port_and_nothing_left(cluster, regist
     no_password(deploy.stdout + deploy.stderr, "deploy")
     no_password(command_lines(), "a process's command line")
     assert len(containers("web")) == 2
+    # The pull's progress reaches deploy's own progress lines (ray_dstack/serve/pull_progress.py).
+    assert f"pulling {registry.web} on {socket.gethostname()}: " in deploy.stderr, deploy.stderr
 
     # Both replicas serve, each from its own container (its own hostname) on container port 8000.
     seen = set()
@@ -153,6 +158,52 @@ def test_wrong_password_fails_the_deploy_and_leaves_nothing(cluster, registry, t
     listed = cluster.run("list")
     assert "webbad" not in listed.stdout
     assert not containers("webbad")
+
+
+def test_failed_redeploy_keeps_the_previous_version_serving(cluster, registry, tmp_path):
+    """A redeploy whose pull fails (wrong password) fails with the registry's reason; the running version keeps
+    answering throughout, gets back its replicas, and no container of the failed version is left."""
+    first = write_service(tmp_path, "keep", web_service(registry.web, "keep"))
+    deploy = cluster.run("deploy", str(first), timeout=300)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    answers: list[int | str] = []
+    stop = threading.Event()
+
+    def keep_asking():
+        while not stop.is_set():
+            try:
+                answers.append(httpx.get(f"{cluster.http}/keep/", timeout=10).status_code)
+            except httpx.HTTPError as exc:
+                answers.append(repr(exc))
+            stop.wait(0.2)
+
+    asker = threading.Thread(target=keep_asking, daemon=True)
+    asker.start()
+    wrong = "not-the-password-0815"
+    (tmp_path / "v2").mkdir()
+    second = write_service(tmp_path / "v2", "keep", web_service(registry.web, "keep", password=wrong))
+    t0 = time.monotonic()
+    redeploy = cluster.run("deploy", str(second), "--timeout", "60", timeout=200)
+    out = redeploy.stdout + redeploy.stderr
+    failed_s = time.monotonic() - t0
+    assert redeploy.returncode != 0, out
+    assert "unauthorized" in out.lower() and "The previous version keeps serving" in out, out
+    assert wrong not in out and PASSWORD not in out
+
+    def first_version_whole():
+        status = cluster.status("keep")
+        return status["replicas"]["running"] == 2 and status["status"] == "RUNNING" and len(containers("keep")) == 2
+
+    t0 = time.monotonic()
+    wait_until(first_version_whole, timeout=60, interval=1, what="the first version's 2 replicas and containers")
+    print(f"\nfailed redeploy: {failed_s:.1f}s; the first version whole again {time.monotonic() - t0:.1f}s later")
+    stop.set()
+    asker.join(timeout=15)
+    assert answers and all(a == 200 for a in answers), f"the first version stopped answering: {answers}"
+    assert httpx.get(f"{cluster.http}/keep/", timeout=10).text.startswith("hello-from-env ")
+    cluster.run("delete", "keep", check=True)
+    wait_until(lambda: not containers("keep"), timeout=60, interval=0.5, what="the containers to be removed")
 
 
 def test_tgi_image_answers_the_openai_sdk(cluster, registry, tmp_path):
