@@ -11,7 +11,7 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
   gw-openai   the same service through the /v1 gateway (proxy → OpenAIGateway → handle → ServiceReplica → child)
   svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
   svc-ns      svc-openai's service with a fixed `--port 8000`: the child runs in a network namespace of its own
-              (pasta), the replica forwards to the host port pasta maps to it (compare with svc-openai)
+              (pasta), the replica connects through sockets the namespace's init hands out (compare with svc-openai)
   svc-rl      svc-openai's service with a `rate_limits` entry too high ever to refuse: what checking a limit on
               every request costs (compare with svc-openai)
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
