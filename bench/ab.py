@@ -1,11 +1,13 @@
 """Interleaved A/B of two ray-dstack service paths, for differences smaller than the bench's run-to-run drift.
 
-    python -m bench.ab [--rounds 8] [--requests 400] [--streams 12] [--concurrency 64] [--window 6] [--out DIR]
+    python -m bench.ab [--b svc-ns|svc-rl] [--rounds 8] [--requests 400] [--streams 12] [--concurrency 64]
+                       [--window 6] [--out DIR]
 
 `python -m bench` measures its paths one after another, so a machine whose load drifts over the run (other
 jobs, Ray's own background work on the server core) moves one path against the other by more than the
-0.2 ms a target may allow. Here one Ray cluster serves both services (`svc-openai`: `$RAY_DSTACK_PORT`;
-`svc-ns`: a fixed `--port 8000` in a network namespace of its own), and each round measures A then B then
+0.2 ms a target may allow. Here one Ray cluster serves both services (A, `svc-openai`: `$RAY_DSTACK_PORT`;
+B, `--b`: `svc-ns`, a fixed `--port 8000` in a network namespace of its own, or `svc-rl`, a rate limit that never
+refuses), and each round measures A then B then
 B then A with the same sequential client (non-streaming requests: end-to-end latency; streams: time to first
 token) and with `--concurrency` streams at once (tokens/s, 64 tokens at 50 tokens/s each, as in the bench), so
 drift cancels out of the per-round differences. Reported: each path's median over all rounds, and
@@ -28,9 +30,15 @@ from pathlib import Path
 import httpx
 
 from bench import loadgen, stack
-from bench.__main__ import service_yaml
+from bench.__main__ import UNREACHABLE_LIMIT, service_yaml
 
-PATHS = {"svc-openai": ("synth-openai", "$RAY_DSTACK_PORT"), "svc-ns": ("synth-ns", "8000")}
+A = "svc-openai"
+# path -> (service name, port, rate_limits YAML)
+PATHS = {
+    "svc-openai": ("synth-openai", "$RAY_DSTACK_PORT", ""),
+    "svc-ns": ("synth-ns", "8000", ""),
+    "svc-rl": ("synth-rl", "$RAY_DSTACK_PORT", UNREACHABLE_LIMIT),
+}
 
 
 def chat(client: httpx.Client, url: str, model: str, *, stream: bool) -> float:
@@ -56,6 +64,7 @@ def measure(client: httpx.Client, url: str, model: str, n: int, *, stream: bool)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--b", default="svc-ns", choices=[p for p in PATHS if p != A], help="the path compared with svc-openai")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--requests", type=int, default=400, help="non-streaming requests per path per half-round")
     ap.add_argument("--streams", type=int, default=12, help="streams per path per half-round (TTFT)")
@@ -68,14 +77,15 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     urls = {}
-    result: dict = {"command": "python -m bench.ab " + " ".join(f"--{k} {v}" for k, v in vars(a).items() if k in ("rounds", "requests", "streams", "concurrency", "window")),
+    result: dict = {"command": "python -m bench.ab " + " ".join(f"--{k} {v}" for k, v in vars(a).items() if k in ("b", "rounds", "requests", "streams", "concurrency", "window")),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with stack.machine_lock(a.lock):
         cluster = stack.RayCluster("ray-dstack", pin=True)
         try:
-            for path, (name, port) in PATHS.items():
+            for path in (A, a.b):
+                name, port, limits = PATHS[path]
                 yml = tmp / f"{name}.dstack.yml"
-                yml.write_text(service_yaml(name, name, "openai", rate=50.0, tokens=64, port=port))
+                yml.write_text(service_yaml(name, name, "openai", rate=50.0, tokens=64, port=port, rate_limits=limits))
                 cluster.deploy(yml)
                 urls[path] = (f"{cluster.http}/{name}/v1/chat/completions", name)
             rounds = []
@@ -83,8 +93,8 @@ def main() -> None:
                 for path, (url, model) in urls.items():  # warm both: connections, JIT-free caches
                     measure(client, url, model, 50, stream=False)
                 for r in range(a.rounds):
-                    order = ["svc-openai", "svc-ns", "svc-ns", "svc-openai"]
-                    got: dict[str, dict[str, list[float]]] = {p: {"e2e": [], "ttft": [], "tok_s": []} for p in PATHS}
+                    order = [A, a.b, a.b, A]
+                    got: dict[str, dict[str, list[float]]] = {p: {"e2e": [], "ttft": [], "tok_s": []} for p in (A, a.b)}
                     for path in order:
                         url, model = urls[path]
                         got[path]["e2e"].append(measure(client, url, model, a.requests // 2, stream=False))
@@ -97,34 +107,34 @@ def main() -> None:
                     rounds.append(row)
                     print(f"round {r + 1}: " + ", ".join(
                         f"{p} e2e {row[p]['e2e']:.3f} ttft {row[p]['ttft']:.3f} tok/s {row[p]['tok_s']:.0f}"
-                        for p in PATHS), flush=True)
+                        for p in (A, a.b)), flush=True)
         finally:
             cluster.stop()
     summary = {}
     for metric in ("e2e", "ttft", "tok_s"):
         if metric == "tok_s":
-            diffs = [r["svc-ns"][metric] / r["svc-openai"][metric] for r in rounds]
+            diffs = [r[a.b][metric] / r[A][metric] for r in rounds]
         else:
-            diffs = [r["svc-ns"][metric] - r["svc-openai"][metric] for r in rounds]
+            diffs = [r[a.b][metric] - r[A][metric] for r in rounds]
         summary[metric] = {
-            "svc-openai": statistics.median(r["svc-openai"][metric] for r in rounds),
-            "svc-ns": statistics.median(r["svc-ns"][metric] for r in rounds),
+            A: statistics.median(r[A][metric] for r in rounds),
+            a.b: statistics.median(r[a.b][metric] for r in rounds),
             "diff_median": statistics.median(diffs),
             "diff_min": min(diffs),
             "diff_max": max(diffs),
         }
     result.update(rounds=rounds, summary=summary)
-    print("\n| metric | svc-openai | svc-ns | svc-ns vs svc-openai, median of rounds [min, max] |")
+    print(f"\n| metric | {A} | {a.b} | {a.b} vs {A}, median of rounds [min, max] |")
     print("|---|---|---|---|")
     for metric, label in (("e2e", "non-streaming request, end to end, ms p50"),
                           ("ttft", "stream, time to first token, ms p50"),
                           ("tok_s", f"tokens/s at {a.concurrency} streams")):
         s = summary[metric]
         if metric == "tok_s":
-            print(f"| {label} | {s['svc-openai']:.0f} | {s['svc-ns']:.0f} | "
+            print(f"| {label} | {s[A]:.0f} | {s[a.b]:.0f} | "
                   f"{s['diff_median']:.3f}x [{s['diff_min']:.3f}, {s['diff_max']:.3f}] |")
         else:
-            print(f"| {label} | {s['svc-openai']:.3f} | {s['svc-ns']:.3f} | "
+            print(f"| {label} | {s[A]:.3f} | {s[a.b]:.3f} | "
                   f"{s['diff_median']:+.3f} [{s['diff_min']:+.3f}, {s['diff_max']:+.3f}] |")
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
