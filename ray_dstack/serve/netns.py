@@ -54,9 +54,19 @@ def available() -> bool:
     return mode == "on" or pasta_path() is not None
 
 
+def own_proc(uid: int | None = None) -> bool:
+    """Whether the replica's PID namespace gets a /proc of its own (root with util-linux's unshare, nsenter and
+    mount: pasta runs in a private mount namespace, where ray_dstack.serve.supervise mounts it). Otherwise the
+    commands see the node's /proc, where /proc/<their own pid> names another process (or none)."""
+    root = (os.geteuid() if uid is None else uid) == 0
+    return root and all(shutil.which(tool) for tool in ("unshare", "nsenter", "mount"))
+
+
 def pasta_argv(pasta: str, host_port: int, port: int, *, uid: int | None = None) -> list[str]:
     """The argv prefix that runs a command in its own namespaces with host port `host_port` → `port`."""
     argv = [pasta]
+    if own_proc(uid):
+        argv = [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private", "--", pasta]
     if (os.geteuid() if uid is None else uid) == 0:
         argv += ["--runas", "0"]
     return argv + [

@@ -55,13 +55,15 @@ class ServiceProcess:
         cleanup_dir: str | None = None,
         command: list[str] | None = None,
         connector: NamespaceConnector | None = None,
+        own_proc: bool = False,
     ) -> None:
         """`port`: where the service is reached from the replica; `service_port`: the port it listens on
         inside (differs behind pasta: `namespace` is pasta's argv prefix). `path`: PATH of the commands.
         `cleanup_dir`: removed by the supervisor once the commands are gone. `command`: an argv run under the
         supervisor instead of the shell (a container: ray_dstack/serve/container_replica.py). `connector`: the
         namespace's init hands out connections to the service (ray_dstack/serve/netns_connect.py); readiness
-        is then its port accepting inside the namespace."""
+        is then its port accepting inside the namespace. `own_proc`: `namespace` runs pasta in a private mount
+        namespace, where the supervisor mounts the PID namespace's own /proc (ray_dstack/serve/netns.py)."""
         self.command = command
         self.commands = commands
         self.port = port
@@ -72,6 +74,7 @@ class ServiceProcess:
         self.namespace = namespace
         self.cleanup_dir = cleanup_dir
         self.connector = connector if namespace is not None else None
+        self.own_proc = own_proc and namespace is not None
         # pasta accepts on the host port before the service listens inside: only an HTTP answer counts.
         # A published container port too (docker-proxy accepts before the container listens).
         self.http_ready = (namespace is not None and self.connector is None) or command is not None
@@ -118,6 +121,9 @@ class ServiceProcess:
         cleanup = ["--cleanup", self.cleanup_dir] if self.cleanup_dir else []
         if self.namespace is not None:
             init = [*supervise, "--init"]
+            if self.own_proc:
+                init.append("--own-proc")
+                cleanup.append("--namespace-proc")
             if self.connector is not None:
                 init += ["--connector", self.connector.path]
                 cleanup += ["--cleanup", self.connector.path]

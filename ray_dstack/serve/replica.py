@@ -130,6 +130,7 @@ class ServiceReplica:
             service_port=service_port,
             cleanup_dir=str(self.workspace),
             connector=connector,
+            own_proc=namespace is not None and netns.own_proc(),
         ))
 
     async def _container_process(self, spec: ServiceSpec) -> ServiceProcess:

@@ -144,7 +144,39 @@ def serve_connector(path: str) -> socket.socket:
     return listener
 
 
-def _guard(argv: list[str], anchor: int, cleanup: list[str]) -> int:
+NAMESPACE_START_S = 10.0
+
+
+def _first_child(parent: int, timeout_s: float) -> int | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as fh:
+                children = fh.read().split()
+        except OSError:
+            return None  # the parent is gone
+        if children:
+            return int(children[0])
+        time.sleep(0.01)
+    return None
+
+
+def _mount_namespace_proc(pasta: int) -> None:
+    """Give the PID namespace pasta created its own /proc, in the private mount namespace pasta runs in
+    (`unshare --mount` before it: ray_dstack/serve/netns.py). Without it the service's processes see the node's
+    /proc, where /proc/<their pid> is another process or none (vLLM reads /proc/<getpid()>/status and fails).
+    Done from here because inside the namespace the commands hold no capability; the init waits for it."""
+    init = _first_child(pasta, NAMESPACE_START_S)
+    if init is None:
+        print("supervise: pasta started no namespace: /proc not mounted", file=sys.stderr)
+        return
+    done = subprocess.run(["nsenter", "--target", str(init), "--pid", "--mount", "--",
+                           "mount", "-t", "proc", "proc", "/proc"], stdin=subprocess.DEVNULL, timeout=30)
+    if done.returncode != 0:
+        print(f"supervise: could not mount the namespace's /proc (exit {done.returncode})", file=sys.stderr)
+
+
+def _guard(argv: list[str], anchor: int, cleanup: list[str], namespace_proc: bool = False) -> int:
     os.setsid()
     if not _die_with_parent(anchor):
         _remove(cleanup)
@@ -154,6 +186,8 @@ def _guard(argv: list[str], anchor: int, cleanup: list[str]) -> int:
     # SIGKILL; pasta does not pass its own death on to the namespace it runs.
     # The guard has no threads, so preexec_fn is safe here.
     child = subprocess.Popen(argv, preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGTERM))  # noqa: PLW1509
+    if namespace_proc:
+        _mount_namespace_proc(child.pid)
 
     def on_signal(signum, _frame):
         _kill_own_group(KILL_GRACE_S)
@@ -174,11 +208,27 @@ def _end_namespace(grace_s: float) -> None:
     _terminate(lambda signum: os.kill(-1, signum), grace_s)
 
 
-def _init(argv: list[str], connector: str | None) -> int:
+def _wait_for_own_proc(timeout_s: float) -> None:
+    """Until the guard mounted this PID namespace's /proc (then /proc/self is PID 1: this process)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.readlink("/proc/self") == "1":
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    print("supervise --init: this namespace's /proc was not mounted; its processes see the node's /proc",
+          file=sys.stderr)
+
+
+def _init(argv: list[str], connector: str | None, own_proc: bool = False) -> int:
     # kill(-1) outside a PID namespace would signal every process the user may signal: refuse.
     if os.getpid() != 1:
         print("supervise --init must run as PID 1 of its own PID namespace", file=sys.stderr)
         return 2
+    if own_proc:
+        _wait_for_own_proc(NAMESPACE_START_S)
     try:
         return _init_namespace(argv, connector)
     finally:
@@ -217,12 +267,12 @@ def _init_namespace(argv: list[str], connector: str | None) -> int:
     return code if code >= 0 else 128 - code
 
 
-USAGE = ("usage: python -m ray_dstack.serve.supervise [--cleanup PATH]... -- CMD [ARGS...]\n"
-         "       python -m ray_dstack.serve.supervise --init [--connector SOCKET] -- CMD [ARGS...]")
+USAGE = ("usage: python -m ray_dstack.serve.supervise [--cleanup PATH]... [--namespace-proc] -- CMD [ARGS...]\n"
+         "       python -m ray_dstack.serve.supervise --init [--connector SOCKET] [--own-proc] -- CMD [ARGS...]")
 
 
 def main(argv: list[str]) -> int:
-    init, cleanup, connector = False, [], None
+    init, cleanup, connector, own_proc, namespace_proc = False, [], None, False, False
     while argv and argv[0] != "--":
         if argv[0] == "--init":
             init, argv = True, argv[1:]
@@ -230,6 +280,10 @@ def main(argv: list[str]) -> int:
             cleanup, argv = [*cleanup, argv[1]], argv[2:]
         elif argv[0] == "--connector" and len(argv) > 1:
             connector, argv = argv[1], argv[2:]
+        elif argv[0] == "--own-proc":  # the init: wait for the guard to mount this namespace's /proc
+            own_proc, argv = True, argv[1:]
+        elif argv[0] == "--namespace-proc":  # the guard: the command is `unshare --mount ... pasta ...`
+            namespace_proc, argv = True, argv[1:]
         else:
             break
     if argv[:1] == ["--"]:
@@ -238,7 +292,7 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     if init:
-        return _init(argv, connector)
+        return _init(argv, connector, own_proc)
     # The replica passes its pid, so a replica that died before we got here is noticed too.
     replica = int(os.environ.get(REPLICA_PID_ENV) or os.getppid())
     if not _die_with_parent(replica):
@@ -247,7 +301,7 @@ def main(argv: list[str]) -> int:
     anchor = os.getpid()
     guard = os.fork()
     if guard == 0:
-        os._exit(_guard(argv, anchor, cleanup))
+        os._exit(_guard(argv, anchor, cleanup, namespace_proc))
 
     def forward(_signum, _frame):
         try:

@@ -39,10 +39,11 @@ def service(tmp_path, name: str, bind: str) -> ServiceProcess:
     (root / "who").write_text(name)
     host_port = free_port()
     return ServiceProcess(
-        [f"exec python3 -m http.server 8000 --bind {bind}"],
+        ["cat /proc/1/cmdline > init-cmdline", f"exec python3 -m http.server 8000 --bind {bind}"],
         port=host_port, service_port=8000, env={}, working_dir=str(root), logger=logging.getLogger("test"),
         namespace=netns.pasta_argv(PASTA, host_port, 8000), cleanup_dir=str(root),
         connector=netns_connect.connector_for(root, 8000, warn=pytest.fail),
+        own_proc=netns.own_proc(),
     )
 
 
@@ -57,7 +58,11 @@ def test_two_services_on_port_8000(tmp_path):
             await asyncio.gather(a.wait_ready(30), b.wait_ready(30))
             async with httpx.AsyncClient() as client:
                 answers = [(await client.get(f"http://127.0.0.1:{p.port}/who")).text for p in (a, b)]
-            assert answers == ["a", "b"]
+                assert answers == ["a", "b"]
+                if netns.own_proc():  # root here: the namespace has its own /proc, where PID 1 is its init
+                    for p in (a, b):
+                        init = (await client.get(f"http://127.0.0.1:{p.port}/init-cmdline")).content
+                        assert b"ray_dstack.serve.supervise\0--init" in init, init
             # The replica's own client goes in through the connector: the URL's port is not used at all.
             for p, name in ((a, "a"), (b, "b")):
                 assert os.path.exists(p.connector.path)
