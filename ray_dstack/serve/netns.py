@@ -62,12 +62,15 @@ def own_proc(uid: int | None = None) -> bool:
     return root and all(shutil.which(tool) for tool in ("unshare", "nsenter", "mount"))
 
 
-def pasta_argv(pasta: str, host_port: int, port: int, *, uid: int | None = None) -> list[str]:
-    """The argv prefix that runs a command in its own namespaces with host port `host_port` → `port`."""
+def pasta_argv(pasta: str, host_port: int, port: int, *, uid: int | None = None,
+               private_mounts: bool | None = None) -> list[str]:
+    """The argv prefix that runs a command in its own namespaces with host port `host_port` → `port`.
+    `private_mounts` (default: `own_proc(uid)`): pasta runs in a private mount namespace, for the own /proc."""
+    root = (os.geteuid() if uid is None else uid) == 0
     argv = [pasta]
-    if own_proc(uid):
+    if own_proc(uid) if private_mounts is None else private_mounts:
         argv = [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private", "--", pasta]
-    if (os.geteuid() if uid is None else uid) == 0:
+    if root:
         argv += ["--runas", "0"]
     return argv + [
         "--config-net", "--foreground", "--quiet", "--log-file", "/dev/null",

@@ -85,7 +85,7 @@ class ServiceReplica:
             await self._run(spec, await self._container_process(spec))
             return
         node = socket.gethostname()
-        namespace = None
+        namespace, own_proc = None, False
         if spec.port_from_env:
             port = service_port = free_port()
         elif spec.network_namespace:
@@ -97,7 +97,8 @@ class ServiceReplica:
                     "(one replica per node)"
                 )
             port, service_port = free_port(), spec.port
-            namespace = netns.pasta_argv(pasta, port, spec.port)
+            own_proc = netns.own_proc()  # one answer for pasta's command line and the supervisor's
+            namespace = netns.pasta_argv(pasta, port, spec.port, private_mounts=own_proc)
         else:
             port = service_port = spec.port
             if port_in_use(port):
@@ -130,7 +131,7 @@ class ServiceReplica:
             service_port=service_port,
             cleanup_dir=str(self.workspace),
             connector=connector,
-            own_proc=namespace is not None and netns.own_proc(),
+            own_proc=own_proc,
         ))
 
     async def _container_process(self, spec: ServiceSpec) -> ServiceProcess:

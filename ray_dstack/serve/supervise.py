@@ -109,13 +109,15 @@ def _hand_out_connection(client: socket.socket) -> None:
             port = int(client.recv(16).strip())
             with socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S) as conn:
                 socket.send_fds(client, [b"ok"], [conn.fileno()])
+            return
         except ValueError:
-            client.sendall(b"error %d a port number, then a newline" % errno.EINVAL)
+            error = b"error %d a port number, then a newline" % errno.EINVAL
         except OSError as exc:
-            try:
-                client.sendall(b"error %d %s" % (exc.errno or errno.EIO, str(exc.strerror or exc).encode()))
-            except OSError:
-                pass  # the replica gave up waiting
+            error = b"error %d %s" % (exc.errno or errno.EIO, str(exc.strerror or exc).encode())
+        try:
+            client.sendall(error)
+        except OSError:
+            pass  # the replica gave up waiting
 
 
 def serve_connector(path: str) -> socket.socket:
@@ -229,14 +231,7 @@ def _init(argv: list[str], connector: str | None, own_proc: bool = False) -> int
         return 2
     if own_proc:
         _wait_for_own_proc(NAMESPACE_START_S)
-    try:
-        return _init_namespace(argv, connector)
-    finally:
-        if connector:
-            _remove([connector])
-
-
-def _init_namespace(argv: list[str], connector: str | None) -> int:
+    # The connector's socket is the guard's to remove (`--cleanup`), with the replica's other leftovers.
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # pasta died: take the namespace down
 
     class Stop(Exception):
