@@ -51,9 +51,8 @@ class PullWatch:
 
     def clear(self) -> None:
         """Forget the service's entries: before a deploy submits (an earlier deploy's are stale) and after."""
-        try:
-            for k in self._keys():
-                self.gcs.internal_kv_del(k, False, KV_NAMESPACE, timeout=TIMEOUT_S)
+        try:  # one call for all of them: delete by the service's prefix
+            self.gcs.internal_kv_del(service_prefix(self.service).encode(), True, KV_NAMESPACE, timeout=TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a leftover entry is only replaced or cleared later
             pass
 

@@ -10,7 +10,7 @@ from ray_dstack.serve.pull_progress import Publisher, key
 
 
 class FakeGcs:
-    """The three GcsClient calls PullWatch makes, over a dict (namespace checked)."""
+    """The GcsClient calls PullWatch makes, over a dict (namespace checked)."""
 
     def __init__(self) -> None:
         self.kv: dict[bytes, bytes] = {}
@@ -31,7 +31,10 @@ class FakeGcs:
 
     def internal_kv_del(self, k, del_by_prefix, namespace, timeout=None):
         self._check(namespace)
-        return int(self.kv.pop(k, None) is not None)
+        gone = [key for key in self.kv if key.startswith(k)] if del_by_prefix else [k] if k in self.kv else []
+        for key in gone:
+            del self.kv[key]
+        return len(gone)
 
     def put(self, k: str, value: bytes) -> None:
         self.kv[k.encode()] = value
