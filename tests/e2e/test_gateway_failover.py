@@ -1,11 +1,13 @@
-"""The `/v1` gateway on a real local Ray: `GET /health` at the ingress root, `/v1/<route>` passthrough by
-model, and failover before the first byte when a replica's backend or the replica itself dies under load.
+"""`/v1` on a real local Ray: `GET /health` at the ingress root, `/v1/<route>` passthrough by model, `/v1`
+requests for a known model sent by HAProxy straight to the model's service (its backend counts them, the
+gateway's does not), and failover before the first byte when a replica's backend or the replica itself dies
+under load.
 
 Two services share one token: `flaky` (`tests/apps/faulty_server.py`, `format: tgi`, 2 replicas) and
 `routes` (`tests/apps/openai_routes_server.py`, `format: openai`). The failover tests send 16 concurrent
 clients (streaming and not) and kill one replica's backend process, then one replica actor: every request
-that had not started (no byte reached the client) must succeed; the retries are read from
-`ray_dstack_gateway_retries_total` and printed.
+that had not started (no byte reached the client) must succeed; the retries are read from HAProxy's stats
+(the service's backend, `wretr`) and `ray_dstack_gateway_retries_total`, and printed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pytest
 from conftest import write_service
 from tests.apps import openai_routes_server
 from tests.apps.faulty_server import Load, service_yaml
+from ray_dstack.spec import GATEWAY_APP_NAME
+from tests.support.haproxy_stats import RetrySampler, counter, live_admin
 from tests.support.prom import metrics_url, scrape, total
 
 pytestmark = pytest.mark.slow
@@ -106,22 +110,54 @@ def test_other_v1_routes_pass_through_by_model(svc, client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_v1_requests_go_straight_to_the_models_replicas(svc, client):
+    """One Python hop: HAProxy sends `/v1` requests for a known model to the service's own backend; only what
+    it cannot route by model (here `/v1/models` and an unknown model) reaches the gateway's."""
+    admin = live_admin()
+    gateway, service = f"http-{GATEWAY_APP_NAME}", f"http-{ROUTES_NAME}"
+    svc.wait_until(lambda: v1_routed(svc, client), timeout=30, interval=0.5, what="HAProxy's /v1 map to hold the model")
+    before = {b: counter(admin, b, "stot") for b in (gateway, service)}
+    body = {"model": ROUTES_MODEL, "input": "x"}
+    for _ in range(5):
+        assert client.post(f"{svc.http}/v1/responses", headers=AUTH, json=body).status_code == 200
+        assert client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json=body).status_code == 200
+    assert counter(admin, service, "stot") - before[service] == 10
+    assert counter(admin, gateway, "stot") == before[gateway]
+    assert client.get(f"{svc.http}/v1/models", headers=AUTH).status_code == 200
+    assert client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json={"model": "nope"}).status_code == 404
+    assert counter(admin, gateway, "stot") - before[gateway] == 2
+
+
+def v1_routed(svc, client) -> bool:
+    """Whether this node's HAProxy routes ROUTES_MODEL by itself yet (its map is synced once a second)."""
+    admin = live_admin()
+    before = counter(admin, f"http-{ROUTES_NAME}", "stot")
+    client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json={"model": ROUTES_MODEL, "input": "x"})
+    return counter(admin, f"http-{ROUTES_NAME}", "stot") > before
+
+
 def _kill_under_load(svc, kill, what: str) -> None:
     svc.wait_until(lambda: replicas_healthy(svc), timeout=120, interval=1, what="2 healthy replicas")
     url = metrics_url()
     before = total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME)
-    with Load(f"{svc.http}/v1", TOKEN, MODEL, workers=CLIENTS, content="[[slow=30]] hello", timeout=60) as load:
+    with RetrySampler(f"http-{NAME}") as haproxy, Load(
+            f"{svc.http}/v1", TOKEN, MODEL, workers=CLIENTS, content="[[slow=30]] hello", timeout=60) as load:
         time.sleep(2.0)
         kill()
         time.sleep(10.0)
         outcomes = load.stop()
     bad = not_started_failures(outcomes)
     in_band = [o for o in outcomes if not o.ok and all(o is not b for b in bad)]
-    # Ray exports counters every few seconds: wait for the gateway's retries to show up.
-    retried = svc.wait_until(
-        lambda: (n := total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME) - before) > 0 and n,
-        timeout=30, interval=2, what="the gateway's retries in the metrics")
-    print(f"\n{what}: {len(outcomes)} requests from {CLIENTS} clients, {int(retried)} retries, "
+    # `/v1` requests are retried by HAProxy (rewritten to the service's route); any the gateway still routed, by
+    # the gateway (its counter reaches the metrics within a few seconds).
+    def retried():
+        n = total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME) - before
+        return (n,) if n + haproxy.retries > 0 else None
+
+    (gateway,) = svc.wait_until(retried, timeout=30, interval=2,
+                                what="retries in HAProxy's stats or the gateway's metrics")
+    print(f"\n{what}: {len(outcomes)} requests from {CLIENTS} clients, {haproxy.retries} retried by HAProxy, "
+          f"{int(gateway)} by the gateway, "
           f"{len(in_band)} started streams ended in-band, {len(bad)} failed before their first byte")
     assert not bad, f"{len(bad)} of {len(outcomes)} requests failed before their first byte, e.g. {bad[:3]}"
     assert len(outcomes) > 100

@@ -1,0 +1,226 @@
+"""ray-dstack's `/v1` rules in HAProxy (ray_dstack/serve/haproxy_v1.py, v1_routes.py) with Ray's own haproxy
+binary, outside Ray: a configuration shaped like the one Serve generates (a frontend routing by path prefix,
+one backend per application, the gateway at "/"), real HTTP servers behind it, the map replaced through the
+admin socket as the map-sync process does it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, wait_until
+
+from ray_dstack.serve import haproxy_v1, v1_routes
+from ray_dstack.spec import V1_ROUTE_HEADER
+
+SERVE_LIKE = """\
+global
+    stats socket {socket} mode 666 level admin expose-fd listeners
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option redispatch 1
+    retry-on conn-failure
+    balance roundrobin
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    acl is_svc path_beg /svc/
+    acl is_svc path /svc
+    acl is_gw path_beg /
+    use_backend svc if is_svc
+    use_backend gw if is_gw
+backend svc
+    server a 127.0.0.1:{a}
+    server b 127.0.0.1:{b}
+backend gw
+    server g 127.0.0.1:{g}
+"""
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Answers with who it is, the path it got and the marker header; `status` 503 plays a replica that
+    cannot serve."""
+
+    name = ""
+    status = 200
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = json.dumps({"server": self.name, "path": self.path, "v1": self.headers.get(V1_ROUTE_HEADER)}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+def _server(name: str, status: int = 200) -> ThreadingHTTPServer:
+    handler = type(f"Echo_{name}", (_Echo,), {"name": name, "status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def front(tmp_path):
+    """haproxy with the rules, servers a (503) and b behind `/svc`, g as the gateway; yields a helper."""
+    servers = {"a": _server("a", 503), "b": _server("b"), "g": _server("g")}
+    port = free_port()
+    socket_path = str(tmp_path / "admin.sock")
+    config = SERVE_LIKE.format(socket=socket_path, port=port,
+                               **{n: s.server_address[1] for n, s in servers.items()})
+    map_path = str(tmp_path / haproxy_v1.MAP_FILE_NAME)
+    Path(map_path).write_text("")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_v1.inject(config, map_path))
+    proc = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    admin = v1_routes.HAProxyAdmin(socket_path)
+    try:
+        wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
+                   what="haproxy's admin socket")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as client:
+            yield client, admin, map_path, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for s in servers.values():
+            s.shutdown()
+
+
+def test_inject_adds_the_rules_after_bind_and_the_retries_to_defaults():
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
+    out = haproxy_v1.inject(config, "/m.map")
+    lines = out.split("\n")
+    bind = next(i for i, line in enumerate(lines) if line.strip().startswith("bind "))
+    assert haproxy_v1.MARKER in lines[bind + 1]
+    assert "map(/m.map)" in out and f"http-request del-header {V1_ROUTE_HEADER}" in out
+    # Before Serve's use_backend rules, which then see the rewritten path.
+    assert out.index("set-path") < out.index("use_backend svc")
+    assert "    retry-on conn-failure empty-response 503" in lines and "    retries 2" in lines
+    assert haproxy_v1.inject(out, "/m.map") == out  # a second wrapper run changes nothing
+    assert haproxy_v1.admin_socket_of(config) == "/s"
+
+
+def test_inject_refuses_a_configuration_of_another_shape():
+    with pytest.raises(haproxy_v1.ConfigShapeError, match="bind"):
+        haproxy_v1.inject("defaults\n    retry-on conn-failure\nfrontend other\n    bind :1\n", "/m")
+    with pytest.raises(haproxy_v1.ConfigShapeError, match="retry-on"):
+        haproxy_v1.inject("frontend http_frontend\n    bind :1\n", "/m")
+
+
+def test_a_mapped_model_goes_to_its_service_with_the_original_path_in_the_header(front):
+    client, admin, map_path, _ = front
+    admin.replace_map(map_path, {"acme/llama": "/svc"})
+    for _ in range(6):  # a answers 503 every time: each request is retried on b
+        r = client.post("/v1/chat/completions", json={"model": "acme/llama", "messages": []})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"server": "b", "path": "/svc/v1/chat/completions", "v1": "/v1/chat/completions"}
+    r = client.post("/v1/embeddings?x=1", json={"input": "hi", "model": "acme/llama"})
+    assert r.json()["path"] == "/svc/v1/embeddings?x=1"
+
+
+def test_everything_else_reaches_the_gateway_unchanged(front):
+    client, admin, map_path, _ = front
+    admin.replace_map(map_path, {"acme/llama": "/svc"})
+    cases = [
+        ("POST", "/v1/chat/completions", {"model": "unknown"}),
+        ("POST", "/v1/chat/completions", {"messages": []}),
+        ("POST", "/v1/chat/completions", None),  # not JSON
+        ("GET", "/v1/models", None),
+        ("GET", "/health", None),
+        ("POST", "/v2/chat/completions", {"model": "acme/llama"}),
+    ]
+    for method, path, body in cases:
+        r = client.request(method, path, json=body) if body is not None else client.request(method, path, content=b"x")
+        assert r.json() == {"server": "g", "path": path, "v1": None}, (method, path, body)
+
+
+def test_clients_cannot_set_the_marker_header(front):
+    client, admin, map_path, _ = front
+    r = client.post("/v1/chat/completions", json={"model": "x"}, headers={V1_ROUTE_HEADER: "/evil"})
+    assert r.json()["v1"] is None
+    admin.replace_map(map_path, {"x": "/svc"})
+    r = client.post("/v1/completions", json={"model": "x"}, headers={V1_ROUTE_HEADER: "/evil"})
+    assert r.json()["v1"] == "/v1/completions"
+
+
+def test_requests_not_rewritten_keep_serves_retry_policy(front):
+    client, _, _, _ = front
+    statuses = {client.post("/svc/v1/chat/completions", json={"model": "acme/llama"}).status_code for _ in range(6)}
+    assert statuses == {200, 503}  # a's 503 reaches the client: no L7 retry outside the /v1 rewrite
+
+
+def test_the_map_is_replaced_as_a_whole(front):
+    client, admin, map_path, _ = front
+    admin.replace_map(map_path, {"m1": "/svc", "m2": "/svc"})
+    assert client.post("/v1/completions", json={"model": "m2"}).json()["server"] == "b"
+    admin.replace_map(map_path, {"m1": "/svc"})
+    assert client.post("/v1/completions", json={"model": "m2"}).json()["server"] == "g"
+    assert client.post("/v1/completions", json={"model": "m1"}).json()["server"] == "b"
+
+
+def test_map_sync_pushes_changes_to_its_own_haproxy_and_writes_the_file(front):
+    client, admin, map_path, proc = front
+    table: dict[str, str] | None = {"acme/a": "/svc"}
+    sync = v1_routes.MapSync(lambda: table, admin, map_path, proc.pid)
+    assert sync.step()
+    assert Path(map_path).read_text() == "acme/a /svc\n"
+    assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "b"
+    table = None  # the KV could not be read: nothing changes
+    assert sync.step() and Path(map_path).read_text() == "acme/a /svc\n"
+    table = {}
+    assert sync.step() and Path(map_path).read_text() == ""
+    assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "g"
+    # Another haproxy's sync (a reload's old process) never writes into the socket's current owner.
+    other = v1_routes.MapSync(lambda: {"acme/a": "/svc"}, admin, map_path, proc.pid + 1)
+    assert other.step() is False
+    assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "g"
+
+
+def test_the_wrapper_rewrites_servess_config_in_place_and_becomes_haproxy(tmp_path):
+    port = free_port()
+    socket_path = str(tmp_path / "admin.sock")
+    gw = _server("g")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(SERVE_LIKE.format(socket=socket_path, port=port, a=free_port(), b=free_port(),
+                                     g=gw.server_address[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "ray_dstack.serve.haproxy_v1", "-db", "-f", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        admin = v1_routes.HAProxyAdmin(socket_path)
+        wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
+                   what="haproxy (the wrapper's pid) on the admin socket")
+        assert haproxy_v1.MARKER in cfg.read_text()
+        assert (tmp_path / haproxy_v1.MAP_FILE_NAME).exists()
+        assert f"{cfg}".encode() in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        with httpx.Client(trust_env=False) as client:
+            r = client.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m"})
+        assert r.json()["server"] == "g"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        gw.shutdown()
+
+
+def test_map_table_keeps_what_the_map_can_carry():
+    routes = {"acme/llama": {"app": "llama", "route_prefix": "/llama"}, "has space": {"app": "x"},
+              "plain": {"app": "plain"}, "root": {"app": "r", "route_prefix": "/"}}
+    assert v1_routes.map_table(routes) == {"acme/llama": "/llama", "plain": "/plain"}
+    assert v1_routes.decode(v1_routes.encode({"a": "/b"})) == {"a": "/b"}
+    assert v1_routes.decode(b"[1]") is None and v1_routes.decode(None) is None
