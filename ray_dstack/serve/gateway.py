@@ -1,4 +1,9 @@
-"""`OpenAIGateway`: the Serve deployment behind `/v1` that routes OpenAI requests by `model`.
+"""`OpenAIGateway`: the Serve deployment behind `/v1` for what HAProxy does not route by `model` itself.
+
+A `/v1` request for a deployed model normally never gets here: ray-dstack's rules in Serve's HAProxy send it to
+the model's service (ray_dstack/serve/haproxy_v1.py). The gateway answers `/v1/models`, unknown models, bodies
+HAProxy could not read, requests rewritten to a service HAProxy does not know yet, and `GET /health`, and it
+publishes the routing table HAProxy's map is made from (ray_dstack/serve/v1_routes.py).
 
 The routing table (model name → service application, format, auth) arrives as the deployment's
 `user_config`, rewritten by every `ray-dstack deploy`/`delete`, so routes change in place without restarting

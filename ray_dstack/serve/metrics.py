@@ -14,9 +14,10 @@ port (`ray start --metrics-export-port`, shown as `metrics_export_port` in the d
 | `ray_dstack_inflight_streams` | gauge | service, model, route, replica |
 | `ray_dstack_gateway_retries_total` | counter | service, reason (`replica_unavailable`, `backend_unavailable`) |
 
-Where a request is counted: a request through the `/v1` gateway once at the gateway (its own 4xx included,
-with `service`/`model` empty when the model is unknown), a request to `/<service>/...` once at the service's
-replica. `route` is `chat/completions`, `completions`, `models` or `other` (so tags stay bounded).
+Where a request is counted: a request to `/<service>/...`, and a `/v1` request HAProxy sent to the model's
+service (ray_dstack/serve/haproxy_v1.py), once at the service's replica; a `/v1` request the gateway routes
+once at the gateway (its own 4xx included, with `service`/`model` empty when the model is unknown). Either way
+a model's `/v1` requests carry the same service, model and route tags. `route` is `chat/completions`, `completions`, `models` or `other` (so tags stay bounded).
 
 Cost per request: a few Ray metric calls at the end of the request. Per streamed chunk: one `bytes.count`
 for the SSE `data:` events and an integer add; nothing is parsed. Output tokens of a stream are its SSE events

@@ -44,6 +44,7 @@ rate_limits:
   - {prefix: /open, rps: 1000, burst: 1000}
   - {prefix: /hdr, key: {type: header, header: X-Key}, rps: 0.2}
   - {prefix: /spoof, rps: 0.01}
+  - {prefix: /v1/completions, key: {type: header, header: X-Key}, rps: 0.01, burst: 1}
 """
 
 
@@ -71,15 +72,22 @@ def test_429_past_the_rate_with_retry_after(limited):
     assert spoofed.status_code == 429, spoofed.text
 
 
-def test_v1_requests_for_the_model_are_limited_at_the_gateway(cli_cluster, limited):
-    # prefix `/` covers the model's `/v1/chat/completions`; the gateway keeps its own budget (1 gateway replica).
-    body = {"model": "limited-model", "messages": [{"role": "user", "content": "hi"}]}
-    answers = [httpx.post(f"{cli_cluster.http}/v1/chat/completions", json=body, timeout=30) for _ in range(5)]
-    codes = [a.status_code for a in answers]
-    assert codes[:3] == [200, 200, 200] and set(codes[3:]) == {429}, codes
-    refused = answers[-1]
+def test_v1_requests_for_the_model_share_the_services_budget(cli_cluster, limited):
+    # The model's `/v1/completions` is the service's path `/v1/completions`: the same rule and the same partition
+    # whether the client calls `/v1` or `/limited/v1` (HAProxy sends both to the service's replicas).
+    # rps 0.01: no refill during the test however slow the machine is.
+    body = {"model": "limited-model", "prompt": "hi", "max_tokens": 2}
+    key = {"X-Key": "carol"}
+    via_v1 = [httpx.post(f"{cli_cluster.http}/v1/completions", json=body, headers=key, timeout=30) for _ in range(2)]
+    assert [a.status_code for a in via_v1] == [200, 200], [a.text for a in via_v1]  # burst 1 + 1
+    direct = httpx.post(f"{limited}/v1/completions", json=body, headers=key, timeout=30)
+    assert direct.status_code == 429, direct.text
+    refused = httpx.post(f"{cli_cluster.http}/v1/completions", json=body, headers=key, timeout=30)
+    assert refused.status_code == 429
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    other = httpx.post(f"{cli_cluster.http}/v1/completions", json=body, headers={"X-Key": "dave"}, timeout=30)
+    assert other.status_code == 200, other.text  # another partition
 
 
 def test_status_shows_each_replicas_probes(cli_cluster, limited):
