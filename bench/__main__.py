@@ -205,8 +205,16 @@ class Bench:
         snap["titles"] = sorted(procs)
         if "haproxy" in procs:
             snap["haproxy (all processes)"] = round(sum(stack.rss_mb(p) for p in procs["haproxy"]), 1)
+        sync = round(sum(stack.rss_mb(p) for p in procs.get("v1-map-sync", [])), 1)
+        snap["/v1 map sync beside haproxy"] = sync
+        gateways = [p for k, pids in procs.items() if "ServeReplica:ray-dstack-gateway:" in k for p in pids]
+        if gateways:
+            snap["OpenAIGateway"] = round(sum(stack.rss_mb(p) for p in gateways), 1)  # all its replicas
+            snap["OpenAIGateway replicas"] = len(gateways)
         r1, r2, g, h = (snap["ServiceReplica synth-openai (actor only)"], snap["ServiceReplica synth-tgi (actor only)"],
                         snap["OpenAIGateway"], snap["hand-written Serve replica"])
+        if g is not None:
+            g += sync
         if None not in (r1, g, h):
             snap["ray-dstack beyond bare Serve, one openai service + gateway (MB)"] = round(r1 - h + g, 1)
         if None not in (r1, r2, g, h):

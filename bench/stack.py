@@ -323,6 +323,8 @@ def ray_processes() -> dict[str, list[int]]:
             found.setdefault(title.split(" ")[0], []).append(pid)
         elif "haproxy" in title.rsplit("/", 1)[-1]:
             found.setdefault("haproxy", []).append(pid)
+        elif "ray_dstack.serve.v1_routes" in cmd:  # beside each haproxy: keeps its `/v1` map current
+            found.setdefault("v1-map-sync", []).append(pid)
     return found
 
 

@@ -14,6 +14,10 @@ port (`ray start --metrics-export-port`, shown as `metrics_export_port` in the d
 | `ray_dstack_inflight_streams` | gauge | service, model, route, replica |
 | `ray_dstack_gateway_retries_total` | counter | service, reason (`replica_unavailable`, `backend_unavailable`) |
 
+`ray_dstack_gateway_retries_total` counts the gateway's own retries; a `/v1` request HAProxy routed is retried by
+HAProxy, which counts it in its stats (`show stat` on the node's admin socket, `/tmp/haproxy-serve/*/admin.sock`:
+`wretr` of the backend `http-<service>`; per haproxy process, so from 0 after each of Serve's reloads).
+
 Where a request is counted: a request to `/<service>/...`, and a `/v1` request HAProxy sent to the model's
 service (ray_dstack/serve/haproxy_v1.py), once at the service's replica; a `/v1` request the gateway routes
 once at the gateway (its own 4xx included, with `service`/`model` empty when the model is unknown). Either way
