@@ -43,6 +43,7 @@ ROUTE_CHAT = "chat/completions"
 ROUTE_COMPLETIONS = "completions"
 ROUTE_MODELS = "models"
 ADAPTED_ROUTES = (ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_MODELS)
+ROUTE_OPENAPI = "openapi.json"  # the gateway's own document (GET), never a backend's route
 # Any other `/v1/<route>` a `format: openai` backend serves (embeddings, responses, rerank, tokenize, ...):
 # path segments of safe characters only, so a route can never climb out of the backend's prefix.
 _PASSTHROUGH_ROUTE = re.compile(r"[A-Za-z0-9_\-]+(?:[./][A-Za-z0-9_\-]+)*")
@@ -50,7 +51,8 @@ _PASSTHROUGH_ROUTE = re.compile(r"[A-Za-z0-9_\-]+(?:[./][A-Za-z0-9_\-]+)*")
 
 def is_passthrough_route(route: str) -> bool:
     """A route other than the adapted ones that may be forwarded by model (`embeddings`, `audio/speech`)."""
-    return route not in ADAPTED_ROUTES and bool(_PASSTHROUGH_ROUTE.fullmatch(route)) and ".." not in route
+    return (route not in ADAPTED_ROUTES and route != ROUTE_OPENAPI and bool(_PASSTHROUGH_ROUTE.fullmatch(route))
+            and ".." not in route)
 
 
 class ModelConfig(Protocol):

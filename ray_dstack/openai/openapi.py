@@ -17,11 +17,11 @@ from ray_dstack.openai.endpoint import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
     ROUTE_MODELS,
+    ROUTE_OPENAPI,
 )
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX
 
 HEALTH_PATH = "/health"  # answered at the ingress root, outside GATEWAY_ROUTE_PREFIX
-ROUTE_OPENAPI = "openapi.json"
 # The status codes an OpenAI-shaped error may come with on a model request.
 GENERATION_ERRORS = (400, 401, 404, 405, 429, 502, 503, 504)
 PASSTHROUGH_ERRORS = (400, 401, 404, 429, 502, 503, 504)

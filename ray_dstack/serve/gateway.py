@@ -49,6 +49,7 @@ from ray_dstack.serve.gateway_traffic import GatewayLimits
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.metrics import (
     GATEWAY_MODEL_KEY,
+    GATEWAY_PATH_KEY,
     observed_gateway_call,
     record_gateway_retry,
 )
@@ -112,9 +113,7 @@ class OpenAIGateway:
 
     @observed_gateway_call  # ray_dstack.serve.metrics: requests, latency, TTFT, tokens of /v1, by target service
     async def _v1(self, request: Request) -> Response:
-        # HAProxy sent a `/v1` request to its model's service, whose route it does not know yet (a deploy in
-        # progress) or no longer (a delete): the original path is in the header (serve/haproxy_v1.py).
-        path = request.headers.get(V1_ROUTE_HEADER) or request.url.path
+        path = request.scope[GATEWAY_PATH_KEY] = v1_path(request)
         route = route_of(path)
         try:
             if not (path == GATEWAY_ROUTE_PREFIX or path.startswith(GATEWAY_ROUTE_PREFIX + "/")):
@@ -198,6 +197,17 @@ class OpenAIGateway:
             return None, RETRY_REPLICA
         relay = _relay(app, first, stream, sse=(media_type or "").startswith("text/event-stream"))
         return StreamingResponse(relay, status_code=status, headers=rest, media_type=media_type), None
+
+
+def v1_path(request: Request) -> str:
+    """The request's `/v1` path. A request HAProxy rewrote to `/<service>/v1/...` and that still reached the
+    gateway (the service's backend left HAProxy between two map updates) carries its original path in the
+    header (serve/haproxy_v1.py); anywhere else the header means nothing."""
+    path = request.url.path
+    original = request.headers.get(V1_ROUTE_HEADER)
+    if original and not path.startswith(GATEWAY_ROUTE_PREFIX + "/") and original.startswith(GATEWAY_ROUTE_PREFIX + "/"):
+        return original
+    return path
 
 
 def _cancel(stream: Any) -> None:

@@ -23,7 +23,9 @@ ray_dstack/serve/v1_routes.py (a small process this wrapper starts beside haprox
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -32,9 +34,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, V1_ROUTE_HEADER
-
+# Serve starts this program on every haproxy (re)load and waits for it: it imports nothing heavy (no pydantic), so
+# these two are spelled out here; tests/serve/test_haproxy_v1.py checks they equal ray_dstack.spec's.
+V1_ROUTE_HEADER = "x-ray-dstack-v1"
+GATEWAY_ROUTE_PREFIX = "/v1"
 MAP_FILE_NAME = "ray-dstack-v1.map"
+TABLE_FILE_NAME = "ray-dstack-v1.json"  # the last model table seen on this node, for the next haproxy's map
 MARKER = "# ray-dstack: /v1 requests go straight to their model's service"
 FRONTEND = "frontend http_frontend"
 # How long HAProxy waits for a `/v1` body before it looks at what arrived (a slower client's request then goes
@@ -43,7 +48,7 @@ BODY_WAIT_S = 10
 # L7 retries of a rewritten request: the statuses that mean "this replica could not serve it" (a replica
 # answers 503 when its backend refused, reset or is gone, ray_dstack/serve/replica.py), and how many.
 V1_RETRY_ON = ("conn-failure", "empty-response", "503")
-V1_RETRIES = 2
+V1_RETRIES = 2  # when Serve sets no `retries` (RAY_SERVE_HAPROXY_RETRIES); HAProxy's default would be 3
 REAL_BINARY_ENV = "RAY_DSTACK_HAPROXY_BINARY"
 
 
@@ -79,7 +84,7 @@ def inject(config: str, map_path: str) -> str:
         if line and not line[0].isspace():
             section = stripped
         if section == "defaults" and stripped.startswith("retry-on ") and not added_retry:
-            kinds = stripped.split()[1:]
+            kinds = [k for k in stripped.split()[1:] if k != "none"]  # `none` must stand alone
             kinds += [k for k in V1_RETRY_ON if k not in kinds]
             out.append(f"    retry-on {' '.join(kinds)}")
             if not any(x.strip().startswith("retries ") for x in lines):
@@ -95,6 +100,52 @@ def inject(config: str, map_path: str) -> str:
     if not added_retry:
         raise ConfigShapeError("no `retry-on` line in `defaults`")
     return "\n".join(out)
+
+
+def serve_routes(config: str) -> dict[str, str]:
+    """Route prefix → application of the backends this configuration has, from the answer Serve's frontend gives
+    to `GET /-/routes` (`{"/svc": "svc", "/": "ray-dstack-gateway"}`); empty when it cannot be read, so nothing
+    is rewritten then."""
+    found = re.search(r'^\s*http-request return .* string "((?:[^"\\]|\\.)*)" if routes\s*$', config, re.MULTILINE)
+    if not found:
+        return {}
+    try:
+        routes = json.loads(re.sub(r"\\(.)", r"\1", found.group(1)))
+    except ValueError:
+        return {}
+    if not isinstance(routes, dict):
+        return {}
+    return {k: v for k, v in routes.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def routable(table: dict[str, list[str]], routes: dict[str, str]) -> dict[str, str]:
+    """The map for one haproxy: model → route prefix, for the models whose service has its backend in that
+    haproxy's configuration. A model whose service is not there yet (a deploy in progress) or any more (deleted),
+    or whose prefix now belongs to another application, keeps its path and reaches the gateway."""
+    return {model: prefix for model, (prefix, app) in table.items() if routes.get(prefix) == app}
+
+
+def read_table(path: str) -> dict[str, list[str]]:
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items()
+            if isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)}
+
+
+def write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def map_text(entries: dict[str, str]) -> str:
+    return "".join(f"{model} {prefix}\n" for model, prefix in sorted(entries.items()))
 
 
 def admin_socket_of(config: str) -> str | None:
@@ -127,45 +178,69 @@ def _die_with_parent() -> None:
         pass
 
 
-def _start_map_sync(socket_path: str, map_path: str) -> None:
-    subprocess.Popen(
+def _start_map_sync(socket_path: str, map_path: str, routes: dict[str, str]) -> None:
+    subprocess.Popen(  # our own module, fixed arguments; no secret among them
         [sys.executable, "-m", "ray_dstack.serve.v1_routes", "--socket", socket_path, "--map", map_path,
-         "--haproxy-pid", str(os.getpid())],
+         "--haproxy-pid", str(os.getpid()), "--routes", json.dumps(routes, sort_keys=True)],
         stdin=subprocess.DEVNULL, close_fds=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 - one thread here
 
 
-def _rewrite_in_place(config_path: str, content: str) -> None:
-    """Serve writes the whole file before every (re)start under `<config>.lock`; the file keeps its name because
-    Serve recognises its haproxy processes by the config path in their command line."""
-    import fcntl
+def _checks(binary: str, config_path: str) -> str | None:
+    """haproxy's own verdict on a configuration (`-c`): None when valid, else its complaint."""
+    try:
+        out = subprocess.run([binary, "-c", "-q", "-f", config_path], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return repr(exc)
+    return None if out.returncode == 0 else (out.stdout + out.stderr).strip()[-2000:]
 
+
+def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | None:
+    """Rewrite Serve's configuration in place with the rules, and the node's map for it; returns (admin socket,
+    map path, routes) for the map-sync process, or None when the configuration is kept as Serve wrote it.
+
+    Serve writes the whole file before every (re)start under `<config>.lock`; reading and rewriting under the
+    same lock means a configuration Serve writes meanwhile is never half replaced. The file keeps its name
+    because Serve recognises its haproxy processes by the config path in their command line."""
+    directory = Path(config_path).parent
+    map_path = str(directory / MAP_FILE_NAME)
     with open(config_path + ".lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            Path(config_path).write_text(content)
+            config = Path(config_path).read_text()
+            ours = inject(config, map_path)
+            socket_path = admin_socket_of(config)
+            routes = serve_routes(ours)
+            write_atomically(map_path, map_text(routable(read_table(str(directory / TABLE_FILE_NAME)), routes)))
+            if ours == config:
+                return (socket_path, map_path, routes) if socket_path else None
+            candidate = config_path + ".ray-dstack-check"
+            Path(candidate).write_text(ours)
+            try:
+                complaint = _checks(binary, candidate)
+            finally:
+                Path(candidate).unlink(missing_ok=True)
+            if complaint is not None:
+                raise ConfigShapeError(f"haproxy -c refused the configuration with the rules: {complaint}")
+            Path(config_path).write_text(ours)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return (socket_path, map_path, routes) if socket_path else None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`ray-dstack-haproxy <haproxy arguments>`: as Serve calls haproxy (`-db -f <config> [-sf pids] ...`)."""
+    """`ray-dstack-haproxy <haproxy arguments>`: as Serve calls haproxy (`-db -f <config> [-sf pids] ...`);
+    any other call (`-v`, `-c`) goes to haproxy unchanged."""
     args = list(sys.argv[1:] if argv is None else argv)
     binary = real_binary()
-    try:
-        config_path = args[args.index("-f") + 1]
-        config = Path(config_path).read_text()
-        map_path = str(Path(config_path).parent / MAP_FILE_NAME)
-        ours = inject(config, map_path)
-        socket_path = admin_socket_of(config)
-        Path(map_path).touch(exist_ok=True)  # haproxy refuses a map file that does not exist
-        if ours != config:
-            _rewrite_in_place(config_path, ours)
-    except (ValueError, IndexError, OSError) as exc:
-        # Never stop Serve's ingress: without the rules `/v1` still works, through the gateway.
-        print(f"ray-dstack-haproxy: running Serve's configuration unchanged: {exc}", file=sys.stderr, flush=True)
-    else:
-        if socket_path:
-            _start_map_sync(socket_path, map_path)
+    if "-f" in args[:-1] and "-c" not in args:
+        try:
+            started = prepare(binary, args[args.index("-f") + 1])
+        except (ValueError, OSError) as exc:
+            # Never stop Serve's ingress: without the rules `/v1` still works, through the gateway.
+            print(f"ray-dstack-haproxy: running Serve's configuration unchanged: {exc}", file=sys.stderr, flush=True)
+        else:
+            if started is not None:
+                _start_map_sync(*started)
     os.execv(binary, [binary, *args])
 
 

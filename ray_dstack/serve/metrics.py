@@ -83,8 +83,7 @@ def record_gateway_retry(service: str, reason: str) -> None:
 def route_tag(path: str) -> str:
     """`/v1/chat/completions?x` → `chat/completions`; anything not an OpenAI route → `other`."""
     p = path.split("?", 1)[0].strip("/")
-    if p.startswith("v1/"):
-        p = p[3:]
+    p = p.removeprefix("v1/")
     return p if p in KNOWN_ROUTES else OTHER_ROUTE
 
 
@@ -301,6 +300,8 @@ def _observe_service(replica, request, response, start: float):
 
 # Request-scope key where the gateway leaves the model it routed to (None: unknown model).
 GATEWAY_MODEL_KEY = "ray_dstack.model"
+# ... and the request's `/v1` path (serve/gateway.py `v1_path`: not the URL's for a request HAProxy rewrote).
+GATEWAY_PATH_KEY = "ray_dstack.v1_path"
 
 
 def _observe_gateway(gateway, request, response, start: float):
@@ -313,7 +314,8 @@ def _observe_gateway(gateway, request, response, start: float):
         service, model = "", ""  # unknown model: never a client-chosen tag value
     else:
         service = target.get("app", "")
-    return observe_response(recorder, response, route_tag(request.url.path), start, service=service, model=model)
+    path = request.scope.get(GATEWAY_PATH_KEY) or request.url.path
+    return observe_response(recorder, response, route_tag(path), start, service=service, model=model)
 
 
 # `ServiceReplica.__call__`: every request made to `/<service>/...`.

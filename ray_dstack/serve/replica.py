@@ -187,13 +187,15 @@ class ServiceReplica:
         if not self.spec.auth.accepts(request.headers.get("authorization")):
             return unauthorized()
         path = upstream_path(request)
-        via_v1 = V1_ROUTE_HEADER in request.headers  # `/v1/...` sent here by HAProxy (serve/haproxy_v1.py)
+        # `/v1/...` sent here by HAProxy (serve/haproxy_v1.py), which removes the header from clients' requests.
+        via_v1 = V1_ROUTE_HEADER in request.headers and path.startswith("/v1/")
         if self.endpoint is not None and (via_v1 or is_openai_route(path)):
             body = await request.body()
             answer = await self.endpoint.handle(path, body, request.headers, method=request.method)
-            if via_v1 and not answer.is_stream and errors.retryable(answer.status, answer.body):
-                # The backend refused or dropped the connection: HAProxy retries a 503 on another replica.
-                answer.status = 503
+            if via_v1 and not answer.is_stream and answer.status != 503 and errors.retryable(answer.status, answer.body):
+                # The backend dropped the connection: HAProxy retries a 503 (not a 502) on another replica.
+                answer = GatewayResponse.of_error(errors.upstream_unavailable(
+                    f"The backend of service {self.spec.name!r} closed the connection; try again."))
             response = to_starlette(answer)
         else:
             response = await self.forwarder.forward(request, path)

@@ -1,17 +1,18 @@
 """The model → service table of `/v1`, from the gateway to every node's HAProxy (ray_dstack/serve/haproxy_v1.py).
 
 The gateway deployment receives the routing table with every `deploy`/`delete` (its user_config) and publishes
-the part HAProxy needs, `{model: "/<service route prefix>"}`, as one JSON value in Ray's internal KV
+the part HAProxy needs, `{model: [route prefix, application]}`, as one JSON value in Ray's internal KV
 (`publish`). Beside each node's haproxy runs `python -m ray_dstack.serve.v1_routes` (started by the wrapper,
-ended with it): it reads that value once a second and, when it changed, replaces the map in the running
-haproxy through its admin socket in one transaction (`prepare map` / `add map` / `commit map`: no reload, no
-request sees half a map) and rewrites the map file, which the next haproxy of the node loads at start.
+ended with it, or once a reload's newer haproxy owns the admin socket): it reads that value once a second and,
+when the map changes, replaces the map in the running haproxy through its admin socket in one transaction
+(`prepare map` / `add map` / `commit map`: no reload, no request sees half a map).
 
-A model missing from the map is always correct, only slower: its requests keep their path and the gateway
-routes them. So names HAProxy's map syntax cannot carry (spaces, control characters) are left out, and a
-table that could not be read changes nothing. The window after a deploy is covered too: a request rewritten
-to a service whose route HAProxy does not know yet reaches the gateway (mounted at "/"), which reads the
-original path from the `x-ray-dstack-v1` header.
+A haproxy's map holds only the models whose service has its backend in that haproxy's configuration, under the
+same application name (`routable`): a service still deploying, one deleted, or a prefix taken over by another
+application is left out. A model missing from the map is always correct, only slower: its requests keep their
+path and the gateway routes them. So names HAProxy's map syntax cannot carry (spaces, control characters) are
+left out too, and a table that could not be read changes nothing. The last table read is kept in a file beside
+the map, from which the wrapper builds the map the node's next haproxy starts with.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray_dstack.serve.container import KV_NAMESPACE
+from ray_dstack.serve.haproxy_v1 import TABLE_FILE_NAME, routable, write_atomically
 
 log = logging.getLogger("ray.serve")
 
@@ -39,21 +40,22 @@ ADMIN_TIMEOUT_S = 5.0
 _SAFE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
 
-def map_table(routes: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The gateway's routing table → what HAProxy's map holds: model → the service's route prefix."""
-    table: dict[str, str] = {}
+def map_table(routes: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The gateway's routing table → what HAProxy's map is made from: model → [route prefix, application]."""
+    table: dict[str, list[str]] = {}
     for model, route in routes.items():
-        prefix = route.get("route_prefix") or f"/{route.get('app', '')}"
-        if _SAFE.fullmatch(model) and _SAFE.fullmatch(prefix) and prefix.startswith("/") and prefix != "/":
-            table[model] = prefix.rstrip("/")
+        app = str(route.get("app", ""))
+        prefix = (route.get("route_prefix") or f"/{app}").rstrip("/")
+        if _SAFE.fullmatch(model) and _SAFE.fullmatch(prefix) and prefix.startswith("/") and app:
+            table[model] = [prefix, app]
     return table
 
 
-def encode(table: dict[str, str]) -> bytes:
+def encode(table: dict[str, list[str]]) -> bytes:
     return json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode(value: bytes | None) -> dict[str, str] | None:
+def decode(value: bytes | None) -> dict[str, list[str]] | None:
     """The published table, or None when there is none or it is not one (then nothing changes)."""
     if not value:
         return None
@@ -63,8 +65,8 @@ def decode(value: bytes | None) -> dict[str, str] | None:
         return None
     if not isinstance(table, dict):
         return None
-    return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, str)
-            and _SAFE.fullmatch(k) and _SAFE.fullmatch(v) and v.startswith("/")}
+    return {k: v for k, v in table.items() if _SAFE.fullmatch(k) and isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, str) for x in v) and _SAFE.fullmatch(v[0]) and v[0].startswith("/")}
 
 
 def publish(routes: dict[str, dict[str, Any]]) -> None:
@@ -102,14 +104,14 @@ class HAProxyAdmin:
         found = re.search(r"^Pid: (\d+)", self.command("show info"), re.MULTILINE)
         return int(found.group(1)) if found else None
 
-    def replace_map(self, map_path: str, table: dict[str, str]) -> None:
-        """The map's whole content becomes `table`, atomically (HAProxy ≥ 2.4's versioned map updates)."""
+    def replace_map(self, map_path: str, entries: dict[str, str]) -> None:
+        """The map's whole content becomes `entries`, atomically (HAProxy ≥ 2.4's versioned map updates)."""
         answer = self.command(f"prepare map {map_path}")
         found = re.search(r"New version created: (\d+)", answer)
         if not found:
             raise RuntimeError(f"prepare map: {answer.strip()!r}")
         version = found.group(1)
-        for model, prefix in sorted(table.items()):
+        for model, prefix in sorted(entries.items()):
             answer = self.command(f"add map @{version} {map_path} {model} {prefix}")
             if answer.strip():
                 raise RuntimeError(f"add map {model}: {answer.strip()!r}")
@@ -118,42 +120,47 @@ class HAProxyAdmin:
             raise RuntimeError(f"commit map: {answer.strip()!r}")
 
 
-def write_map_file(map_path: str, table: dict[str, str]) -> None:
-    text = "".join(f"{model} {prefix}\n" for model, prefix in sorted(table.items()))
-    directory = os.path.dirname(map_path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".ray-dstack-v1.", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, map_path)
+class Superseded(Exception):
+    """Another haproxy answers on the socket this process's haproxy owned: a reload replaced it for good."""
 
 
 class MapSync:
-    """Keeps one haproxy's map equal to the published table; `step` is one poll."""
+    """Keeps one haproxy's map equal to the published table, limited to the services that haproxy has a backend
+    for (`routes`: route prefix → application, from its configuration); `step` is one poll."""
 
-    def __init__(self, read_table: Callable[[], dict[str, str] | None], admin: HAProxyAdmin, map_path: str,
-                 haproxy_pid: int) -> None:
+    def __init__(self, read_table: Callable[[], dict[str, list[str]] | None], admin: HAProxyAdmin, map_path: str,
+                 haproxy_pid: int, routes: dict[str, str]) -> None:
         self.read_table = read_table
         self.admin = admin
         self.map_path = map_path
+        self.table_path = os.path.join(os.path.dirname(map_path), TABLE_FILE_NAME)
         self.haproxy_pid = haproxy_pid
+        self.routes = routes
+        self.owned = False
         self.pushed: dict[str, str] | None = None
+        self.saved: dict[str, list[str]] | None = None
 
     def step(self) -> bool:
-        """Push the table if it changed since the last push; True when haproxy's map is now the table."""
+        """Push the map if it changed since the last push; True when haproxy's map is now the table's. Raises
+        Superseded once a newer haproxy answers on the socket this one owned."""
+        pid = self.admin.pid()
+        if pid != self.haproxy_pid:
+            if self.owned:
+                raise Superseded(f"haproxy {pid} answers on {self.admin.path}")
+            return False  # during a reload the socket is the old haproxy's until this one takes over
+        self.owned = True
         table = self.read_table()
         if table is None:
             return self.pushed is not None
-        if table == self.pushed:
-            return True
-        # Only this process's own haproxy: during a reload the socket may still be answered by the old one.
-        if self.admin.pid() != self.haproxy_pid:
-            return False
-        self.admin.replace_map(self.map_path, table)
-        write_map_file(self.map_path, table)
-        if self.pushed is not None or table:
-            log.info("ray-dstack: /v1 map of haproxy %d: %d models", self.haproxy_pid, len(table))
-        self.pushed = table
+        if table != self.saved:  # the next haproxy of this node starts with this table (haproxy_v1.prepare)
+            write_atomically(self.table_path, json.dumps(table, sort_keys=True))
+            self.saved = table
+        entries = routable(table, self.routes)
+        if entries != self.pushed:
+            self.admin.replace_map(self.map_path, entries)
+            if self.pushed is not None or entries:
+                log.info("ray-dstack: /v1 map of haproxy %d: %d models", self.haproxy_pid, len(entries))
+            self.pushed = entries
         return True
 
 
@@ -185,20 +192,23 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, help="haproxy's admin socket")
     parser.add_argument("--map", required=True, help="the map file the rules name")
     parser.add_argument("--haproxy-pid", type=int, required=True, help="the haproxy this process serves")
+    parser.add_argument("--routes", required=True, help="JSON: route prefix → application, of that haproxy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
         read_table = kv_reader(gcs_address())
-    except Exception as exc:  # noqa: BLE001 - no cluster here: the map file haproxy loaded stays as it is
+    except Exception as exc:  # noqa: BLE001 - no cluster here: the map haproxy loaded stays as it is
         log.warning("ray-dstack: /v1 map of haproxy %d not kept current (no Ray cluster found: %r)",
                     args.haproxy_pid, exc)
         sys.exit(1)
-    sync = MapSync(read_table, HAProxyAdmin(args.socket), args.map, args.haproxy_pid)
+    sync = MapSync(read_table, HAProxyAdmin(args.socket), args.map, args.haproxy_pid, json.loads(args.routes))
     errors = 0
     while os.getppid() == args.haproxy_pid:  # ends with its haproxy (also PR_SET_PDEATHSIG)
         try:
             sync.step()
             errors = 0
+        except Superseded:
+            return  # a reload's newer haproxy (and its own sync) took over
         except (OSError, RuntimeError) as exc:  # the socket not up yet, or haproxy going away
             errors += 1
             if errors in (1, 30):

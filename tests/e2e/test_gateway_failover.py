@@ -23,7 +23,7 @@ from conftest import write_service
 from tests.apps import openai_routes_server
 from tests.apps.faulty_server import Load, service_yaml
 from ray_dstack.spec import GATEWAY_APP_NAME
-from tests.support.haproxy_stats import RetrySampler, counter, live_admin
+from tests.support.haproxy_stats import RetrySampler, counters, live_admin, mapped_models
 from tests.support.prom import metrics_url, scrape, total
 
 pytestmark = pytest.mark.slow
@@ -113,27 +113,27 @@ def test_other_v1_routes_pass_through_by_model(svc, client):
 def test_v1_requests_go_straight_to_the_models_replicas(svc, client):
     """One Python hop: HAProxy sends `/v1` requests for a known model to the service's own backend; only what
     it cannot route by model (here `/v1/models` and an unknown model) reaches the gateway's."""
-    admin = live_admin()
     gateway, service = f"http-{GATEWAY_APP_NAME}", f"http-{ROUTES_NAME}"
-    svc.wait_until(lambda: v1_routed(svc, client), timeout=30, interval=0.5, what="HAProxy's /v1 map to hold the model")
-    before = {b: counter(admin, b, "stot") for b in (gateway, service)}
-    body = {"model": ROUTES_MODEL, "input": "x"}
-    for _ in range(5):
-        assert client.post(f"{svc.http}/v1/responses", headers=AUTH, json=body).status_code == 200
-        assert client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json=body).status_code == 200
-    assert counter(admin, service, "stot") - before[service] == 10
-    assert counter(admin, gateway, "stot") == before[gateway]
-    assert client.get(f"{svc.http}/v1/models", headers=AUTH).status_code == 200
-    assert client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json={"model": "nope"}).status_code == 404
-    assert counter(admin, gateway, "stot") - before[gateway] == 2
+    svc.wait_until(lambda: ROUTES_MODEL in mapped_models(live_admin()), timeout=30, interval=0.5,
+                   what="HAProxy's /v1 map to hold the model")
 
+    def measured() -> bool:
+        admin = live_admin()
+        pid, before = counters(admin, "stot", gateway, service)
+        body = {"model": ROUTES_MODEL, "input": "x"}
+        for _ in range(5):
+            assert client.post(f"{svc.http}/v1/responses", headers=AUTH, json=body).status_code == 200
+            assert client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json=body).status_code == 200
+        assert client.get(f"{svc.http}/v1/models", headers=AUTH).status_code == 200
+        assert client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json={"model": "nope"}).status_code == 404
+        after_pid, after = counters(admin, "stot", gateway, service)
+        if after_pid != pid:
+            return False  # Serve reloaded haproxy meanwhile (counters start again): measure again
+        assert after[service] - before[service] == 10
+        assert after[gateway] - before[gateway] == 2
+        return True
 
-def v1_routed(svc, client) -> bool:
-    """Whether this node's HAProxy routes ROUTES_MODEL by itself yet (its map is synced once a second)."""
-    admin = live_admin()
-    before = counter(admin, f"http-{ROUTES_NAME}", "stot")
-    client.post(f"{svc.http}/v1/embeddings", headers=AUTH, json={"model": ROUTES_MODEL, "input": "x"})
-    return counter(admin, f"http-{ROUTES_NAME}", "stot") > before
+    svc.wait_until(measured, timeout=60, interval=1, what="a measurement within one haproxy process")
 
 
 def _kill_under_load(svc, kill, what: str) -> None:
@@ -148,16 +148,12 @@ def _kill_under_load(svc, kill, what: str) -> None:
         outcomes = load.stop()
     bad = not_started_failures(outcomes)
     in_band = [o for o in outcomes if not o.ok and all(o is not b for b in bad)]
-    # `/v1` requests are retried by HAProxy (rewritten to the service's route); any the gateway still routed, by
-    # the gateway (its counter reaches the metrics within a few seconds).
-    def retried():
-        n = total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME) - before
-        return (n,) if n + haproxy.retries > 0 else None
-
-    (gateway,) = svc.wait_until(retried, timeout=30, interval=2,
-                                what="retries in HAProxy's stats or the gateway's metrics")
-    print(f"\n{what}: {len(outcomes)} requests from {CLIENTS} clients, {haproxy.retries} retried by HAProxy, "
-          f"{int(gateway)} by the gateway, "
+    # `/v1` requests are retried by HAProxy (rewritten to the service's route), any the gateway routed by the
+    # gateway (its counter reaches the metrics within a few seconds): reported, as the issue asks; what is
+    # asserted is that no request that had not started failed.
+    gateway = total(scrape(url), "ray_dstack_gateway_retries_total", service=NAME) - before
+    print(f"\n{what}: {len(outcomes)} requests from {CLIENTS} clients, at least {haproxy.retries} retried by "
+          f"HAProxy, {int(gateway)} by the gateway, "
           f"{len(in_band)} started streams ended in-band, {len(bad)} failed before their first byte")
     assert not bad, f"{len(bad)} of {len(outcomes)} requests failed before their first byte, e.g. {bad[:3]}"
     assert len(outcomes) > 100

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from conftest import BIN, REPO, write_service
+from tests.support.haproxy_stats import live_admin, mapped_models
 
 pytestmark = pytest.mark.slow
 LOAD_S = 18
@@ -76,6 +77,9 @@ def test_v1_requests_for_the_model_share_the_services_budget(cli_cluster, limite
     # The model's `/v1/completions` is the service's path `/v1/completions`: the same rule and the same partition
     # whether the client calls `/v1` or `/limited/v1` (HAProxy sends both to the service's replicas).
     # rps 0.01: no refill during the test however slow the machine is.
+    # Once HAProxy's map has the model (requests the gateway routes are checked against its own budget).
+    cli_cluster.wait_until(lambda: "limited-model" in mapped_models(live_admin()), timeout=30, interval=0.5,
+                           what="the model in HAProxy's /v1 map")
     body = {"model": "limited-model", "prompt": "hi", "max_tokens": 2}
     key = {"X-Key": "carol"}
     via_v1 = [httpx.post(f"{cli_cluster.http}/v1/completions", json=body, headers=key, timeout=30) for _ in range(2)]

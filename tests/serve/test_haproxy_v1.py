@@ -34,6 +34,8 @@ defaults
     balance roundrobin
 frontend http_frontend
     bind 127.0.0.1:{port}
+    acl routes path -i /-/routes
+    http-request return status 200 content-type application/json string "{{\\"/svc\\":\\"svc\\",\\"/\\":\\"ray-dstack-gateway\\"}}" if routes
     acl is_svc path_beg /svc/
     acl is_svc path /svc
     acl is_gw path_beg /
@@ -91,8 +93,8 @@ def front(tmp_path):
     Path(map_path).write_text("")
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(haproxy_v1.inject(config, map_path))
-    proc = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     admin = v1_routes.HAProxyAdmin(socket_path)
     try:
         wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
@@ -178,33 +180,88 @@ def test_the_map_is_replaced_as_a_whole(front):
     assert client.post("/v1/completions", json={"model": "m1"}).json()["server"] == "b"
 
 
-def test_map_sync_pushes_changes_to_its_own_haproxy_and_writes_the_file(front):
+def test_map_sync_pushes_changes_to_its_own_haproxy_and_keeps_the_table_for_the_next(front):
     client, admin, map_path, proc = front
-    table: dict[str, str] | None = {"acme/a": "/svc"}
-    sync = v1_routes.MapSync(lambda: table, admin, map_path, proc.pid)
+    table: dict[str, list[str]] | None = {"acme/a": ["/svc", "svc"]}
+    sync = v1_routes.MapSync(lambda: table, admin, map_path, proc.pid, {"/svc": "svc", "/": "gw"})
     assert sync.step()
-    assert Path(map_path).read_text() == "acme/a /svc\n"
+    table_file = Path(map_path).parent / haproxy_v1.TABLE_FILE_NAME
+    assert json.loads(table_file.read_text()) == {"acme/a": ["/svc", "svc"]}
     assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "b"
     table = None  # the KV could not be read: nothing changes
-    assert sync.step() and Path(map_path).read_text() == "acme/a /svc\n"
-    table = {}
-    assert sync.step() and Path(map_path).read_text() == ""
-    assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "g"
-    # Another haproxy's sync (a reload's old process) never writes into the socket's current owner.
-    other = v1_routes.MapSync(lambda: {"acme/a": "/svc"}, admin, map_path, proc.pid + 1)
-    assert other.step() is False
-    assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "g"
+    assert sync.step() and client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "b"
+    # A service this haproxy has no backend for (deploying), or whose prefix is another application's: not mapped.
+    table = {"acme/a": ["/svc", "other-app"], "acme/new": ["/new", "new"]}
+    assert sync.step()
+    assert json.loads(table_file.read_text()) == table  # kept whole: the next haproxy may have those backends
+    for model in ("acme/a", "acme/new"):
+        assert client.post("/v1/completions", json={"model": model}).json()["server"] == "g"
 
 
-def test_the_wrapper_rewrites_servess_config_in_place_and_becomes_haproxy(tmp_path):
+def test_map_sync_of_a_replaced_haproxy_stops(front):
+    client, admin, map_path, proc = front
+    other = v1_routes.MapSync(lambda: {"acme/a": ["/svc", "svc"]}, admin, map_path, proc.pid + 1, {"/svc": "svc"})
+    assert other.step() is False  # not its haproxy (yet): it writes nothing into the socket's owner
+    assert client.post("/v1/completions", json={"model": "acme/a"}).json()["server"] == "g"
+    other.owned = True  # it had owned the socket: a newer haproxy answering means it is done
+    with pytest.raises(v1_routes.Superseded):
+        other.step()
+
+
+def test_serve_routes_and_routable():
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
+    routes = haproxy_v1.serve_routes(config)
+    assert routes == {"/svc": "svc", "/": "ray-dstack-gateway"}
+    table = {"m1": ["/svc", "svc"], "m2": ["/svc", "old"], "m3": ["/gone", "gone"]}
+    assert haproxy_v1.routable(table, routes) == {"m1": "/svc"}
+    assert haproxy_v1.serve_routes("frontend http_frontend\n    bind :1\n") == {}
+
+
+def test_the_constants_agree_with_the_spec():
+    from ray_dstack import spec
+
+    assert haproxy_v1.V1_ROUTE_HEADER == spec.V1_ROUTE_HEADER
+    assert haproxy_v1.GATEWAY_ROUTE_PREFIX == spec.GATEWAY_ROUTE_PREFIX
+
+
+def test_retry_on_none_is_replaced_not_extended():
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4).replace("retry-on conn-failure", "retry-on none")
+    assert "    retry-on conn-failure empty-response 503" in haproxy_v1.inject(config, "/m").split("\n")
+
+
+def test_prepare_keeps_serves_configuration_when_haproxy_refuses_the_result(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    original = SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4)
+    cfg.write_text(original.replace("balance roundrobin", "balance no-such-algorithm"))
+    with pytest.raises(haproxy_v1.ConfigShapeError, match="haproxy -c"):
+        haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
+    assert haproxy_v1.MARKER not in cfg.read_text()
+
+
+def test_prepare_builds_the_map_for_this_haproxys_backends(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
+    (tmp_path / haproxy_v1.TABLE_FILE_NAME).write_text(json.dumps(
+        {"acme/a": ["/svc", "svc"], "acme/b": ["/other", "other"]}))
+    socket_path, map_path, routes = haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
+    assert socket_path == str(tmp_path / "admin.sock") and routes["/svc"] == "svc"
+    assert Path(map_path).read_text() == "acme/a /svc\n"
+    assert haproxy_v1.MARKER in cfg.read_text()
+    before = cfg.read_text()
+    assert haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))[1] == map_path and cfg.read_text() == before
+
+
+def test_the_wrapper_rewrites_serves_config_in_place_and_becomes_haproxy(tmp_path):
     port = free_port()
     socket_path = str(tmp_path / "admin.sock")
     gw = _server("g")
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(SERVE_LIKE.format(socket=socket_path, port=port, a=free_port(), b=free_port(),
                                      g=gw.server_address[1]))
+    # Its map-sync child must not find a real cluster on this machine: an address nobody listens on.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     proc = subprocess.Popen([sys.executable, "-m", "ray_dstack.serve.haproxy_v1", "-db", "-f", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         admin = v1_routes.HAProxyAdmin(socket_path)
         wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
@@ -221,12 +278,34 @@ def test_the_wrapper_rewrites_servess_config_in_place_and_becomes_haproxy(tmp_pa
         gw.shutdown()
 
 
+def test_the_wrapper_passes_other_calls_to_haproxy_quietly():
+    out = subprocess.run([sys.executable, "-m", "ray_dstack.serve.haproxy_v1", "-v"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0 and "HAProxy version" in out.stdout and "ray-dstack" not in out.stderr
+
+
+def test_the_gateway_reads_the_original_path_only_from_a_rewritten_request():
+    from starlette.requests import Request
+
+    from ray_dstack.serve.gateway import v1_path
+
+    def request(path: str, header: str | None) -> Request:
+        headers = [(V1_ROUTE_HEADER.encode(), header.encode())] if header else []
+        return Request({"type": "http", "method": "POST", "path": path, "headers": headers, "query_string": b""})
+
+    assert v1_path(request("/svc/v1/chat/completions", "/v1/chat/completions")) == "/v1/chat/completions"
+    assert v1_path(request("/v1/completions", "/v1/chat/completions")) == "/v1/completions"
+    assert v1_path(request("/svc/v1/x", "/admin")) == "/svc/v1/x"
+    assert v1_path(request("/v1/models", None)) == "/v1/models"
+
+
 def test_map_table_keeps_what_the_map_can_carry():
     routes = {"acme/llama": {"app": "llama", "route_prefix": "/llama"}, "has space": {"app": "x"},
               "plain": {"app": "plain"}, "root": {"app": "r", "route_prefix": "/"}}
-    assert v1_routes.map_table(routes) == {"acme/llama": "/llama", "plain": "/plain"}
-    assert v1_routes.decode(v1_routes.encode({"a": "/b"})) == {"a": "/b"}
+    assert v1_routes.map_table(routes) == {"acme/llama": ["/llama", "llama"], "plain": ["/plain", "plain"]}
+    assert v1_routes.decode(v1_routes.encode({"a": ["/b", "b"]})) == {"a": ["/b", "b"]}
     assert v1_routes.decode(b"[1]") is None and v1_routes.decode(None) is None
+    assert v1_routes.decode(b'{"a": "/b"}') == {}
 
 
 def test_a_client_that_waits_for_100_continue_is_routed_by_model(front):
@@ -254,8 +333,11 @@ def test_a_body_larger_than_haproxys_buffer_still_arrives_whole(front):
     admin.replace_map(map_path, {"acme/llama": "/svc"})
     for body in ({"model": "acme/llama", "prompt": "x" * 300_000}, {"prompt": "x" * 300_000, "model": "acme/llama"}):
         r = client.post("/v1/completions", json=body)
-        # Routed by HAProxy when the model came within its buffer, by the gateway otherwise: either way the server
-        # read the whole body (it answers 400 otherwise). Such a request is not retried (HAProxy retries only a
-        # request it holds whole), so a's 503 may reach the client here.
-        assert r.status_code in (200, 503) and r.json()["server"] in ("a", "b", "g"), r.text
-        assert r.json()["path"] in ("/svc/v1/completions", "/v1/completions")
+        # Every server here reads the whole body before it answers (400 otherwise).
+        if next(iter(body)) == "model":
+            # Found within HAProxy's buffer: routed to the service, but not retried (HAProxy no longer holds the
+            # whole request), so a's 503 reaches the client when a got it.
+            assert (r.status_code, r.json()["server"]) in ((200, "b"), (503, "a")), r.text
+            assert r.json()["path"] == "/svc/v1/completions"
+        else:
+            assert r.status_code == 200 and r.json() == {"server": "g", "path": "/v1/completions", "v1": None}

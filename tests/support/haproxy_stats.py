@@ -28,37 +28,51 @@ def live_admin() -> HAProxyAdmin:
     raise AssertionError(f"no haproxy answers on {SOCKETS}")
 
 
-def backend_stats(admin: HAProxyAdmin) -> dict[str, dict[str, str]]:
-    """`show stat`'s BACKEND rows by backend name (Serve names an application's backend `http-<app>`)."""
-    lines = admin.command("show stat").splitlines()
+def read(admin: HAProxyAdmin) -> tuple[int | None, dict[str, dict[str, str]]]:
+    """(the answering haproxy's pid, `show stat`'s BACKEND rows by backend name), from one connection, so both
+    come from the same process (Serve names an application's backend `http-<app>`)."""
+    text = admin.command("show info;show stat")
+    pid = next((int(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("Pid:")), None)
+    lines = text[text.index("# pxname"):].splitlines() if "# pxname" in text else []
+    if not lines:
+        return pid, {}
     header = lines[0].lstrip("# ").split(",")
     rows = (dict(zip(header, line.split(","))) for line in lines[1:] if line)
-    return {r["pxname"]: r for r in rows if r.get("svname") == "BACKEND"}
+    return pid, {r["pxname"]: r for r in rows if r.get("svname") == "BACKEND"}
 
 
-def counter(admin: HAProxyAdmin, backend: str, field: str) -> int:
-    return int(backend_stats(admin).get(backend, {}).get(field) or 0)
+def counters(admin: HAProxyAdmin, field: str, *backends: str) -> tuple[int | None, dict[str, int]]:
+    pid, stats = read(admin)
+    return pid, {b: int(stats.get(b, {}).get(field) or 0) for b in backends}
+
+
+def mapped_models(admin: HAProxyAdmin) -> set[str]:
+    """The models in the `/v1` map of the haproxy answering on `admin` (ray_dstack/serve/haproxy_v1.py)."""
+    from ray_dstack.serve.haproxy_v1 import MAP_FILE_NAME
+
+    path = os.path.join(os.path.dirname(admin.path), MAP_FILE_NAME)
+    return {line.split()[1] for line in admin.command(f"show map {path}").splitlines() if len(line.split()) == 3}
 
 
 class RetrySampler:
-    """Retries (`wretr`) of one backend while the `with` block runs, over however many haproxy processes served."""
+    """Retries (`wretr`) of one backend while the `with` block runs, over however many haproxy processes served
+    (a process's counters are lost once it exits, so this is a lower bound)."""
 
     def __init__(self, backend: str, interval_s: float = 0.2) -> None:
         self.backend = backend
         self.interval_s = interval_s
         self._by_pid: dict[int, int] = {}
+        self._base: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         try:
-            admin = live_admin()
-            pid = admin.pid()
-            value = counter(admin, self.backend, "wretr")
+            pid, values = counters(live_admin(), "wretr", self.backend)
         except (OSError, AssertionError, ValueError):
             return
         if pid is not None:
-            self._by_pid[pid] = max(self._by_pid.get(pid, 0), value)
+            self._by_pid[pid] = max(self._by_pid.get(pid, 0), values[self.backend])
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
