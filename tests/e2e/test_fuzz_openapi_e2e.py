@@ -107,10 +107,14 @@ def test_schemathesis_finds_no_server_error_and_no_hang(deployed):
     print(f"\nschemathesis: {sum(seen.values())} requests: " + json.dumps(seen, sort_keys=True))
     assert sum(seen.values()) >= 200, seen
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:20])
-    # The fuzzing reached the model: some valid requests were answered, some invalid ones refused.
-    assert any(k.startswith("POST /v1/chat/completions positive 200") for k in seen), seen
+    # The fuzzing reached the model: some valid requests were answered, some invalid ones refused. (Schema-valid
+    # chat bodies are mostly combinations the model refuses with a 400, 0-3 of 100 answered 200 depending on the
+    # environment's example sequence, so chat is checked with one ordinary request after the fuzzing instead.)
     assert any(k.startswith("POST /v1/completions positive 200") for k in seen), seen
-    assert any(" 400" in k for k in seen), seen
+    assert any(k.startswith("POST /v1/chat/completions") and k.endswith(" 400") for k in seen), seen
+    with httpx.Client(trust_env=False) as client:
+        after = chat(client, f"{deployed.http}/v1", TOKEN, MODEL, "hello", stream=False)
+    assert after.ok, after
 
 
 @pytest.mark.parametrize("content", ["internals", "globals", "format", "loop", "huge", "recursion"])
