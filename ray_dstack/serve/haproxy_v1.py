@@ -125,21 +125,42 @@ def routable(table: dict[str, list[str]], routes: dict[str, str]) -> dict[str, s
     return {model: prefix for model, (prefix, app) in table.items() if routes.get(prefix) == app}
 
 
-def read_table(path: str) -> dict[str, list[str]]:
+# Names HAProxy's map and admin-socket syntax carry as they are (no spaces, quotes or control characters).
+SAFE_NAME = re.compile(r"[A-Za-z0-9._:/@+=-]+")
+
+
+def encode_table(table: dict[str, list[str]]) -> bytes:
+    """The model table `{model: [route prefix, application]}` as one JSON value (the KV's and the file's)."""
+    return json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_table(value: bytes | None) -> dict[str, list[str]] | None:
+    """A model table from `encode_table`'s bytes, keeping only entries the map can carry; None when there is none
+    or it is not one (then nothing changes)."""
+    if not value:
+        return None
     try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+        table = json.loads(value)
+    except ValueError:
+        return None
     if not isinstance(table, dict):
+        return None
+    return {k: v for k, v in table.items() if SAFE_NAME.fullmatch(k) and isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, str) for x in v) and SAFE_NAME.fullmatch(v[0]) and v[0].startswith("/")}
+
+
+def read_table(path: str) -> dict[str, list[str]]:
+    """The last model table this node's map sync saw (empty when there is none)."""
+    try:
+        return decode_table(Path(path).read_bytes()) or {}
+    except OSError:
         return {}
-    return {k: v for k, v in table.items()
-            if isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)}
 
 
-def write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, data: str | bytes) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 

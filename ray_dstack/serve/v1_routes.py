@@ -30,14 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from ray_dstack.serve.container import KV_NAMESPACE
-from ray_dstack.serve.haproxy_v1 import TABLE_FILE_NAME, routable, write_atomically
+from ray_dstack.serve.haproxy_v1 import (
+    SAFE_NAME,
+    TABLE_FILE_NAME,
+    decode_table,
+    encode_table,
+    routable,
+    write_atomically,
+)
 
 log = logging.getLogger("ray.serve")
 
 KV_KEY = b"v1-routes"
 POLL_S = 1.0
 ADMIN_TIMEOUT_S = 5.0
-_SAFE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
 
 def map_table(routes: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -46,27 +52,9 @@ def map_table(routes: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     for model, route in routes.items():
         app = str(route.get("app", ""))
         prefix = (route.get("route_prefix") or f"/{app}").rstrip("/")
-        if _SAFE.fullmatch(model) and _SAFE.fullmatch(prefix) and prefix.startswith("/") and app:
+        if SAFE_NAME.fullmatch(model) and SAFE_NAME.fullmatch(prefix) and prefix.startswith("/") and app:
             table[model] = [prefix, app]
     return table
-
-
-def encode(table: dict[str, list[str]]) -> bytes:
-    return json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
-
-
-def decode(value: bytes | None) -> dict[str, list[str]] | None:
-    """The published table, or None when there is none or it is not one (then nothing changes)."""
-    if not value:
-        return None
-    try:
-        table = json.loads(value)
-    except ValueError:
-        return None
-    if not isinstance(table, dict):
-        return None
-    return {k: v for k, v in table.items() if _SAFE.fullmatch(k) and isinstance(v, list) and len(v) == 2
-            and all(isinstance(x, str) for x in v) and _SAFE.fullmatch(v[0]) and v[0].startswith("/")}
 
 
 def publish(routes: dict[str, dict[str, Any]]) -> None:
@@ -77,7 +65,7 @@ def publish(routes: dict[str, dict[str, Any]]) -> None:
 
         if not ray.is_initialized():
             return  # not in a Ray worker (unit tests)
-        internal_kv._internal_kv_put(KV_KEY, encode(map_table(routes)), overwrite=True, namespace=KV_NAMESPACE)
+        internal_kv._internal_kv_put(KV_KEY, encode_table(map_table(routes)), overwrite=True, namespace=KV_NAMESPACE)
     except Exception as exc:  # noqa: BLE001 - /v1 keeps working through the gateway
         log.warning("gateway: could not publish the /v1 routing table for HAProxy: %r", exc)
 
@@ -153,7 +141,7 @@ class MapSync:
         if table is None:
             return self.pushed is not None
         if table != self.saved:  # the next haproxy of this node starts with this table (haproxy_v1.prepare)
-            write_atomically(self.table_path, json.dumps(table, sort_keys=True))
+            write_atomically(self.table_path, encode_table(table))
             self.saved = table
         entries = routable(table, self.routes)
         if entries != self.pushed:
@@ -172,14 +160,14 @@ def gcs_address() -> str:
     return Path("/tmp/ray/ray_current_cluster").read_text().strip()
 
 
-def kv_reader(address: str) -> Callable[[], dict[str, str] | None]:
+def kv_reader(address: str) -> Callable[[], dict[str, list[str]] | None]:
     from ray._raylet import GcsClient
 
     gcs = GcsClient(address=address)
 
-    def read() -> dict[str, str] | None:
+    def read() -> dict[str, list[str]] | None:
         try:
-            return decode(gcs.internal_kv_get(KV_KEY, KV_NAMESPACE, timeout=5))
+            return decode_table(gcs.internal_kv_get(KV_KEY, KV_NAMESPACE, timeout=5))
         except Exception as exc:  # noqa: BLE001 - the GCS restarting: keep the map, try again
             log.debug("v1 routes: %r", exc)
             return None

@@ -303,9 +303,9 @@ def test_map_table_keeps_what_the_map_can_carry():
     routes = {"acme/llama": {"app": "llama", "route_prefix": "/llama"}, "has space": {"app": "x"},
               "plain": {"app": "plain"}, "root": {"app": "r", "route_prefix": "/"}}
     assert v1_routes.map_table(routes) == {"acme/llama": ["/llama", "llama"], "plain": ["/plain", "plain"]}
-    assert v1_routes.decode(v1_routes.encode({"a": ["/b", "b"]})) == {"a": ["/b", "b"]}
-    assert v1_routes.decode(b"[1]") is None and v1_routes.decode(None) is None
-    assert v1_routes.decode(b'{"a": "/b"}') == {}
+    assert haproxy_v1.decode_table(haproxy_v1.encode_table({"a": ["/b", "b"]})) == {"a": ["/b", "b"]}
+    assert haproxy_v1.decode_table(b"[1]") is None and haproxy_v1.decode_table(None) is None
+    assert haproxy_v1.decode_table(b'{"a": "/b"}') == {}
 
 
 def test_a_client_that_waits_for_100_continue_is_routed_by_model(front):
