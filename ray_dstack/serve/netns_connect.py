@@ -31,10 +31,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio
-import anyio.abc
 import httpcore
-from httpcore._backends.anyio import AnyIOStream  # httpcore's own stream over an anyio socket stream
+
+from ray_dstack.serve.loop_stream import LoopStream
 
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -121,11 +120,11 @@ class NamespaceBackend(httpcore.AsyncNetworkBackend):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for option in socket_options or ():
             sock.setsockopt(*option)
-        return AnyIOStream(await anyio.abc.SocketStream.from_socket(sock))
+        return await LoopStream.from_socket(sock)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options=None) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("a namespace connection is TCP only")
 
     async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
+        await asyncio.sleep(seconds)

@@ -15,6 +15,8 @@ import itertools
 import httpcore
 import httpx
 
+from ray_dstack.serve.loop_stream import LoopBackend
+
 SHARDS = 16
 
 
@@ -46,17 +48,17 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
 def plain_transport(limits: httpx.Limits,
                     network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncHTTPTransport:
-    """httpx's transport (plain HTTP/1.1), its connections opened by `network_backend` when given (a
-    replica's namespace: ray_dstack/serve/netns_connect.py). httpx does not take a backend, so its pool is
-    replaced by an identical one that uses it; tests/serve/test_netns_connect.py checks it is used."""
+    """httpx's transport (plain HTTP/1.1), its connections opened by `network_backend` (a replica's namespace:
+    ray_dstack/serve/netns_connect.py) or else by `LoopBackend` (ray_dstack/serve/loop_stream.py: reads without
+    anyio's per-read cancel scope). httpx does not take a backend, so its pool is replaced by an identical one
+    that uses it; tests/serve/test_netns_connect.py and tests/serve/test_loop_stream.py check it is used."""
     transport = httpx.AsyncHTTPTransport(limits=limits)
-    if network_backend is not None:
-        transport._pool = httpcore.AsyncConnectionPool(
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=network_backend,
-        )
+    transport._pool = httpcore.AsyncConnectionPool(
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=network_backend if network_backend is not None else LoopBackend(),
+    )
     return transport
 
 

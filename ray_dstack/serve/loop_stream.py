@@ -1,0 +1,227 @@
+"""httpcore's network backend on the event loop's own transports: what a replica's client reads its model
+server's stream with.
+
+httpcore's default backend wraps every socket read in anyio: a `fail_after` cancel scope for the read timeout,
+an exception-mapping context manager, and anyio's stream on top of asyncio's. A replica relaying a stream pays
+that once per chunk: at 64 streams it was ~10 % of the replica's CPU (py-spy, bench/RESULTS.md, session 7),
+on the core the model server shares. Here a read is a buffer pop when data is already there, and otherwise one
+future with one timer (`loop.call_later`) for the read timeout. A connection's "was it closed while idle?" check
+(httpcore asks it of every idle connection when it picks one) is a flag, not a `poll()`.
+
+Semantics are httpcore's: `read` returns b"" at end of stream, raises `ReadTimeout` when nothing came within
+the timeout and `ReadError` when the connection failed; `write` raises `WriteTimeout`/`WriteError`; connecting
+raises `ConnectTimeout`/`ConnectError`. Closing a stream closes the socket, so the server sees the disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore
+
+# Stop reading the socket beyond this much unread data (the consumer is slower than the server), resume below
+# a quarter of it: the same bound as asyncio's StreamReader.
+HIGH_WATER = 1 << 16
+_TIMED_OUT = object()
+
+
+class _Protocol(asyncio.Protocol):
+    """The transport's callbacks: buffer what arrives, wake the one reader or writer waiting."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.eof = False
+        self.error: BaseException | None = None
+        self.reader: asyncio.Future | None = None
+        self.writer: asyncio.Future | None = None
+        self.write_paused = False
+        self.read_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+        _wake(self.reader)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        _wake(self.reader)
+        return False  # the transport closes itself: an HTTP/1.1 client has nothing to send after the server's EOF
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        if exc is not None:
+            self.error = exc
+        _wake(self.reader)
+        _wake(self.writer)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        _wake(self.writer)
+
+
+def _wake(waiter: asyncio.Future | None, value: object = None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)
+
+
+async def _wait(protocol: _Protocol, attr: str, timeout: float | None) -> bool:
+    """Wait until the protocol wakes `attr`'s waiter; False when `timeout` passed first."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    setattr(protocol, attr, waiter)
+    timer = loop.call_later(timeout, _wake, waiter, _TIMED_OUT) if timeout is not None else None
+    try:
+        return await waiter is not _TIMED_OUT
+    finally:
+        setattr(protocol, attr, None)
+        if timer is not None:
+            timer.cancel()
+
+
+class LoopStream(httpcore.AsyncNetworkStream):
+    """One connection: an asyncio transport and its `_Protocol`."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket) -> "LoopStream":
+        """Wrap a connected socket (made non-blocking here)."""
+        sock.setblocking(False)
+        transport, protocol = await asyncio.get_running_loop().create_connection(_Protocol, sock=sock)
+        return cls(transport, protocol)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        p = self._protocol
+        while not p.chunks:
+            if p.error is not None:
+                raise httpcore.ReadError(str(p.error) or type(p.error).__name__)
+            if p.eof:
+                return b""
+            if not await _wait(p, "reader", timeout):
+                raise httpcore.ReadTimeout(f"no data from the server within {timeout} s")
+        data = p.chunks.popleft()
+        if len(data) > max_bytes:
+            p.chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        elif p.chunks and len(data) + len(p.chunks[0]) <= max_bytes:
+            parts = [data]
+            size = len(data)
+            while p.chunks and size + len(p.chunks[0]) <= max_bytes:
+                size += len(p.chunks[0])
+                parts.append(p.chunks.popleft())
+            data = b"".join(parts)
+        p.buffered -= len(data)
+        if p.read_paused and p.buffered <= HIGH_WATER // 4:
+            p.read_paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        p = self._protocol
+        if p.error is not None or self._transport.is_closing():
+            raise httpcore.WriteError(str(p.error) if p.error else "the connection is closed")
+        self._transport.write(buffer)
+        while p.write_paused:
+            if p.error is not None:
+                raise httpcore.WriteError(str(p.error))
+            if not await _wait(p, "writer", timeout):
+                raise httpcore.WriteTimeout(f"the server took nothing within {timeout} s")
+
+    async def aclose(self) -> None:
+        # `close()` would keep the socket open until unsent data drains (a server that stopped reading holds it
+        # forever); the connection is being discarded, so unsent data is dropped with it.
+        if self._transport.get_write_buffer_size():
+            self._transport.abort()
+        else:
+            self._transport.close()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> "LoopStream":
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await loop.start_tls(self._transport, self._protocol, ssl_context,
+                                                 server_hostname=server_hostname)
+        except TimeoutError as exc:
+            self._transport.abort()
+            raise httpcore.ConnectTimeout(f"TLS handshake not done within {timeout} s") from exc
+        except (OSError, ssl.SSLError) as exc:
+            self._transport.abort()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return LoopStream(transport, self._protocol)  # type: ignore[arg-type]
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # an idle keep-alive connection the server closed, or sent something on
+            return bool(self._protocol.chunks) or self._protocol.eof
+        if info == "ssl_object":
+            return self._transport.get_extra_info("ssl_object")
+        if info == "client_addr":
+            return self._transport.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._transport.get_extra_info("peername")
+        if info == "socket":
+            return self._transport.get_extra_info("socket")
+        return None
+
+
+class LoopBackend(httpcore.AsyncNetworkBackend):
+    """Opens `LoopStream`s (TCP with TCP_NODELAY, as asyncio sets it, or Unix sockets)."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[tuple[int, int, int | bytes]] | None = None) -> LoopStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_connection(
+                    _Protocol, host, port, local_addr=(local_address, 0) if local_address else None)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"no connection to {host}:{port} within {timeout} s") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        _apply(transport, socket_options)
+        return LoopStream(transport, protocol)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[tuple[int, int, int | bytes]] | None = None) -> LoopStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_unix_connection(_Protocol, path)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"no connection to {path} within {timeout} s") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        _apply(transport, socket_options)
+        return LoopStream(transport, protocol)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _apply(transport: asyncio.BaseTransport, options: Iterable[tuple[int, int, int | bytes]] | None) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request's head and body never wait on Nagle
+    for option in options or ():
+        sock.setsockopt(*option)

@@ -1,0 +1,293 @@
+"""The replica's client reads its model server through `LoopBackend` (ray_dstack/serve/loop_stream.py): httpcore's
+semantics (end of stream, timeouts, errors, keep-alive, flow control, cancellation) over real sockets, on asyncio
+and on uvloop (Serve's loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpcore
+import httpx
+import pytest
+import uvloop
+
+from ray_dstack.serve.loop_stream import HIGH_WATER, LoopBackend, LoopStream
+from ray_dstack.serve.transport import model_server_client, plain_transport
+
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request):
+    return LOOPS[request.param]
+
+
+async def serve(handler):
+    """A raw TCP server on loopback running `handler(reader, writer)` per connection; (server, base URL, seen)."""
+    seen = {"connections": 0, "disconnects": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen["connections"] += 1
+        try:
+            await handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            seen["disconnects"] += 1
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return await reader.readexactly(length) if length else b""
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def test_the_replicas_pools_open_connections_with_the_loop_backend():
+    pool = plain_transport(httpx.Limits())._pool
+    assert isinstance(pool._network_backend, LoopBackend)
+    client = model_server_client("http://127.0.0.1:1", 5.0)
+    assert all(isinstance(t._pool._network_backend, LoopBackend) for t in client._transport.pools)
+
+
+def test_a_stream_arrives_chunk_by_chunk_and_the_connection_is_reused(run):
+    events = [b"data: {\"n\": %d}\n\n" % i for i in range(20)]
+
+    async def handler(reader, writer):
+        while True:
+            body = await read_request(reader)
+            assert body == b'{"stream": true}'
+            writer.write(STREAM_HEAD)
+            for event in events:
+                writer.write(chunk(event))
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def main():
+        server, url, seen = await serve(handler)
+        async with model_server_client(url, 5.0) as client:
+            for _ in range(3):
+                client._transport._next = iter([client._transport.pools[0]] * 3)  # one pool: reuse is visible
+                async with client.stream("POST", "/v1/chat/completions", content=b'{"stream": true}') as r:
+                    got = [piece async for piece in r.aiter_raw()]
+                assert b"".join(got) == b"".join(events)
+                assert len(got) > 1  # relayed as it came, not gathered
+        server.close()
+        assert seen["connections"] == 1
+
+    run(main())
+
+
+def test_a_stalled_server_is_a_read_timeout(run):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(STREAM_HEAD + chunk(b"data: first\n\n"))
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async def main():
+        server, url, _ = await serve(handler)
+        async with model_server_client(url, 0.3) as client:
+            async with client.stream("POST", "/", content=b"{}") as r:
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                with pytest.raises(httpx.ReadTimeout):
+                    async for _ in r.aiter_raw():
+                        pass
+                assert 0.25 <= loop.time() - start < 2.0
+        server.close()
+
+    run(main())
+
+
+def test_refused_connection_is_a_connect_error(run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: refused
+
+    async def main():
+        async with model_server_client(f"http://127.0.0.1:{port}", 5.0) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/health")
+
+    run(main())
+
+
+def test_a_server_that_dies_mid_stream_ends_the_stream_with_an_error(run):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(STREAM_HEAD + chunk(b"data: one\n\n"))
+        await writer.drain()
+        writer.transport.abort()  # RST, as a killed process's socket
+
+    async def main():
+        server, url, _ = await serve(handler)
+        async with model_server_client(url, 5.0) as client:
+            async with client.stream("POST", "/", content=b"{}") as r:
+                got = []
+                with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                    async for piece in r.aiter_raw():
+                        got.append(piece)
+                assert b"".join(got) == b"data: one\n\n"
+        server.close()
+
+    run(main())
+
+
+def test_an_idle_connection_the_server_closed_is_not_reused(run):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        # then close the kept-alive connection, as servers do after their keep-alive timeout
+
+    async def main():
+        server, url, seen = await serve(handler)
+        async with model_server_client(url, 5.0) as client:
+            client._transport._next = iter([client._transport.pools[0]] * 10)
+            for _ in range(3):
+                r = await client.get("/")
+                assert r.status_code == 200 and r.content == b"ok"
+                for _ in range(100):  # until the client's side saw the close
+                    if seen["disconnects"] == seen["connections"]:
+                        break
+                    await asyncio.sleep(0.01)
+        server.close()
+        assert seen["connections"] == 3
+
+    run(main())
+
+
+def test_a_large_answer_read_slowly_arrives_whole_with_bounded_buffering(run):
+    payload = bytes(range(256)) * (16 * 1024)  # 4 MiB
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload))
+        writer.write(payload)
+        await writer.drain()
+
+    async def main():
+        server, url, _ = await serve(handler)
+        backend = LoopBackend()
+        stream = await backend.connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        await stream.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", timeout=5.0)
+        got = bytearray()
+        most_buffered = 0
+        while len(got) < len(payload) + 40:
+            piece = await stream.read(4096, timeout=5.0)
+            if not piece:
+                break
+            got += piece
+            most_buffered = max(most_buffered, stream._protocol.buffered)
+            await asyncio.sleep(0)  # a slow consumer: the socket fills the buffer meanwhile
+        await stream.aclose()
+        server.close()
+        assert got.endswith(payload)
+        # Reading pauses above HIGH_WATER; what one socket read brings on top of it bounds the excess.
+        assert most_buffered <= HIGH_WATER + 1024 * 1024
+
+    run(main())
+
+
+def test_a_large_request_body_is_written_whole(run):
+    body = b"x" * (8 * 1024 * 1024)
+
+    async def handler(reader, writer):
+        received = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(str(len(received))))
+        writer.write(str(len(received)).encode())
+        await writer.drain()
+
+    async def main():
+        server, url, _ = await serve(handler)
+        async with model_server_client(url, 5.0) as client:
+            r = await client.post("/", content=body)
+        server.close()
+        assert r.content == str(len(body)).encode()
+
+    run(main())
+
+
+def test_cancelling_a_read_closes_the_connection_so_the_server_stops(run):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(STREAM_HEAD)
+        await writer.drain()
+        while True:  # keeps producing until the client goes away
+            writer.write(chunk(b"data: tick\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    async def main():
+        server, url, seen = await serve(handler)
+        client = model_server_client(url, 5.0)
+
+        async def consume():
+            async with client.stream("POST", "/", content=b"{}") as r:
+                async for _ in r.aiter_raw():
+                    pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if seen["disconnects"]:
+                break
+            await asyncio.sleep(0.01)
+        assert seen["disconnects"] == 1
+        await client.aclose()
+        server.close()
+
+    run(main())
+
+
+def test_sockets_are_wrapped_and_opened_with_their_options(run):
+    async def main():
+        server, url, _ = await serve(lambda reader, writer: reader.read())
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        stream = await LoopStream.from_socket(sock)
+        assert stream.get_extra_info("server_addr")[1] == port
+        assert stream.get_extra_info("is_readable") is False
+        assert stream.get_extra_info("socket").fileno() == sock.fileno()
+        await stream.aclose()
+        opened = await LoopBackend().connect_tcp("127.0.0.1", port, timeout=5.0,
+                                                 socket_options=[(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)])
+        raw = opened.get_extra_info("socket")
+        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert raw.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        await opened.aclose()
+        server.close()
+
+    run(main())
+
+
+def test_write_after_close_is_a_write_error(run):
+    async def main():
+        server, url, _ = await serve(lambda reader, writer: reader.read())
+        stream = await LoopBackend().connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        await stream.aclose()
+        with pytest.raises(httpcore.WriteError):
+            await stream.write(b"GET / HTTP/1.1\r\n\r\n")
+        server.close()
+
+    run(main())
