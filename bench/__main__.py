@@ -1,14 +1,15 @@
 """What the gateway costs, side by side with the direct backend and the alternatives.
 
-    python -m bench            # full run (~20-25 min plus waits for the lock): 5 Serve variants, c = 1,16,64, profiles, llama.cpp
-    python -m bench --quick    # ~3 min: ray-dstack's data path only, c = 1,64, short windows, no profiles, no llama
+    python -m bench            # full run (~40 min plus waits for the lock): 5 Serve variants, c = 1,16,64, profiles, llama.cpp
+    python -m bench --quick    # ~6 min: ray-dstack's data path only, c = 1,64, short windows, no profiles, no llama
     python -m bench --sweep    # c = 1,2,4,8,16,32,64,128
 
 Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stream, fixed length):
   direct      the backend itself (the limit)
   nginx       nginx `proxy_pass`, buffering off, keep-alive upstream (started here on loopback)
   svc-openai  ray-dstack `format: openai` service: POST /<svc>/v1/chat/completions (proxy → ServiceReplica → child)
-  gw-openai   the same service through the /v1 gateway (proxy → OpenAIGateway → handle → ServiceReplica → child)
+  gw-openai   the same service as /v1/chat/completions, routed by model (HAProxy's map → ServiceReplica → child; in the
+              variant ray-dstack-gateway: proxy → OpenAIGateway → handle → ServiceReplica → child)
   svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
   svc-ns      svc-openai's service with a fixed `--port 8000`: the child runs in a network namespace of its own
               (pasta), the replica connects through sockets the namespace's init hands out (compare with svc-openai)
@@ -16,6 +17,10 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
               every request costs (compare with svc-openai)
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
 and, with --llama (on by default in a full run), the real llama.cpp demo service (SmolLM2-135M) at low concurrency.
+
+Each point (a concurrency, streaming or not) measures every path in `--passes` windows (default 2), the paths'
+order reversed in every other pass, and reports each path over all its windows: a single pass in a fixed order
+gave the path measured right after a heavy one (or while the machine drifted) a bias of its own (bench/RESULTS.md).
 
 Server side (backend, nginx, the whole Ray cluster) is pinned to CPU 0 with taskset and the load generator
 (this process) to CPU 1. Every Ray cluster is started by the bench under the machine-wide lock
@@ -89,26 +94,55 @@ class Bench:
 
     # --- measuring ------------------------------------------------------------------------------------
 
-    def measure(self, variant: str, target: loadgen.Target, *, mode: str, c: int, duration: float | None = None,
-                record: bool = True, open_rate: float | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+    def window(self, target: loadgen.Target, *, mode: str, c: int, duration: float | None = None,
+               open_rate: float | None = None, max_tokens: int | None = None) -> loadgen.Window:
         duration = duration or self.a.duration
         stream = mode == "stream"
         mt = max_tokens or (self.a.tokens if stream else self.a.nonstream_tokens)
         if open_rate is not None:
-            res = asyncio.run(loadgen.open_loop(target, rate=open_rate, duration_s=duration, warmup_s=self.a.warmup,
-                                                stream=stream, max_tokens=mt))
-        else:
-            res = asyncio.run(loadgen.closed_loop(target, concurrency=c, duration_s=duration, warmup_s=self.a.warmup,
-                                                  stream=stream, max_tokens=mt))
+            return asyncio.run(loadgen.open_loop_window(target, rate=open_rate, duration_s=duration,
+                                                        warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+        return asyncio.run(loadgen.closed_loop_window(target, concurrency=c, duration_s=duration,
+                                                      warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+
+    def summarize(self, variant: str, target: loadgen.Target, mode: str, windows: list[loadgen.Window], *,
+                  record: bool = True, open_rate: float | None = None) -> dict[str, Any]:
+        res = loadgen.summarize_windows(target.name, windows, mode=mode, loop="open" if open_rate else "closed")
         row = {"variant": variant, **res.to_dict()}
+        if len(windows) > 1:  # each pass on its own, to show the spread the passes average out
+            row["passes"] = [
+                {k: r[k] for k in ("rps", "tokens_per_s", "ttft_ms")}
+                for r in (loadgen.summarize_windows(target.name, [w], mode=mode, loop=row["loop"]).to_dict()
+                          for w in windows)]
         if record:
             self.runs.append(row)
         t = row["ttft_ms"]
         self.log(f"{variant:>14} {target.name:>10} {mode:>9} c={row['concurrency']:<3} req={row['requests']:<5} "
                  f"err={row['errors']:<3} req/s={row['rps']:<7} tok/s={row['tokens_per_s']:<7} "
                  f"TTFT p50/p99={t['p50']}/{t['p99']} E2E p50={row['e2e_ms']['p50']}"
+                 + (f" (passes: tok/s {[p['tokens_per_s'] for p in row['passes']]}, req/s "
+                    f"{[p['rps'] for p in row['passes']]})" if "passes" in row else "")
                  + (f"  errors: {row['error_examples']}" if row["errors"] else ""))
         return row
+
+    def measure(self, variant: str, target: loadgen.Target, *, mode: str, c: int, duration: float | None = None,
+                record: bool = True, open_rate: float | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+        """One window of one path, summarised (and recorded unless `record` is false)."""
+        w = self.window(target, mode=mode, c=c, duration=duration, open_rate=open_rate, max_tokens=max_tokens)
+        return self.summarize(variant, target, mode, [w], record=record, open_rate=open_rate)
+
+    def point(self, variant: str, targets: dict[str, loadgen.Target], *, mode: str, c: int,
+              open_rate: float | None = None) -> None:
+        """Every path at one point, in `--passes` passes whose order alternates (forward, then backward, ...):
+        a path measured right after a heavy one, or while the machine drifts, is not always the same path. Each
+        path's figures are over all its windows together."""
+        windows: dict[str, list[loadgen.Window]] = {name: [] for name in targets}
+        order = list(targets.values())
+        for n in range(self.a.passes):
+            for t in (order if n % 2 == 0 else order[::-1]):
+                windows[t.name].append(self.window(t, mode=mode, c=c, open_rate=open_rate))
+        for t in order:
+            self.summarize(variant, t, mode, windows[t.name], open_rate=open_rate)
 
     def warm(self, targets: dict[str, loadgen.Target]) -> None:
         for t in targets.values():
@@ -120,14 +154,11 @@ class Bench:
         self.warm(targets)
         # Interleave paths at each point, so drift on the shared machine spreads over all of them.
         for c in self.a.concurrency:
-            for t in targets.values():
-                self.measure(variant, t, mode="stream", c=c)
+            self.point(variant, targets, mode="stream", c=c)
         for c in self.a.nonstream_concurrency:
-            for t in targets.values():
-                self.measure(variant, t, mode="nonstream", c=c)
+            self.point(variant, targets, mode="nonstream", c=c)
         for rate in self.a.open_loop:
-            for t in targets.values():
-                self.measure(variant, t, mode="stream", c=0, open_rate=rate)
+            self.point(variant, targets, mode="stream", c=0, open_rate=rate)
 
     # --- one Serve variant ----------------------------------------------------------------------------
 
@@ -361,12 +392,14 @@ def floats(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="~3 min: ray-dstack variant, c=1,64, 4 s windows, no profiles/llama")
+    ap.add_argument("--quick", action="store_true", help="~6 min: ray-dstack variant, c=1,64, 4 s windows, no profiles/llama")
     ap.add_argument("--sweep", action="store_true", help="streaming concurrency 1,2,4,8,16,32,64,128")
     ap.add_argument("--concurrency", type=ints, default=None, help="streaming concurrency levels (default 1,16,64)")
     ap.add_argument("--nonstream-concurrency", type=ints, default=None, help="non-streaming concurrency (default 1,64)")
     ap.add_argument("--open-loop", type=floats, default=[], metavar="RPS,...", help="also run open-loop streams at these rates")
     ap.add_argument("--duration", type=float, default=None, help="measurement window per point, s (default 6; quick 4)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="windows per path and point, the paths' order reversed in every other pass (default 2)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window, s (excluded)")
     ap.add_argument("--variants", default=None, help="Serve variants: " + ",".join(stack.VARIANTS) + " (default all; quick: default)")
     ap.add_argument("--rate", type=float, default=50.0, help="backend tokens/s per stream")

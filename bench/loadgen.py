@@ -152,23 +152,40 @@ def _stats_ms(values: list[float]) -> dict[str, float | None]:
     return out
 
 
-def summarize(path: str, samples: list[Sample], *, mode: str, loop: str, concurrency: int, offered: float | None,
-              t0: float, t1: float) -> Result:
-    measured = [s for s in samples if t0 <= s.start < t1]
+@dataclass
+class Window:
+    """One measurement: every sample taken, and the window [t0, t1) whose samples count."""
+
+    samples: list[Sample]
+    t0: float
+    t1: float
+    concurrency: int
+    offered: float | None = None
+
+
+def summarize_windows(path: str, windows: list[Window], *, mode: str, loop: str) -> Result:
+    """One result from several windows of the same point (the bench's passes): rates over their total length,
+    percentiles over all their samples."""
+    measured: list[Sample] = []
+    completed_in_window = 0
+    tokens = 0
+    for w in windows:
+        measured += [s for s in w.samples if w.t0 <= s.start < w.t1]
+        completed_in_window += sum(1 for s in w.samples if s.ok and w.t0 <= s.end < w.t1)
+        if mode == "stream":
+            tokens += sum(1 for s in w.samples for t in s.token_times if w.t0 <= t < w.t1)
+        else:
+            tokens += sum(s.tokens for s in w.samples if s.ok and w.t0 <= s.end < w.t1)
     ok = [s for s in measured if s.ok]
     errors = [s for s in measured if not s.ok]
-    window = max(t1 - t0, 1e-9)
-    completed_in_window = sum(1 for s in samples if s.ok and t0 <= s.end < t1)
-    if mode == "stream":
-        tokens = sum(1 for s in samples for t in s.token_times if t0 <= t < t1)
-    else:
-        tokens = sum(s.tokens for s in samples if s.ok and t0 <= s.end < t1)
+    window = max(sum(w.t1 - w.t0 for w in windows), 1e-9)
     itl: list[float] = []
     for s in ok:
         itl.extend(b - a for a, b in zip(s.token_times, s.token_times[1:]))
     examples = sorted({s.error for s in errors})[:3]
     return Result(
-        path=path, mode=mode, loop=loop, concurrency=concurrency, offered_rps=offered, window_s=round(window, 3),
+        path=path, mode=mode, loop=loop, concurrency=max(w.concurrency for w in windows),
+        offered_rps=windows[0].offered, window_s=round(window, 3),
         requests=len(measured), errors=len(errors), error_examples=examples,
         rps=round(completed_in_window / window, 2), tokens_per_s=round(tokens / window, 1),
         ttft_ms=_stats_ms([s.ttft for s in ok if s.ttft is not None]) if mode == "stream" else _stats_ms([]),
@@ -186,6 +203,14 @@ def make_client(concurrency: int) -> httpx.AsyncClient:
 
 async def closed_loop(target: Target, *, concurrency: int, duration_s: float, warmup_s: float, stream: bool,
                       max_tokens: int, prompt: str = "Say something.") -> Result:
+    w = await closed_loop_window(target, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
+                                 stream=stream, max_tokens=max_tokens, prompt=prompt)
+    return summarize_windows(target.name, [w], mode="stream" if stream else "nonstream", loop="closed")
+
+
+async def closed_loop_window(target: Target, *, concurrency: int, duration_s: float, warmup_s: float, stream: bool,
+                             max_tokens: int, prompt: str = "Say something.") -> Window:
+    """`concurrency` workers, each sending its next request when its last one ended."""
     samples: list[Sample] = []
     async with make_client(concurrency) as client:
         start = time.perf_counter()
@@ -198,12 +223,19 @@ async def closed_loop(target: Target, *, concurrency: int, duration_s: float, wa
                 samples.append(await one_request(client, target, stream=stream, max_tokens=max_tokens, prompt=prompt))
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return summarize(target.name, samples, mode="stream" if stream else "nonstream", loop="closed",
-                     concurrency=concurrency, offered=None, t0=start + warmup_s, t1=stop_at)
+    return Window(samples, start + warmup_s, stop_at, concurrency)
 
 
 async def open_loop(target: Target, *, rate: float, duration_s: float, warmup_s: float, stream: bool,
                     max_tokens: int, prompt: str = "Say something.", max_in_flight: int = 1024) -> Result:
+    w = await open_loop_window(target, rate=rate, duration_s=duration_s, warmup_s=warmup_s, stream=stream,
+                               max_tokens=max_tokens, prompt=prompt, max_in_flight=max_in_flight)
+    return summarize_windows(target.name, [w], mode="stream" if stream else "nonstream", loop="open")
+
+
+async def open_loop_window(target: Target, *, rate: float, duration_s: float, warmup_s: float, stream: bool,
+                           max_tokens: int, prompt: str = "Say something.", max_in_flight: int = 1024) -> Window:
+    """Requests arriving at `rate` per second (Poisson), whatever the answers take."""
     samples: list[Sample] = []
     tasks: set[asyncio.Task] = set()
     peak = 0
@@ -228,5 +260,4 @@ async def open_loop(target: Target, *, rate: float, duration_s: float, warmup_s:
             peak = max(peak, len(tasks))
         if tasks:
             await asyncio.gather(*list(tasks), return_exceptions=True)
-    return summarize(target.name, samples, mode="stream" if stream else "nonstream", loop="open",
-                     concurrency=peak, offered=rate, t0=start + warmup_s, t1=stop_at)
+    return Window(samples, start + warmup_s, stop_at, peak, rate)
