@@ -18,6 +18,9 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)
 and, with --llama (on by default in a full run), the real llama.cpp demo service (SmolLM2-135M) at low concurrency.
 
+A TTFT point (`--ttft-tokens`, default 2) has one client send back-to-back short streams on every path: time to
+first token at 1 stream over hundreds of samples, where the c=1 window of full-length streams holds ~5 per pass.
+
 Each point (a concurrency, streaming or not) measures every path in `--passes` windows (default 2), the paths'
 order reversed in every other pass, and reports each path over all its windows: a single pass in a fixed order
 gave the path measured right after a heavy one (or while the machine drifted) a bias of its own (bench/RESULTS.md).
@@ -78,6 +81,32 @@ model:
 {extra}"""
 
 
+# The Serve replica that serves each path (its process title holds `ServeReplica:<app>:`).
+PATH_APPS = {"svc-openai": "synth-openai", "gw-openai": "synth-openai", "svc-tgi": "synth-tgi", "svc-ns": "synth-ns",
+             "svc-rl": "synth-rl", "hand": "hand"}
+
+
+def cpu_per_unit(path: str, windows: list[loadgen.Window]) -> dict[str, float | None]:
+    """CPU microseconds per token (streams) or per answer (non-streaming), over the windows' whole runs: of the
+    path's replica, of HAProxy, and of every process but the load generator ("server"). Unlike tokens/s, these do
+    not depend on how busy the machine was."""
+    produced = sum(w.produced() for w in windows)
+    if not produced:
+        return {}
+    app = PATH_APPS.get(path)
+
+    def total(match) -> float:
+        return sum(sec for w in windows for title, sec in w.cpu_s.items() if title != "all" and match(title))
+
+    out: dict[str, float | None] = {
+        "server": round(1e6 * sum(w.cpu_s.get("all", 0.0) for w in windows) / produced, 1),
+        "haproxy": round(1e6 * total(lambda t: "haproxy" in t.rsplit("/", 1)[-1]) / produced, 1),
+    }
+    if app:
+        out["replica"] = round(1e6 * total(lambda t: f"ServeReplica:{app}:" in t) / produced, 1)
+    return out
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
@@ -97,29 +126,36 @@ class Bench:
     def window(self, target: loadgen.Target, *, mode: str, c: int, duration: float | None = None,
                open_rate: float | None = None, max_tokens: int | None = None) -> loadgen.Window:
         duration = duration or self.a.duration
-        stream = mode == "stream"
-        mt = max_tokens or (self.a.tokens if stream else self.a.nonstream_tokens)
+        stream = mode in ("stream", "ttft")
+        mt = max_tokens or (self.a.ttft_tokens if mode == "ttft" else self.a.tokens if stream else self.a.nonstream_tokens)
+        before = stack.cpu_ticks()
         if open_rate is not None:
-            return asyncio.run(loadgen.open_loop_window(target, rate=open_rate, duration_s=duration,
-                                                        warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
-        return asyncio.run(loadgen.closed_loop_window(target, concurrency=c, duration_s=duration,
-                                                      warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+            w = asyncio.run(loadgen.open_loop_window(target, rate=open_rate, duration_s=duration,
+                                                     warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+        else:
+            w = asyncio.run(loadgen.closed_loop_window(target, concurrency=c, duration_s=duration,
+                                                       warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+        w.cpu_s = stack.cpu_seconds_between(before, stack.cpu_ticks(), exclude={os.getpid()})
+        return w
 
     def summarize(self, variant: str, target: loadgen.Target, mode: str, windows: list[loadgen.Window], *,
                   record: bool = True, open_rate: float | None = None) -> dict[str, Any]:
-        res = loadgen.summarize_windows(target.name, windows, mode=mode, loop="open" if open_rate else "closed")
-        row = {"variant": variant, **res.to_dict()}
+        counted = "stream" if mode == "ttft" else mode
+        res = loadgen.summarize_windows(target.name, windows, mode=counted, loop="open" if open_rate else "closed")
+        row = {"variant": variant, **res.to_dict(), "mode": mode}
         if len(windows) > 1:  # each pass on its own, to show the spread the passes average out
             row["passes"] = [
                 {k: r[k] for k in ("rps", "tokens_per_s", "ttft_ms")}
-                for r in (loadgen.summarize_windows(target.name, [w], mode=mode, loop=row["loop"]).to_dict()
+                for r in (loadgen.summarize_windows(target.name, [w], mode=counted, loop=row["loop"]).to_dict()
                           for w in windows)]
+        row["cpu_us"] = cpu_per_unit(target.name, windows)
         if record:
             self.runs.append(row)
         t = row["ttft_ms"]
         self.log(f"{variant:>14} {target.name:>10} {mode:>9} c={row['concurrency']:<3} req={row['requests']:<5} "
                  f"err={row['errors']:<3} req/s={row['rps']:<7} tok/s={row['tokens_per_s']:<7} "
                  f"TTFT p50/p99={t['p50']}/{t['p99']} E2E p50={row['e2e_ms']['p50']}"
+                 + (f" CPU µs/unit {row['cpu_us']}" if row.get("cpu_us") else "")
                  + (f" (passes: tok/s {[p['tokens_per_s'] for p in row['passes']]}, req/s "
                     f"{[p['rps'] for p in row['passes']]})" if "passes" in row else "")
                  + (f"  errors: {row['error_examples']}" if row["errors"] else ""))
@@ -155,6 +191,8 @@ class Bench:
         # Interleave paths at each point, so drift on the shared machine spreads over all of them.
         for c in self.a.concurrency:
             self.point(variant, targets, mode="stream", c=c)
+        if self.a.ttft_tokens:
+            self.point(variant, targets, mode="ttft", c=1)
         for c in self.a.nonstream_concurrency:
             self.point(variant, targets, mode="nonstream", c=c)
         for rate in self.a.open_loop:
@@ -352,7 +390,11 @@ class Bench:
               f"answers ({a.nonstream_tokens} tokens) are immediate. Latencies in ms.", "",
               "## All runs", "", report.results_table(self.runs), "",
               "## Ratios vs direct (TTFT added, tokens/s) and vs the hand-written Serve passthrough (non-streaming req/s)",
-              "", ratio_md, "", "## Pairs of paths, same run", "", report.pairs(self.runs, variants=variants,
+              "", ratio_md, "",
+              "## `/v1` against its goals ([2.4]), same run", "", report.v1_goals(
+                  self.runs, variants=variants, stream_c_max=cmax, nonstream_concurrency=a.nonstream_concurrency), "",
+              "## CPU per unit of work", "", report.cpu_table(self.runs), "",
+              "## Pairs of paths, same run", "", report.pairs(self.runs, variants=variants,
                                                                                concurrency=a.concurrency), "",
               "## Serve options vs the default data path (same run)", "", variant_md, "",
               "## As shipped: ray-dstack vs a hand-written Serve passthrough on Serve's defaults (non-streaming)", "",
@@ -373,6 +415,8 @@ class Bench:
         (self.out / "results.md").write_text("\n".join(md) + "\n")
         print("\n" + report.results_table(self.runs))
         print("\n" + ratio_md)
+        print("\n" + report.v1_goals(self.runs, variants=variants, stream_c_max=cmax,
+                                      nonstream_concurrency=a.nonstream_concurrency))
         print("\n" + report.pairs(self.runs, variants=variants, concurrency=a.concurrency))
         print("\n" + variant_md)
         for v, m in self.memory.items():
@@ -404,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default=None, help="Serve variants: " + ",".join(stack.VARIANTS) + " (default all; quick: default)")
     ap.add_argument("--rate", type=float, default=50.0, help="backend tokens/s per stream")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    ap.add_argument("--ttft-tokens", type=int, default=2,
+                    help="a TTFT point: one client sending back-to-back streams of this many tokens, so TTFT at 1 "
+                         "stream rests on hundreds of samples (a c=1 window of full streams holds ~5); 0: none")
     ap.add_argument("--nonstream-tokens", type=int, default=16, help="tokens per non-streaming answer (immediate)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="py-spy profiles (default: on unless --quick)")
     ap.add_argument("--profile-s", type=float, default=6.0)

@@ -15,7 +15,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, field
 from typing import Any
 
 import httpx
@@ -161,6 +161,11 @@ class Window:
     t1: float
     concurrency: int
     offered: float | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process title, over the whole run
+
+    def produced(self) -> int:
+        """Tokens (streams) or answers (non-streaming) over the whole run, warm-up included, as `cpu_s` is."""
+        return sum(len(s.token_times) for s in self.samples) or sum(1 for s in self.samples if s.ok)
 
 
 def summarize_windows(path: str, windows: list[Window], *, mode: str, loop: str) -> Result:

@@ -95,6 +95,62 @@ def ratios(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list
     return "\n".join(lines), rows
 
 
+# [2.4]: `/v1` (gw-openai) adds <= 3 ms TTFT p50 at 1 stream, keeps >= 0.95x direct tokens/s at the most streams,
+# and >= 0.9x the non-streaming req/s of `/<svc>/v1` (svc-openai).
+V1_TTFT_ADDED_P50_MS = 3.0
+V1_TOKENS_RATIO = 0.95
+V1_NONSTREAM_VS_SVC = 0.9
+
+
+def v1_goals(runs: list[dict[str, Any]], *, variants: list[str], stream_c_max: int,
+             nonstream_concurrency: list[int]) -> str:
+    """`/v1` (and `/<svc>/v1` beside it) against [2.4]'s goals, each figure against direct or `/<svc>/v1` of the
+    same run."""
+    lines = ["| variant | path | measure | value | goal |", "|---|---|---|---|---|"]
+
+    def direct(mode: str, c: int) -> dict | None:
+        return next((x for v in variants if (x := find(runs, variant=v, path="direct", mode=mode, c=c))), None)
+
+    for variant in variants:
+        for path in ("gw-openai", "svc-openai"):
+            goal = path == "gw-openai"
+            for mode, what in (("stream", "full streams, c=1"), ("ttft", "back-to-back short streams, c=1")):
+                r, d = find(runs, variant=variant, path=path, mode=mode, c=1), direct(mode, 1)
+                if r and d and r["ttft_ms"]["p50"] is not None and d["ttft_ms"]["p50"] is not None:
+                    added = r["ttft_ms"]["p50"] - d["ttft_ms"]["p50"]
+                    verdict = ("ok" if added <= V1_TTFT_ADDED_P50_MS else "MISS") if goal else ""
+                    lines.append(f"| {variant} | {path} | TTFT p50 added, {what} ({r['requests']} streams) "
+                                 f"| {added:+.2f} ms | {'≤ +3 ms: ' + verdict if goal else ''} |")
+            r, d = find(runs, variant=variant, path=path, mode="stream", c=stream_c_max), direct("stream", stream_c_max)
+            if r and d and d["tokens_per_s"]:
+                ratio = r["tokens_per_s"] / d["tokens_per_s"]
+                verdict = "ok" if ratio >= V1_TOKENS_RATIO else "MISS"
+                lines.append(f"| {variant} | {path} | tokens/s vs direct, c={stream_c_max} | {ratio:.3f} "
+                             f"| {'≥ 0.95: ' + verdict if goal else ''} |")
+        for c in nonstream_concurrency:
+            r = find(runs, variant=variant, path="gw-openai", mode="nonstream", c=c)
+            b = find(runs, variant=variant, path="svc-openai", mode="nonstream", c=c)
+            if r and b and b["rps"]:
+                ratio = r["rps"] / b["rps"]
+                lines.append(f"| {variant} | gw-openai | non-streaming req/s vs svc-openai, c={c} | {ratio:.3f} "
+                             f"| ≥ 0.9: {'ok' if ratio >= V1_NONSTREAM_VS_SVC else 'MISS'} |")
+    return "\n".join(lines) if len(lines) > 2 else "(needs the gw-openai and direct paths)"
+
+
+def cpu_table(runs: list[dict[str, Any]]) -> str:
+    """CPU per unit of work at each point: µs per streamed token or per non-streaming answer, of the path's
+    replica, of HAProxy and of the whole server side. Machine load changes tokens/s, much less these."""
+    lines = ["| variant | path | mode | c | replica µs | HAProxy µs | server µs (all but the load generator) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        cpu = r.get("cpu_us") or {}
+        if cpu:
+            unit = "answer" if r["mode"] == "nonstream" else "token"
+            lines.append(f"| {r['variant']} | {r['path']} | {r['mode']} (per {unit}) | {r['concurrency']} "
+                         f"| {_f(cpu.get('replica'))} | {_f(cpu.get('haproxy'))} | {_f(cpu.get('server'))} |")
+    return "\n".join(lines)
+
+
 def pairs(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list[int]) -> str:
     """Each pair of PAIRS at each concurrency: TTFT p50 added over the baseline path and tokens/s ratio to it."""
     lines = ["| variant | path vs baseline | c | TTFT p50 added ms | tok/s ratio | target | what differs |",

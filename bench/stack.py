@@ -328,6 +328,39 @@ def ray_processes() -> dict[str, list[int]]:
     return found
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks() -> dict[int, tuple[str, int]]:
+    """Every process's title and CPU time so far (user + system, in clock ticks), from /proc."""
+    out: dict[int, tuple[str, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        cmd = _proc_cmdline(int(entry.name))
+        out[int(entry.name)] = (cmd[0].split(" ")[0] if cmd else "", int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_seconds_between(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
+                        *, exclude: set[int]) -> dict[str, float]:
+    """CPU seconds each process title used between two `cpu_ticks()` (processes started in between: all of
+    theirs), and `"all"`: every process but `exclude` (the load generator)."""
+    used: dict[str, float] = {"all": 0.0}
+    for pid, (title, ticks) in after.items():
+        if pid in exclude:
+            continue
+        seconds = (ticks - before.get(pid, (title, 0))[1]) / CLK_TCK
+        if seconds > 0:
+            used[title] = used.get(title, 0.0) + seconds
+            used["all"] += seconds
+    return used
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
