@@ -6,7 +6,8 @@ an exception-mapping context manager, and anyio's stream on top of asyncio's. A 
 that once per chunk: at 64 streams it was ~10 % of the replica's CPU (py-spy, bench/RESULTS.md, session 7),
 on the core the model server shares. Here a read is a buffer pop when data is already there, and otherwise one
 future with one timer (`loop.call_later`) for the read timeout. A connection's "was it closed while idle?" check
-(httpcore asks it of every idle connection when it picks one) is a flag, not a `poll()`.
+(httpcore asks it of every idle connection when it picks one) is a flag, not a `poll()`. What one step of the
+loop writes (a request's head, then its body) leaves in one send().
 
 Semantics are httpcore's: `read` returns b"" at end of stream, raises `ReadTimeout` when nothing came within
 the timeout and `ReadError` when the connection failed; `write` raises `WriteTimeout`/`WriteError`; connecting
@@ -100,6 +101,7 @@ class LoopStream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._unsent: list[bytes] | None = None
 
     @classmethod
     async def from_socket(cls, sock: socket.socket) -> "LoopStream":
@@ -140,14 +142,26 @@ class LoopStream(httpcore.AsyncNetworkStream):
         p = self._protocol
         if p.error is not None or self._transport.is_closing():
             raise httpcore.WriteError(str(p.error) if p.error else "the connection is closed")
-        self._transport.write(buffer)
+        # httpcore writes a request's head and its body separately, one right after the other: sent together at
+        # the end of this step of the loop, they cost one send() (and one wake-up of the server), not two.
+        if self._unsent is None:
+            self._unsent = [buffer]
+            asyncio.get_running_loop().call_soon(self._send_unsent)
+        else:
+            self._unsent.append(buffer)
         while p.write_paused:
             if p.error is not None:
                 raise httpcore.WriteError(str(p.error))
             if not await _wait(p, "writer", timeout):
                 raise httpcore.WriteTimeout(f"the server took nothing within {timeout} s")
 
+    def _send_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, None
+        if unsent and not self._transport.is_closing():
+            self._transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+
     async def aclose(self) -> None:
+        self._send_unsent()
         # `close()` would keep the socket open until unsent data drains (a server that stopped reading holds it
         # forever); the connection is being discarded, so unsent data is dropped with it.
         if self._transport.get_write_buffer_size():

@@ -291,3 +291,37 @@ def test_write_after_close_is_a_write_error(run):
         server.close()
 
     run(main())
+
+
+def test_a_requests_head_and_body_leave_in_one_send():
+    """httpcore writes the head, then the body: one send() for both (asyncio's transport, whose `write` a test
+    can count; uvloop's is the same code path in LoopStream)."""
+    received: list[bytes] = []
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # keeps the connection open until the client closes it
+
+    async def main():
+        server, url, _ = await serve(handler)
+        stream = await LoopBackend().connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        sent = []
+        write = stream._transport.write
+        stream._transport.write = lambda data: (sent.append(data), write(data))
+        await stream.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n", timeout=5.0)
+        await stream.write(b"{}", timeout=5.0)
+        assert sent == []  # not yet: at the end of this step of the loop
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += await stream.read(4096, timeout=5.0)
+        assert sent == [b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"]
+        await stream.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", timeout=5.0)
+        await stream.aclose()  # what is still unsent goes out before the close
+        assert sent[-1] == b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+        received.append(answer)
+        server.close()
+
+    asyncio.run(main())
+    assert received[0].endswith(b"ok")
