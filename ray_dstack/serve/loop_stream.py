@@ -25,8 +25,8 @@ from typing import Any
 
 import httpcore
 
-# Stop reading the socket beyond this much unread data (the consumer is slower than the server), resume below
-# a quarter of it: the same bound as asyncio's StreamReader.
+# Stop reading the socket beyond this much unread data (the consumer is slower than the server) and resume below
+# a quarter of it; writes that add up to this much are sent at once rather than at the end of the loop's step.
 HIGH_WATER = 1 << 16
 _TIMED_OUT = object()
 
@@ -102,12 +102,17 @@ class LoopStream(httpcore.AsyncNetworkStream):
         self._transport = transport
         self._protocol = protocol
         self._unsent: list[bytes] | None = None
+        self._unsent_size = 0
 
     @classmethod
-    async def from_socket(cls, sock: socket.socket) -> "LoopStream":
+    async def from_socket(cls, sock: socket.socket) -> LoopStream:
         """Wrap a connected socket (made non-blocking here)."""
         sock.setblocking(False)
-        transport, protocol = await asyncio.get_running_loop().create_connection(_Protocol, sock=sock)
+        try:
+            transport, protocol = await asyncio.get_running_loop().create_connection(_Protocol, sock=sock)
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
         return cls(transport, protocol)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
@@ -131,34 +136,46 @@ class LoopStream(httpcore.AsyncNetworkStream):
                 parts.append(p.chunks.popleft())
             data = b"".join(parts)
         p.buffered -= len(data)
-        if p.read_paused and p.buffered <= HIGH_WATER // 4:
+        if p.read_paused and p.buffered <= HIGH_WATER // 4 and p.transport is not None:
             p.read_paused = False
-            self._transport.resume_reading()
+            p.transport.resume_reading()
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
             return
         p = self._protocol
-        if p.error is not None or self._transport.is_closing():
-            raise httpcore.WriteError(str(p.error) if p.error else "the connection is closed")
+        self._check_writable()
         # httpcore writes a request's head and its body separately, one right after the other: sent together at
         # the end of this step of the loop, they cost one send() (and one wake-up of the server), not two.
         if self._unsent is None:
             self._unsent = [buffer]
+            self._unsent_size = len(buffer)
             asyncio.get_running_loop().call_soon(self._send_unsent)
         else:
             self._unsent.append(buffer)
+            self._unsent_size += len(buffer)
+        if self._unsent_size >= HIGH_WATER:
+            self._send_unsent()  # large writes go now, so the transport's flow control sees them
         while p.write_paused:
-            if p.error is not None:
-                raise httpcore.WriteError(str(p.error))
+            self._check_writable()  # closed meanwhile (aclose, a reset): nothing will resume writing
             if not await _wait(p, "writer", timeout):
                 raise httpcore.WriteTimeout(f"the server took nothing within {timeout} s")
+
+    def _check_writable(self) -> None:
+        p = self._protocol
+        if p.error is not None or self._transport.is_closing():
+            raise httpcore.WriteError(str(p.error) if p.error else "the connection is closed")
 
     def _send_unsent(self) -> None:
         unsent, self._unsent = self._unsent, None
         if unsent and not self._transport.is_closing():
-            self._transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+            if len(unsent) == 1:
+                self._transport.write(unsent[0])
+            elif self._unsent_size < HIGH_WATER:
+                self._transport.write(b"".join(unsent))
+            else:
+                self._transport.writelines(unsent)
 
     async def aclose(self) -> None:
         self._send_unsent()
@@ -170,8 +187,13 @@ class LoopStream(httpcore.AsyncNetworkStream):
             self._transport.close()
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> "LoopStream":
+                        timeout: float | None = None) -> LoopStream:
         loop = asyncio.get_running_loop()
+        self._send_unsent()
+        p = self._protocol
+        if p.read_paused:  # the TLS transport takes over reading: the plain one must not stay paused
+            p.read_paused = False
+            self._transport.resume_reading()
         try:
             async with asyncio.timeout(timeout):
                 transport = await loop.start_tls(self._transport, self._protocol, ssl_context,
@@ -182,7 +204,8 @@ class LoopStream(httpcore.AsyncNetworkStream):
         except (OSError, ssl.SSLError) as exc:
             self._transport.abort()
             raise httpcore.ConnectError(str(exc)) from exc
-        return LoopStream(transport, self._protocol)  # type: ignore[arg-type]
+        p.transport = transport  # start_tls does not call connection_made: pause/resume reading go through it now
+        return LoopStream(transport, p)  # type: ignore[arg-type]
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":  # an idle keep-alive connection the server closed, or sent something on

@@ -2,9 +2,9 @@
 
 httpcore (1.0.x, under httpx) scans its whole pool twice per request, and each scan is quadratic in the
 number of connections (`_assign_requests_to_connections` builds a list of all connections for every idle
-one) plus a `poll()` per idle connection. One pool holding the connections of 128 concurrent streams made a
-replica 12x slower per request than one holding 20 (measured in-process: 657 req/s with 21 connections,
-158 with 64, 52 with 128; bench/RESULTS.md). Spreading requests round-robin over `SHARDS` independent pools
+one), plus, with httpcore's own network backend, a `poll()` per idle connection. One pool holding the
+connections of 128 concurrent streams made a replica 12x slower per request than one holding 20 (measured
+in-process: 657 req/s with 21 connections, 158 with 64, 52 with 128; bench/RESULTS.md). Spreading requests round-robin over `SHARDS` independent pools
 keeps each pool at 1/SHARDS of the connections, so the per-request cost stays flat as concurrency grows.
 """
 
@@ -84,6 +84,9 @@ def upstream_client(*, base_url: str = "", timeout: httpx.Timeout, max_connectio
 
 CONNECT_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 60.0
+# Below the keep-alive timeout of common model servers (uvicorn's 5 s, so vLLM's and SGLang's): a connection the
+# server is about to close is not picked for the next request.
+KEEPALIVE_EXPIRY_S = 4.0
 
 
 def model_server_client(base_url: str, timeout_s: float | None,
@@ -98,5 +101,6 @@ def model_server_client(base_url: str, timeout_s: float | None,
         timeout=httpx.Timeout(connect=connect, read=timeout_s, write=WRITE_TIMEOUT_S, pool=None),
         max_connections=None,
         max_keepalive=512,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
         network_backend=network_backend,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import httpcore
 import httpx
@@ -129,22 +130,49 @@ def test_refused_connection_is_a_connect_error(run):
     run(main())
 
 
-def test_a_server_that_dies_mid_stream_ends_the_stream_with_an_error(run):
+def test_a_server_that_closes_mid_stream_ends_the_stream_with_an_error(run):
     async def handler(reader, writer):
         await read_request(reader)
         writer.write(STREAM_HEAD + chunk(b"data: one\n\n"))
         await writer.drain()
-        writer.transport.abort()  # RST, as a killed process's socket
+        writer.close()  # before the end of the chunked body
 
     async def main():
         server, url, _ = await serve(handler)
         async with model_server_client(url, 5.0) as client:
             async with client.stream("POST", "/", content=b"{}") as r:
                 got = []
-                with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                with pytest.raises(httpx.RemoteProtocolError):  # h11: the body ended early
                     async for piece in r.aiter_raw():
                         got.append(piece)
                 assert b"".join(got) == b"data: one\n\n"
+        server.close()
+
+    run(main())
+
+
+def test_a_reset_connection_is_a_read_error(run):
+    async def main():
+        sent_first = asyncio.Event()
+        reset = asyncio.Event()
+
+        async def handler(reader, writer):
+            writer.write(b"first")
+            await writer.drain()
+            sent_first.set()
+            await reset.wait()
+            # SO_LINGER 0: close() sends a RST, as the kernel does for a killed process with unread data
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        server, url, _ = await serve(handler)
+        stream = await LoopBackend().connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        await sent_first.wait()
+        assert await stream.read(100, timeout=5.0) == b"first"
+        reset.set()
+        with pytest.raises(httpcore.ReadError):
+            await stream.read(100, timeout=5.0)
+        await stream.aclose()
         server.close()
 
     run(main())
@@ -161,11 +189,12 @@ def test_an_idle_connection_the_server_closed_is_not_reused(run):
         server, url, seen = await serve(handler)
         async with model_server_client(url, 5.0) as client:
             client._transport._next = iter([client._transport.pools[0]] * 10)
+            pool = client._transport.pools[0]._pool
             for _ in range(3):
                 r = await client.get("/")
                 assert r.status_code == 200 and r.content == b"ok"
-                for _ in range(100):  # until the client's side saw the close
-                    if seen["disconnects"] == seen["connections"]:
+                for _ in range(200):  # until the client's side of the kept-alive connection saw the close
+                    if all(c._connection._network_stream.get_extra_info("is_readable") for c in pool.connections):
                         break
                     await asyncio.sleep(0.01)
         server.close()
@@ -221,6 +250,40 @@ def test_a_large_request_body_is_written_whole(run):
             r = await client.post("/", content=body)
         server.close()
         assert r.content == str(len(body)).encode()
+
+    run(main())
+
+
+def test_a_server_that_takes_nothing_is_a_write_timeout_and_a_close_ends_a_blocked_write(run):
+    async def main():
+        server, url, _ = await serve(lambda reader, writer: asyncio.sleep(30))  # never reads
+        port = int(url.rsplit(":", 1)[1])
+        stream = await LoopBackend().connect_tcp("127.0.0.1", port, timeout=5.0)
+        block = b"x" * (4 * 1024 * 1024)
+        with pytest.raises(httpcore.WriteTimeout):
+            for _ in range(64):  # until the socket's buffers and the transport's are full
+                await stream.write(block, timeout=0.3)
+        await stream.aclose()
+
+        blocked = await LoopBackend().connect_tcp("127.0.0.1", port, timeout=5.0)
+
+        async def fill() -> None:
+            for _ in range(64):
+                await blocked.write(block, timeout=30.0)
+
+        writing = asyncio.create_task(fill())
+        for _ in range(500):  # until the writer waits on flow control
+            if blocked._protocol.write_paused:
+                break
+            await asyncio.sleep(0.01)
+        assert blocked._protocol.write_paused
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await blocked.aclose()
+        with pytest.raises(httpcore.WriteError):
+            await writing
+        assert loop.time() - start < 5.0  # at once, not after the 30 s write timeout
+        server.close()
 
     run(main())
 
