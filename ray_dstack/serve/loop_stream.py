@@ -20,7 +20,7 @@ import asyncio
 import collections
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import httpcore
@@ -105,15 +105,17 @@ class LoopStream(httpcore.AsyncNetworkStream):
         self._unsent_size = 0
 
     @classmethod
-    async def from_socket(cls, sock: socket.socket) -> LoopStream:
-        """Wrap a connected socket (made non-blocking here)."""
+    async def from_socket(cls, sock: socket.socket,
+                          socket_options: Iterable[tuple[int, int, int | bytes]] | None = None) -> LoopStream:
+        """Wrap a connected socket (made non-blocking here), with TCP_NODELAY and `socket_options` set on it."""
         sock.setblocking(False)
+        loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await asyncio.get_running_loop().create_connection(_Protocol, sock=sock)
-        except OSError as exc:
+            return await _connect(lambda: loop.create_connection(_Protocol, sock=sock), "a connected socket", None,
+                                  socket_options)
+        except httpcore.ConnectError:
             sock.close()
-            raise httpcore.ConnectError(str(exc)) from exc
-        return cls(transport, protocol)
+            raise
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         p = self._protocol
@@ -128,13 +130,14 @@ class LoopStream(httpcore.AsyncNetworkStream):
         if len(data) > max_bytes:
             p.chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
-        elif p.chunks and len(data) + len(p.chunks[0]) <= max_bytes:
+        elif p.chunks:  # more arrived meanwhile: hand over as much as fits in one read
             parts = [data]
             size = len(data)
             while p.chunks and size + len(p.chunks[0]) <= max_bytes:
                 size += len(p.chunks[0])
                 parts.append(p.chunks.popleft())
-            data = b"".join(parts)
+            if len(parts) > 1:
+                data = b"".join(parts)
         p.buffered -= len(data)
         if p.read_paused and p.buffered <= HIGH_WATER // 4 and p.transport is not None:
             p.read_paused = False
@@ -228,32 +231,32 @@ class LoopBackend(httpcore.AsyncNetworkBackend):
                           local_address: str | None = None,
                           socket_options: Iterable[tuple[int, int, int | bytes]] | None = None) -> LoopStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    _Protocol, host, port, local_addr=(local_address, 0) if local_address else None)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection to {host}:{port} within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _apply(transport, socket_options)
-        return LoopStream(transport, protocol)
+        local_addr = (local_address, 0) if local_address else None
+        return await _connect(lambda: loop.create_connection(_Protocol, host, port, local_addr=local_addr),
+                              f"{host}:{port}", timeout, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[tuple[int, int, int | bytes]] | None = None) -> LoopStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(_Protocol, path)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection to {path} within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _apply(transport, socket_options)
-        return LoopStream(transport, protocol)
+        return await _connect(lambda: loop.create_unix_connection(_Protocol, path), path, timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+async def _connect(open_transport: Callable[[], Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]],
+                   where: str, timeout: float | None,
+                   options: Iterable[tuple[int, int, int | bytes]] | None) -> LoopStream:
+    """The one way a `LoopStream` is opened: httpcore's connect errors, TCP_NODELAY and the socket options."""
+    try:
+        async with asyncio.timeout(timeout):
+            transport, protocol = await open_transport()
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(f"no connection to {where} within {timeout} s") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from exc
+    _apply(transport, options)
+    return LoopStream(transport, protocol)  # type: ignore[arg-type]
 
 
 def _apply(transport: asyncio.BaseTransport, options: Iterable[tuple[int, int, int | bytes]] | None) -> None:

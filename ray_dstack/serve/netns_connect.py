@@ -117,10 +117,7 @@ class NamespaceBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(str(exc)) from exc
         except OSError as exc:
             raise httpcore.ConnectError(str(exc)) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        return await LoopStream.from_socket(sock)
+        return await LoopStream.from_socket(sock, socket_options)  # TCP_NODELAY, as on any replica connection
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options=None) -> httpcore.AsyncNetworkStream:

@@ -42,6 +42,15 @@ async def serve(handler):
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def open_stream(url: str) -> LoopStream:
+    """A `LoopStream` to the test server at `url`, opened as the replica's pools open theirs."""
+    return await LoopBackend().connect_tcp("127.0.0.1", port_of(url), timeout=5.0)
+
+
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
@@ -166,7 +175,7 @@ def test_a_reset_connection_is_a_read_error(run):
             writer.transport.abort()
 
         server, url, _ = await serve(handler)
-        stream = await LoopBackend().connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        stream = await open_stream(url)
         await sent_first.wait()
         assert await stream.read(100, timeout=5.0) == b"first"
         reset.set()
@@ -214,8 +223,7 @@ def test_a_large_answer_read_slowly_arrives_whole_with_bounded_buffering(run):
 
     async def main():
         server, url, _ = await serve(handler)
-        backend = LoopBackend()
-        stream = await backend.connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        stream = await open_stream(url)
         await stream.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", timeout=5.0)
         got = bytearray()
         most_buffered = 0
@@ -257,7 +265,7 @@ def test_a_large_request_body_is_written_whole(run):
 def test_a_server_that_takes_nothing_is_a_write_timeout_and_a_close_ends_a_blocked_write(run):
     async def main():
         server, url, _ = await serve(lambda reader, writer: asyncio.sleep(30))  # never reads
-        port = int(url.rsplit(":", 1)[1])
+        port = port_of(url)
         stream = await LoopBackend().connect_tcp("127.0.0.1", port, timeout=5.0)
         block = b"x" * (4 * 1024 * 1024)
         with pytest.raises(httpcore.WriteTimeout):
@@ -326,7 +334,7 @@ def test_cancelling_a_read_closes_the_connection_so_the_server_stops(run):
 def test_sockets_are_wrapped_and_opened_with_their_options(run):
     async def main():
         server, url, _ = await serve(lambda reader, writer: reader.read())
-        port = int(url.rsplit(":", 1)[1])
+        port = port_of(url)
         sock = socket.create_connection(("127.0.0.1", port))
         stream = await LoopStream.from_socket(sock)
         assert stream.get_extra_info("server_addr")[1] == port
@@ -347,7 +355,7 @@ def test_sockets_are_wrapped_and_opened_with_their_options(run):
 def test_write_after_close_is_a_write_error(run):
     async def main():
         server, url, _ = await serve(lambda reader, writer: reader.read())
-        stream = await LoopBackend().connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        stream = await open_stream(url)
         await stream.aclose()
         with pytest.raises(httpcore.WriteError):
             await stream.write(b"GET / HTTP/1.1\r\n\r\n")
@@ -369,7 +377,7 @@ def test_a_requests_head_and_body_leave_in_one_send():
 
     async def main():
         server, url, _ = await serve(handler)
-        stream = await LoopBackend().connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=5.0)
+        stream = await open_stream(url)
         sent = []
         write = stream._transport.write
         stream._transport.write = lambda data: (sent.append(data), write(data))
