@@ -38,6 +38,13 @@ def find(runs: list[dict[str, Any]], *, variant: str, path: str, mode: str, c: i
     return None
 
 
+def direct_for(runs: list[dict[str, Any]], *, variants: list[str], variant: str, mode: str, c: int) -> dict | None:
+    """The direct path's row to compare `variant` with: its own, else the one variant that measured it
+    (`--direct-once`)."""
+    return find(runs, variant=variant, path="direct", mode=mode, c=c) or next(
+        (x for v in variants if (x := find(runs, variant=v, path="direct", mode=mode, c=c))), None)
+
+
 def results_table(runs: list[dict[str, Any]]) -> str:
     head = ("| variant | path | mode | loop | c | req | err | req/s | tok/s | TTFT p50 | p90 | p99 | ITL p50 | p99 "
             "| E2E p50 | p90 | p99 |")
@@ -65,8 +72,7 @@ def ratios(runs: list[dict[str, Any]], *, variants: list[str], concurrency: list
         for path in (*RAY_DSTACK_PATHS, "hand", "nginx"):
             for c in concurrency:
                 r = find(runs, variant=variant, path=path, mode="stream", c=c)
-                d = find(runs, variant=variant, path="direct", mode="stream", c=c) or next(
-                    (x for v in variants if (x := find(runs, variant=v, path="direct", mode="stream", c=c))), None)
+                d = direct_for(runs, variants=variants, variant=variant, mode="stream", c=c)
                 if not r or not d or r["ttft_ms"]["p50"] is None or d["ttft_ms"]["p50"] is None:
                     continue
                 row: dict[str, Any] = {"variant": variant, "path": path, "c": c,
@@ -107,21 +113,19 @@ def v1_goals(runs: list[dict[str, Any]], *, variants: list[str], stream_c_max: i
     """`/v1` (and `/<svc>/v1` beside it) against [2.4]'s goals, each figure against direct or `/<svc>/v1` of the
     same run."""
     lines = ["| variant | path | measure | value | goal |", "|---|---|---|---|---|"]
-
-    def direct(mode: str, c: int) -> dict | None:
-        return next((x for v in variants if (x := find(runs, variant=v, path="direct", mode=mode, c=c))), None)
-
     for variant in variants:
         for path in ("gw-openai", "svc-openai"):
             goal = path == "gw-openai"
             for mode, what in (("stream", "full streams, c=1"), ("ttft", "back-to-back short streams, c=1")):
-                r, d = find(runs, variant=variant, path=path, mode=mode, c=1), direct(mode, 1)
+                r = find(runs, variant=variant, path=path, mode=mode, c=1)
+                d = direct_for(runs, variants=variants, variant=variant, mode=mode, c=1)
                 if r and d and r["ttft_ms"]["p50"] is not None and d["ttft_ms"]["p50"] is not None:
                     added = r["ttft_ms"]["p50"] - d["ttft_ms"]["p50"]
                     verdict = ("ok" if added <= V1_TTFT_ADDED_P50_MS else "MISS") if goal else ""
                     lines.append(f"| {variant} | {path} | TTFT p50 added, {what} ({r['requests']} streams) "
                                  f"| {added:+.2f} ms | {'≤ +3 ms: ' + verdict if goal else ''} |")
-            r, d = find(runs, variant=variant, path=path, mode="stream", c=stream_c_max), direct("stream", stream_c_max)
+            r = find(runs, variant=variant, path=path, mode="stream", c=stream_c_max)
+            d = direct_for(runs, variants=variants, variant=variant, mode="stream", c=stream_c_max)
             if r and d and d["tokens_per_s"]:
                 ratio = r["tokens_per_s"] / d["tokens_per_s"]
                 verdict = "ok" if ratio >= V1_TOKENS_RATIO else "MISS"
