@@ -7,15 +7,24 @@ Measured per request: time to first token (TTFT: the first SSE event carrying te
 token events (inter-token latency, ITL), end-to-end latency; tokens are SSE events with text (streams)
 or `usage.completion_tokens` (non-streaming). Statistics cover requests *started* in the measurement
 window (after `warmup_s`); throughput counts tokens and completions that *arrive* in it.
+
+Clients: every request in flight has an httpx client of its own, holding one connection, as every user of a
+service has. One shared client with a connection per request in flight costs the load generator O(connections)
+per request: httpcore's pool checks every connection (`has_expired`, `is_idle`, a socket poll through anyio's
+attribute lookup) each time it assigns one. At 64 non-streaming clients that was ~6 ms of CPU per request, so
+its core, not the server, set the req/s at c=64 (bench/RESULTS.md, session 8).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import ssl
 import time
-from dataclasses import asdict, dataclass, field, field
+from functools import cache
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -198,12 +207,43 @@ def summarize_windows(path: str, windows: list[Window], *, mode: str, loop: str)
     )
 
 
-def make_client(concurrency: int) -> httpx.AsyncClient:
+@cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def make_client() -> httpx.AsyncClient:
+    """A client for one request at a time (see the module docstring). They share one TLS context: httpx would
+    otherwise build one per client, loading the CA bundle (~20 ms of CPU each)."""
     return httpx.AsyncClient(
+        verify=_tls_context(),
         timeout=httpx.Timeout(120.0, connect=30.0, pool=120.0),
-        limits=httpx.Limits(max_connections=max(concurrency * 2, 8), max_keepalive_connections=max(concurrency * 2, 8)),
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         trust_env=False,
     )
+
+
+class Clients(contextlib.AbstractAsyncContextManager):
+    """Clients for requests started at any time: each request takes an idle one (its connection kept alive) or a
+    new one, and gives it back when it ends."""
+
+    def __init__(self) -> None:
+        self._idle: list[httpx.AsyncClient] = []
+        self._all: list[httpx.AsyncClient] = []
+
+    async def request(self, target: Target, *, stream: bool, max_tokens: int, prompt: str) -> Sample:
+        if self._idle:
+            client = self._idle.pop()
+        else:
+            client = make_client()
+            self._all.append(client)
+        try:
+            return await one_request(client, target, stream=stream, max_tokens=max_tokens, prompt=prompt)
+        finally:
+            self._idle.append(client)
+
+    async def __aexit__(self, *exc_info) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._all), return_exceptions=True)
 
 
 async def closed_loop(target: Target, *, concurrency: int, duration_s: float, warmup_s: float, stream: bool,
@@ -217,17 +257,17 @@ async def closed_loop_window(target: Target, *, concurrency: int, duration_s: fl
                              max_tokens: int, prompt: str = "Say something.") -> Window:
     """`concurrency` workers, each sending its next request when its last one ended."""
     samples: list[Sample] = []
-    async with make_client(concurrency) as client:
-        start = time.perf_counter()
-        stop_at = start + warmup_s + duration_s
+    start = time.perf_counter()
+    stop_at = start + warmup_s + duration_s
 
-        async def worker(i: int) -> None:
+    async def worker(i: int) -> None:
+        async with make_client() as client:
             # Spread the first requests over a short time so streams do not all tick in lock-step.
             await asyncio.sleep(random.random() * min(0.2, warmup_s))
             while time.perf_counter() < stop_at:
                 samples.append(await one_request(client, target, stream=stream, max_tokens=max_tokens, prompt=prompt))
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return Window(samples, start + warmup_s, stop_at, concurrency)
 
 
@@ -244,7 +284,7 @@ async def open_loop_window(target: Target, *, rate: float, duration_s: float, wa
     samples: list[Sample] = []
     tasks: set[asyncio.Task] = set()
     peak = 0
-    async with make_client(max_in_flight) as client:
+    async with Clients() as clients:
         start = time.perf_counter()
         stop_at = start + warmup_s + duration_s
         next_at = start
@@ -259,7 +299,7 @@ async def open_loop_window(target: Target, *, rate: float, duration_s: float, wa
             if len(tasks) >= max_in_flight:
                 samples.append(Sample(start=time.perf_counter(), end=time.perf_counter(), error="client: too many in flight"))
                 continue
-            task = asyncio.create_task(one_request(client, target, stream=stream, max_tokens=max_tokens, prompt=prompt))
+            task = asyncio.create_task(clients.request(target, stream=stream, max_tokens=max_tokens, prompt=prompt))
             tasks.add(task)
             task.add_done_callback(lambda t: (tasks.discard(t), samples.append(t.result())))
             peak = max(peak, len(tasks))

