@@ -24,6 +24,9 @@ first token at 1 stream over hundreds of samples, where the c=1 window of full-l
 Each point (a concurrency, streaming or not) measures every path in `--passes` windows (default 2), the paths'
 order reversed in every other pass, and reports each path over all its windows: a single pass in a fixed order
 gave the path measured right after a heavy one (or while the machine drifted) a bias of its own (bench/RESULTS.md).
+Points of short requests (non-streaming, the TTFT point) split the same measuring time into `--short-passes`
+shorter windows (default 6, 0.5 s warm-up each): a slow spell of the shared machine lasting a few seconds then
+falls on a slice of every path's windows, not on one path's whole pass (two passes of one path differed by 1.5x).
 
 Server side (backend, nginx, the whole Ray cluster) is pinned to CPU 0 with taskset and the load generator
 (this process) to CPU 1. Every Ray cluster is started by the bench under the machine-wide lock
@@ -107,6 +110,11 @@ def cpu_per_unit(path: str, windows: list[loadgen.Window]) -> dict[str, float | 
     return out
 
 
+# Points whose requests last milliseconds (see the module docstring): measured in `--short-passes` windows.
+SHORT_REQUEST_MODES = ("nonstream", "ttft")
+SHORT_PASS_WARMUP_S = 0.5
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
@@ -124,17 +132,19 @@ class Bench:
     # --- measuring ------------------------------------------------------------------------------------
 
     def window(self, target: loadgen.Target, *, mode: str, c: int, duration: float | None = None,
-               open_rate: float | None = None, max_tokens: int | None = None) -> loadgen.Window:
+               open_rate: float | None = None, max_tokens: int | None = None,
+               warmup: float | None = None) -> loadgen.Window:
         duration = duration or self.a.duration
+        warmup = self.a.warmup if warmup is None else warmup
         stream = mode in ("stream", "ttft")
         mt = max_tokens or (self.a.ttft_tokens if mode == "ttft" else self.a.tokens if stream else self.a.nonstream_tokens)
         before = stack.cpu_ticks()
         if open_rate is not None:
             w = asyncio.run(loadgen.open_loop_window(target, rate=open_rate, duration_s=duration,
-                                                     warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+                                                     warmup_s=warmup, stream=stream, max_tokens=mt))
         else:
             w = asyncio.run(loadgen.closed_loop_window(target, concurrency=c, duration_s=duration,
-                                                       warmup_s=self.a.warmup, stream=stream, max_tokens=mt))
+                                                       warmup_s=warmup, stream=stream, max_tokens=mt))
         w.cpu_s = stack.cpu_seconds_between(before, stack.cpu_ticks(), exclude={os.getpid()})
         return w
 
@@ -169,14 +179,21 @@ class Bench:
 
     def point(self, variant: str, targets: dict[str, loadgen.Target], *, mode: str, c: int,
               open_rate: float | None = None) -> None:
-        """Every path at one point, in `--passes` passes whose order alternates (forward, then backward, ...):
+        """Every path at one point, in `--passes` passes (`--short-passes` shorter ones for short requests) whose
+        order alternates (forward, then backward, ...):
         a path measured right after a heavy one, or while the machine drifts, is not always the same path. Each
         path's figures are over all its windows together."""
         windows: dict[str, list[loadgen.Window]] = {name: [] for name in targets}
         order = list(targets.values())
-        for n in range(self.a.passes):
+        passes, duration, warmup = self.a.passes, self.a.duration, None
+        if mode in SHORT_REQUEST_MODES and open_rate is None and self.a.short_passes > passes:
+            passes = self.a.short_passes
+            duration = self.a.duration * self.a.passes / passes
+            warmup = min(self.a.warmup, SHORT_PASS_WARMUP_S)
+        for n in range(passes):
             for t in (order if n % 2 == 0 else order[::-1]):
-                windows[t.name].append(self.window(t, mode=mode, c=c, open_rate=open_rate))
+                windows[t.name].append(self.window(t, mode=mode, c=c, open_rate=open_rate, duration=duration,
+                                                   warmup=warmup))
         for t in order:
             self.summarize(variant, t, mode, windows[t.name], open_rate=open_rate)
 
@@ -444,6 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=None, help="measurement window per point, s (default 6; quick 4)")
     ap.add_argument("--passes", type=int, default=2,
                     help="windows per path and point, the paths' order reversed in every other pass (default 2)")
+    ap.add_argument("--short-passes", type=int, default=6,
+                    help="windows per path at the non-streaming and TTFT points, sharing the time of --passes "
+                         "windows (default 6)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window, s (excluded)")
     ap.add_argument("--variants", default=None, help="Serve variants: " + ",".join(stack.VARIANTS) + " (default all; quick: default)")
     ap.add_argument("--rate", type=float, default=50.0, help="backend tokens/s per stream")
