@@ -23,8 +23,8 @@ import json
 import random
 import ssl
 import time
-from functools import cache
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Any
 
 import httpx

@@ -33,22 +33,22 @@ def read(admin: HAProxyAdmin) -> tuple[int | None, dict[str, dict[str, str]]]:
     come from the same process (Serve names an application's backend `http-<app>`)."""
     text = admin.command("show info;show stat")
     pid = next((int(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("Pid:")), None)
-    lines = text[text.index("# pxname"):].splitlines() if "# pxname" in text else []
-    if not lines:
-        return pid, {}
+    return pid, {r["pxname"]: r for r in stat_rows(text) if r.get("svname") == "BACKEND"}
+
+
+def stat_rows(text: str) -> list[dict[str, str]]:
+    """The rows of `show stat`'s CSV in `text` (after its `# pxname,...` header), one dict per proxy/server."""
+    if "# pxname" not in text:
+        return []
+    lines = text[text.index("# pxname"):].splitlines()
     header = lines[0].lstrip("# ").split(",")
-    rows = (dict(zip(header, line.split(","))) for line in lines[1:] if line)
-    return pid, {r["pxname"]: r for r in rows if r.get("svname") == "BACKEND"}
+    return [dict(zip(header, line.split(","))) for line in lines[1:] if line]
 
 
 def fallback_addresses(admin: HAProxyAdmin, backend: str) -> list[str]:
     """`host:port` of each `backup` server of `backend`: Serve's own Python proxies, where HAProxy sends an
     application's requests while its replicas are marked down."""
-    text = admin.command("show stat")
-    lines = text[text.index("# pxname"):].splitlines()
-    header = lines[0].lstrip("# ").split(",")
-    rows = (dict(zip(header, line.split(","))) for line in lines[1:] if line)
-    return sorted({r["addr"] for r in rows
+    return sorted({r["addr"] for r in stat_rows(admin.command("show stat"))
                    if r.get("pxname") == backend and r.get("svname") != "BACKEND" and r.get("bck") == "1"})
 
 
