@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import httpx
 import pytest
 
-from ray_dstack.serve.transport import model_server_client, SHARDS, ShardedTransport
+from ray_dstack.serve.transport import model_server_client, SHARDS, ShardedTransport, tls_context
 
 BODY = b'{"ok": true}'
 
@@ -75,3 +76,13 @@ def test_limits_are_split_between_the_pools():
     assert limits == {(64, 16)}
     with pytest.raises(ValueError):
         ShardedTransport(limits=httpx.Limits(), shards=0)
+
+
+def test_the_pools_share_one_tls_context_with_httpx_defaults():
+    # One context built for the process, not one per pool (each loads the CA bundle: ~20 ms of CPU), and the
+    # same verification httpx would do by default.
+    transport = ShardedTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), shards=16)
+    contexts = {id(p._pool._ssl_context) for p in transport.pools}
+    assert contexts == {id(tls_context())}
+    assert tls_context().verify_mode == ssl.CERT_REQUIRED and tls_context().check_hostname
+    assert tls_context().cert_store_stats()["x509_ca"] > 0
