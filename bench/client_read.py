@@ -4,7 +4,7 @@
 
 The synthetic backend (`bench.synth`, 200 tokens/s per stream, 64 tokens) runs on CPU 0, this process on CPU 1:
 `--streams` concurrent streams through `upstream_client` (the replica's sharded pools), first with httpcore's
-anyio backend, then with `LoopBackend` (ray_dstack/serve/loop_stream.py), for `--rounds` rounds on uvloop (Serve's
+anyio backend, then with `LoopBackend` (ray_dstack/serve/transport/loop_stream.py), for `--rounds` rounds on uvloop (Serve's
 loop). Printed: this process's CPU time per received chunk for each, and their ratio per round. No Ray involved,
 so no lock is taken.
 """
@@ -22,8 +22,8 @@ import uvloop
 from httpcore._backends.anyio import AnyIOBackend
 
 from bench import stack
-from ray_dstack.serve.loop_stream import LoopBackend
-from ray_dstack.serve.transport import upstream_client
+from ray_dstack.serve.transport.loop_stream import LoopBackend
+from ray_dstack.serve.transport.client import upstream_client
 
 BODY = b'{"model":"synth","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":64}'
 

@@ -118,13 +118,13 @@ LLAMA_MODEL = "smollm2-135m"
 
 
 class Llama:
-    """llama.cpp's server on the demo's GGUF (ray_dstack.localmodel), started directly."""
+    """llama.cpp's server on the demo's GGUF (ray_dstack.demo.model_server), started directly."""
 
     def __init__(self, *, pin: bool, alias: str = LLAMA_MODEL) -> None:
         self.port = free_port()
         self.log = open(tempfile.mktemp(prefix="bench-llama-", suffix=".log"), "w")
         self.proc = subprocess.Popen(
-            [*pin_prefix(pin), sys.executable, "-m", "ray_dstack.localmodel", "serve", "--port", str(self.port),
+            [*pin_prefix(pin), sys.executable, "-m", "ray_dstack.demo.model_server", "serve", "--port", str(self.port),
              "--alias", alias],
             cwd=REPO, env=base_env(), stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -323,7 +323,7 @@ def ray_processes() -> dict[str, list[int]]:
             found.setdefault(title.split(" ")[0], []).append(pid)
         elif "haproxy" in title.rsplit("/", 1)[-1]:
             found.setdefault("haproxy", []).append(pid)
-        elif "ray_dstack.serve.v1_routes" in cmd:  # beside each haproxy: keeps its `/v1` map current
+        elif "ray_dstack.serve.ingress.v1_routes" in cmd:  # beside each haproxy: keeps its `/v1` map current
             found.setdefault("v1-map-sync", []).append(pid)
     return found
 

@@ -33,7 +33,7 @@ def container_runtime() -> str:
     path to either), else podman. An unknown value is the nodes' error to report; here it shows podman's."""
     import os
 
-    from ray_dstack.container_command import RUNTIME_ENV, runtime_kind
+    from ray_dstack.spec.container_command import RUNTIME_ENV, runtime_kind
 
     return runtime_kind(os.environ.get(RUNTIME_ENV) or "") or "podman"
 
@@ -41,7 +41,7 @@ def container_runtime() -> str:
 def _plan(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
-    from ray_dstack.serve import netns
+    from ray_dstack.serve.runtime import netns
 
     loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
     plan = build_plan(loaded, network_namespaces=netns.available(), container_runtime=container_runtime())

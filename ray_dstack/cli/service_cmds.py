@@ -65,7 +65,7 @@ def resolve_token(cli_token: str | None, existing_app: dict[str, Any] | None) ->
 
 
 def trusted_proxies(args: argparse.Namespace) -> list[str]:
-    from ray_dstack.serve.rate_limit import parse_trusted_proxies
+    from ray_dstack.serve.ingress.rate_limit import parse_trusted_proxies
 
     text = args.trusted_proxies if args.trusted_proxies is not None else os.environ.get(TRUSTED_PROXIES_ENV, "")
     try:
@@ -77,8 +77,7 @@ def trusted_proxies(args: argparse.Namespace) -> list[str]:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
-    from ray_dstack.serve import netns
-
+    from ray_dstack.serve.runtime import netns
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout:g}")
     if args.drain_timeout is not None and not args.drain_timeout >= 0:

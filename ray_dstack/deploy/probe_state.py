@@ -1,7 +1,7 @@
 """Each replica's probe state as `status` shows it and as `deploy` reports a probe that never passed.
 
 The replica logs a line `STATE_LOG_MARKER` + JSON whenever a probe's readiness or last answer changes
-(ray_dstack/serve/probes.py). This module reads the last such line from the tail of each replica's log through
+(ray_dstack/serve/runtime/probes.py). This module reads the last such line from the tail of each replica's log through
 the dashboard's log API. Why the log and not a call to the replica: while the probes have not passed, the
 replica's constructor is still running, and Serve lets nobody call a replica before its constructor returns;
 the log file exists (and Serve's details name it) from the moment the replica's actor is placed.
@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from ray_dstack.deploy.dashboard import ClusterError, DashboardClient
-from ray_dstack.serve.probes import STATE_LOG_MARKER
+from ray_dstack.serve.runtime.probes import STATE_LOG_MARKER
 
 LOG_LINES = 5000
 

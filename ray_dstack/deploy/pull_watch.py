@@ -1,5 +1,5 @@
 """`deploy`'s side of an image pull's progress: the lines the replicas publish in Ray's internal KV
-(ray_dstack/serve/pull_progress.py says why there and how), read on each poll of the wait loop.
+(ray_dstack/serve/runtime/pull_progress.py says why there and how), read on each poll of the wait loop.
 
 One line per node when its pull's line changes, at most one every `MIN_INTERVAL_S` per node while it runs (a
 runtime prints a line per layer step); the outcome ("pulled", "already on the node, reused", or the failure)
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from ray_dstack.deploy.registry_auth import connect_gcs, gcs_address
 from ray_dstack.errors import RayDstackError
-from ray_dstack.serve.container import KV_NAMESPACE
-from ray_dstack.serve.pull_progress import PullReport, service_prefix
+from ray_dstack.spec import KV_NAMESPACE
+from ray_dstack.serve.runtime.pull_progress import PullReport, service_prefix
 
 MIN_INTERVAL_S = 2.0
 TIMEOUT_S = 5

@@ -5,7 +5,7 @@ The Serve config (the application's `args`) is readable by anyone who can reach 
 writes `{"username", "password"}` under a fresh random key (`registry-auth/<service>/<random>`, namespace
 `ray-dstack`) in the cluster's internal KV (the GCS, through a `GcsClient`: no driver, no job); the Serve
 config carries only that key and the user name; the replica reads the KV entry when it pulls
-(ray_dstack/serve/container_replica.py). No dashboard route lists or reads the internal KV. A successful
+(ray_dstack/serve/runtime/container_prepare.py). No dashboard route lists or reads the internal KV. A successful
 deploy removes the service's older entries, a failed one its new entry, `delete` all of the service's.
 
 The KV lives in the GCS on the head node: `deploy` reaches it at `$RAY_DSTACK_GCS_ADDRESS` (host:port), else the
@@ -21,8 +21,8 @@ import socket
 from urllib.parse import urlparse
 
 from ray_dstack.errors import RayDstackError
-from ray_dstack.serve.container import KV_KEY_PREFIX as KEY_PREFIX
-from ray_dstack.serve.container import KV_NAMESPACE
+from ray_dstack.serve.runtime.container import KV_KEY_PREFIX as KEY_PREFIX
+from ray_dstack.spec import KV_NAMESPACE
 
 GCS_ADDRESS_ENV = "RAY_DSTACK_GCS_ADDRESS"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

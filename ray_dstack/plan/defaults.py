@@ -24,7 +24,7 @@ GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.5
 
 # Autoscaling: dstack's delays are enforced by our policy (written by the autoscaling package), so Serve's
 # own delays are 0 and Serve just follows the policy's answer.
-AUTOSCALING_POLICY = "ray_dstack.serve.autoscaling_policy:rps_policy"
+AUTOSCALING_POLICY = "ray_dstack.serve.scaling.autoscaling_policy:rps_policy"
 SERVE_UPSCALE_DELAY_S = 0.0
 SERVE_DOWNSCALE_DELAY_S = 0.0
 SERVE_DOWNSCALE_TO_ZERO_DELAY_S = 0.0

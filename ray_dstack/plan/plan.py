@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ray_dstack import container_command
+from ray_dstack.spec import container_command
 from ray_dstack import spec as rt
 from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
 from ray_dstack.config.units import format_memory
@@ -191,7 +191,7 @@ def build_plan(
     """Map a validated configuration onto Ray Serve. Raises `PlanError` for what Ray cannot run.
 
     `network_namespaces`: whether the nodes give each replica of a fixed-port service a network namespace
-    (pasta). The plan stays pure: the CLI decides (ray_dstack.serve.netns.available(), i.e.
+    (pasta). The plan stays pure: the CLI decides (ray_dstack.serve.runtime.netns.available(), i.e.
     $RAY_DSTACK_NETWORK_NAMESPACES or pasta on the deploying machine's PATH). Without them a fixed port means
     one replica per node.
 

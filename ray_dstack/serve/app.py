@@ -22,7 +22,7 @@ def build_service(args: dict[str, Any]) -> Application:
 
 
 def build_gateway(args: dict[str, Any]) -> Application:
-    from ray_dstack.serve.gateway import OpenAIGateway
+    from ray_dstack.serve.ingress.gateway import OpenAIGateway
 
     deployment = serve.deployment(name=GATEWAY_DEPLOYMENT_NAME)(OpenAIGateway)
     return deployment.bind()

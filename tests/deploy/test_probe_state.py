@@ -8,7 +8,7 @@ import json
 from ray_dstack.cli.service_cmds import probe_line
 from ray_dstack.deploy import probe_state, rollout
 from ray_dstack.deploy.dashboard import ClusterError
-from ray_dstack.serve.probes import STATE_LOG_MARKER
+from ray_dstack.serve.runtime.probes import STATE_LOG_MARKER
 
 FAILING = [{"probe": "GET /fail", "ready": False, "last": "HTTP 503: still warming up"},
            {"probe": "POST /ok", "ready": True, "last": "HTTP 200"}]

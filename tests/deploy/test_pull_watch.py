@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from ray_dstack.deploy import rollout
 from ray_dstack.deploy.pull_watch import PullWatch
-from ray_dstack.serve.container import KV_NAMESPACE
-from ray_dstack.serve.pull_progress import Publisher, key
+from ray_dstack.spec import KV_NAMESPACE
+from ray_dstack.serve.runtime.pull_progress import Publisher, key
 
 
 class FakeGcs:

@@ -13,8 +13,8 @@ import ray
 from ray import cloudpickle, serve
 
 from conftest import free_port, wait_until  # noqa: E402
-from ray_dstack.serve.request_counter import RequestCounter  # noqa: E402
-from ray_dstack.serve.autoscaling_policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402
+from ray_dstack.serve.scaling.request_counter import RequestCounter  # noqa: E402
+from ray_dstack.serve.scaling.autoscaling_policy import POLICY_IMPORT_PATH, policy_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 `with_raw_response`), LangChain's `ChatOpenAI` (invoke, stream, batch) and guidellm's benchmark.
 
 Two services on one local Ray, both reached through the gateway's `/v1` with one token:
-* `format: openai`: llama.cpp's OpenAI server on the demo's GGUF (`python -m ray_dstack.localmodel serve`,
+* `format: openai`: llama.cpp's OpenAI server on the demo's GGUF (`python -m ray_dstack.demo.model_server serve`,
   whichever model the demo ships; the test names it by its own alias). The gateway passes it through.
 * `format: tgi`: the tiny random-weight Llama behind the TGI-wire test server; ray-dstack's own OpenAI
   adapter answers.
@@ -42,7 +42,7 @@ def llama_service() -> str:
 type: service
 name: clients-llama
 commands:
-  - exec {sys.executable} -m ray_dstack.localmodel serve --port $RAY_DSTACK_PORT --alias {LLAMA}
+  - exec {sys.executable} -m ray_dstack.demo.model_server serve --port $RAY_DSTACK_PORT --alias {LLAMA}
 working_dir: {REPO}
 port: 8000
 probes:
@@ -125,7 +125,7 @@ def test_sdk_sync_streaming(client, model):
 
 # llama-cpp-python 0.3.36's own server ignores `max_completion_tokens` (the name the SDK documents and LangChain
 # always sends) and `stream_options.include_usage`; the passthrough forwards bytes by design, so the demo server
-# (ray_dstack/localmodel.py, OpenAIFieldsMiddleware) makes both work.
+# (ray_dstack/demo/model_server.py, OpenAIFieldsMiddleware) makes both work.
 
 
 @pytest.mark.parametrize("model", MODELS)

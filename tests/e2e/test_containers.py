@@ -121,7 +121,7 @@ def test_private_image_two_replicas_on_one_port_and_nothing_left(cluster, regist
     no_password(deploy.stdout + deploy.stderr, "deploy")
     no_password(command_lines(), "a process's command line")
     assert len(containers("web")) == 2
-    # The pull's progress reaches deploy's own progress lines (ray_dstack/serve/pull_progress.py).
+    # The pull's progress reaches deploy's own progress lines (ray_dstack/serve/runtime/pull_progress.py).
     assert f"pulling {registry.web} on {socket.gethostname()}: " in deploy.stderr, deploy.stderr
 
     # Both replicas serve, each from its own container (its own hostname) on container port 8000.

@@ -1,6 +1,6 @@
 """Schemathesis against the gateway's own OpenAPI document (`GET /v1/openapi.json`) on a real local Ray,
 and a service whose chat template is hostile. `/v1` requests for the deployed model are routed by HAProxy to the
-service's replicas (ray_dstack/serve/haproxy_v1.py), the rest by the gateway: the document holds for both.
+service's replicas (ray_dstack/serve/ingress/haproxy_v1.py), the rest by the gateway: the document holds for both.
 
 A `format: tgi` service (backend: tests/apps/faulty_server.py) is deployed through the console script; the
 document the gateway serves drives schemathesis's Python API (valid and invalid requests for every `/v1`

@@ -90,7 +90,7 @@ def our_processes() -> dict[int, str]:
             continue
         if comm.startswith(("pasta", "passt")):
             found[int(entry)] = "pasta"
-        elif "ray_dstack.serve.supervise" in cmd:
+        elif "ray_dstack.serve.runtime.supervise" in cmd:
             found[int(entry)] = cmd
     return found
 

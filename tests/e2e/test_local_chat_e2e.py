@@ -21,14 +21,14 @@ pytestmark = pytest.mark.slow
 import llama_cpp  # noqa: F401 - the test extra installs the local backend
 import openai
 
-from ray_dstack.localmodel import packaged_model
+from ray_dstack.demo.model_server import packaged_model
 
 packaged_model()  # fails here, with the install command, if the test extra's model package is missing
 
 MODEL = "smollm2-135m"
 MAX_TOKENS = 32
 # Questions this 135M model answers right at temperature 0, with what each answer must contain. Picked from 56
-# simple questions asked to `python -m ray_dstack.localmodel serve` directly (it got 35 right): these gave the
+# simple questions asked to `python -m ray_dstack.demo.model_server serve` directly (it got 35 right): these gave the
 # same correct answer with 1 and 2 threads, llama.cpp's extra buffer types on and off, streamed and not, asked
 # in either order. The answers seen are in the comments.
 QUESTIONS = [

@@ -26,7 +26,7 @@ import openai
 import pytest
 from conftest import BIN, write_service
 
-from ray_dstack.serve.python_env import DEFAULT_ENV_ROOT, ENV_ROOT_ENV
+from ray_dstack.serve.runtime.python_env import DEFAULT_ENV_ROOT, ENV_ROOT_ENV
 from ray_dstack.spec import env_dir_name
 from tests.servers.vllm_model import build_vllm_model
 

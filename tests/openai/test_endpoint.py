@@ -25,7 +25,7 @@ from ray_dstack.openai.endpoint import (
 )
 from ray_dstack.openai.protocol import ModelList
 from ray_dstack.serve.http import to_starlette
-from ray_dstack.serve.transport import model_server_client
+from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.spec import ModelSpec
 
 TEMPLATE = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}"

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import ModelEndpoint, is_passthrough_route
-from ray_dstack.serve.transport import model_server_client
+from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.spec import ModelSpec
 from tests.support.gateway_backends import ServerThread
 

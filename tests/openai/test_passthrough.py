@@ -11,7 +11,7 @@ from tests.support.gateway_backends import Control, ServerThread, free_port, ope
 
 from ray_dstack.openai.errors import OpenAIError
 from ray_dstack.openai.passthrough import OpenAIPassthrough
-from ray_dstack.serve.transport import model_server_client
+from ray_dstack.serve.transport.client import model_server_client
 
 
 @pytest.fixture(scope="module")

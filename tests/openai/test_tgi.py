@@ -23,7 +23,7 @@ from ray_dstack.openai.protocol import ChatCompletionRequest, CompletionRequest
 from ray_dstack.openai.templates import ChatTemplate
 from ray_dstack.openai.tgi import TGIAdapter
 from ray_dstack.openai.tgi_mapping import trim_stop
-from ray_dstack.serve.transport import model_server_client
+from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.spec import ModelSpec
 
 TEMPLATE = "{{ bos_token }}{% for m in messages %} {{ m.content }}{% endfor %}"

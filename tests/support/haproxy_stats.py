@@ -11,7 +11,7 @@ import glob
 import os
 import threading
 
-from ray_dstack.serve.v1_routes import HAProxyAdmin
+from ray_dstack.serve.ingress.v1_routes import HAProxyAdmin
 
 SOCKETS = "/tmp/haproxy-serve/*/admin.sock"
 
@@ -58,8 +58,8 @@ def counters(admin: HAProxyAdmin, field: str, *backends: str) -> tuple[int | Non
 
 
 def mapped_models(admin: HAProxyAdmin) -> set[str]:
-    """The models in the `/v1` map of the haproxy answering on `admin` (ray_dstack/serve/haproxy_v1.py)."""
-    from ray_dstack.serve.haproxy_v1 import MAP_FILE_NAME
+    """The models in the `/v1` map of the haproxy answering on `admin` (ray_dstack/serve/ingress/haproxy_v1.py)."""
+    from ray_dstack.serve.ingress.haproxy_v1 import MAP_FILE_NAME
 
     path = os.path.join(os.path.dirname(admin.path), MAP_FILE_NAME)
     return {line.split()[1] for line in admin.command(f"show map {path}").splitlines() if len(line.split()) == 3}

@@ -1,0 +1,182 @@
+"""The contract between the plan (pure, runs anywhere) and the runtime (Serve replicas on the cluster).
+
+The plan turns a parsed `.dstack.yml` into a `ServiceSpec`; the Serve application's `args` carry
+`{"service": ServiceSpec.model_dump(mode="json")}` and the replica rebuilds it with
+`ServiceSpec.model_validate(args["service"])`. Everything the replica needs at run time is here, already
+resolved (env placeholders filled, shorthand expanded, durations in seconds), so the replica never
+re-parses YAML and never needs the caller's environment.
+
+Secrets never travel in clear text where Serve shows them: the auth token is kept as its SHA-256 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Serve application that publishes the OpenAI-compatible routes for every deployed model.
+GATEWAY_APP_NAME = "ray-dstack-gateway"
+GATEWAY_ROUTE_PREFIX = "/v1"
+GATEWAY_APP_ROUTE_PREFIX = "/"  # the gateway application also answers `GET /health` at the ingress root
+GATEWAY_DEPLOYMENT_NAME = "OpenAIGateway"
+# Deployment (inside each service's application) whose replicas run the service's commands.
+REPLICA_DEPLOYMENT_NAME = "ServiceReplica"
+SERVICE_IMPORT_PATH = "ray_dstack.serve.app:build_service"
+GATEWAY_IMPORT_PATH = "ray_dstack.serve.app:build_gateway"
+# Set by ray-dstack's rules in Serve's HAProxy (ray_dstack/serve/ingress/haproxy_v1.py) on a `/v1/...` request it sent
+# straight to the model's service, to the request's original path; removed from every request clients send.
+V1_ROUTE_HEADER = "x-ray-dstack-v1"
+# ray-dstack's namespace in Ray's internal KV: `registry_auth` for the replicas (ray_dstack/deploy/registry_auth.py),
+# image pull progress (serve/runtime/pull_progress.py), the /v1 model table (serve/ingress/v1_routes.py).
+KV_NAMESPACE = b"ray-dstack"
+# Commands that mention this variable get a free port chosen per replica, so replicas can share a node.
+PORT_ENV_VAR = "RAY_DSTACK_PORT"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProbeSpec(_Spec):
+    """An HTTP probe: the replica is ready once `path` answers 2xx `ready_after` times in a row (dstack's fields)."""
+
+    path: str = Field("/", description="Path requested on the service's port")
+    method: str = Field("get", description="HTTP method, lower case")
+    headers: list[tuple[str, str]] = Field(default_factory=list, description="Headers sent with the probe")
+    body: str | None = Field(None, description="Request body")
+    interval_s: float = Field(15.0, description="Seconds from the end of one probe to the start of the next")
+    timeout_s: float = Field(10.0, description="Timeout of one probe request")
+    ready_after: int = Field(1, ge=1, description="Consecutive successes needed before the replica is ready")
+    until_ready: bool = Field(False, description="Stop probing once the replica is ready")
+
+
+class RateLimitSpec(_Spec):
+    """One of `rate_limits`: nginx `limit_req rate=rps burst=burst nodelay` per partition of `key`."""
+
+    prefix: str = Field("/", description="Path prefix relative to the service's route (a plain string prefix, as an nginx location)")
+    key: Literal["ip_address", "header"] = Field("ip_address", description="What partitions the requests")
+    header: str | None = Field(None, description="Header name for `key: header` (lower case)")
+    rps: float = Field(gt=0, description="Requests per second per partition, for the whole service")
+    burst: int = Field(0, ge=0, description="Requests above the rate still served at once")
+
+
+class AuthSpec(_Spec):
+    enabled: bool = Field(True, description="Requests need `Authorization: Bearer <token>`")
+    token_sha256: str | None = Field(None, description="SHA-256 hex digest of the service token")
+
+    def accepts(self, authorization: str | None) -> bool:
+        """Whether an `Authorization` header value grants access (constant-time comparison)."""
+        if not self.enabled:
+            return True
+        if not authorization or self.token_sha256 is None:
+            return False
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        return hmac.compare_digest(token_digest(token.strip()), self.token_sha256)
+
+
+class ModelSpec(_Spec):
+    type: Literal["chat"] = "chat"
+    name: str = Field(description="Model id that clients send as `model`")
+    format: Literal["tgi", "openai"] = Field(description="API the backend speaks")
+    prefix: str = Field("/v1", description="Where an `openai`-format backend serves its OpenAI routes")
+    chat_template: str | None = Field(None, description="Jinja2 chat template (tgi format)")
+    eos_token: str | None = Field(None, description="End-of-sequence token (tgi format)")
+    bos_token: str | None = Field(None, description="Beginning-of-sequence token (tgi format)")
+
+
+class ModelSettings(_Spec):
+    """A tgi model's chat settings as `deploy` resolved them (from the YAML and/or the Hugging Face Hub)."""
+
+    chat_template: str = Field(description="Jinja2 chat template")
+    eos_token: str | None = Field(None, description="End-of-sequence token")
+    bos_token: str | None = Field(None, description="Beginning-of-sequence token")
+
+
+class ScalingSpec(_Spec):
+    """dstack's `scaling` with replicas as a range: one replica per `target` requests per second."""
+
+    metric: Literal["rps"] = "rps"
+    target: float = Field(gt=0, description="Requests per second one replica should serve")
+    min_replicas: int = Field(ge=0)
+    max_replicas: int = Field(ge=1)
+    window_s: float = Field(60.0, gt=0, description="Window over which RPS is averaged")
+    scale_up_delay_s: float = Field(300.0, ge=0, description="Min time since the last scaling before scaling up")
+    scale_down_delay_s: float = Field(600.0, ge=0, description="Min time since the last scaling before scaling down")
+
+
+class RegistryAuthRef(_Spec):
+    """Where a replica finds `registry_auth`: the password is never in the spec (the Serve config is readable
+    through the dashboard API) but in Ray's internal KV under `kv_key` (ray_dstack/deploy/registry_auth.py)."""
+
+    username: str = Field(description="Registry user name (not a secret; shown by `plan`)")
+    kv_key: str = Field(description="Internal-KV key (namespace `ray-dstack`) of `{username, password}`")
+
+
+class ServiceSpec(_Spec):
+    """What one replica of a service needs at run time."""
+
+    name: str = Field(description="Service (and Serve application) name")
+    commands: list[str] = Field(description="Shell lines run in order in one shell")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of the commands")
+    working_dir: str | None = Field(
+        None, description="Working directory of the commands: relative to the replica's own directory, or absolute"
+    )
+    python: str | None = Field(
+        None, description="Python version of the service's environment (`3.12`); None: the node's own version"
+    )
+    network_namespace: bool = Field(
+        False, description="Run the commands in a network namespace of their own (pasta), the fixed port mapped"
+    )
+    image: str | None = Field(None, description="Container image: each replica runs in a container of it")
+    entrypoint: str | None = Field(None, description="Replaces the image's entrypoint; `commands` are its arguments")
+    registry_auth: RegistryAuthRef | None = Field(None, description="Credentials for pulling `image`, by reference")
+    shm_size_bytes: int | None = Field(None, ge=1, description="`resources.shm_size` of the container, in bytes")
+    port: int = Field(ge=1, le=65535, description="Port the service listens on (fixed port mode)")
+    port_from_env: bool = Field(
+        False, description=f"The commands read ${PORT_ENV_VAR}: each replica gets a free port"
+    )
+    probes: list[ProbeSpec] = Field(
+        default_factory=list, description="HTTP probes, all must pass; none: ready once the port accepts connections"
+    )
+    rate_limits: list[RateLimitSpec] = Field(default_factory=list, description="Request rate limits (429 past them)")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses/networks whose X-Forwarded-For is believed (`deploy --trusted-proxies`)",
+    )
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+    model: ModelSpec | None = None
+    scaling: ScalingSpec | None = None
+    ready_timeout_s: float = Field(900.0, description="How long a replica may take to become ready")
+    request_timeout_s: float = Field(600.0, description="Upstream read timeout for one request")
+
+    replicas: int = Field(1, ge=0, description="Replicas at deploy time: each enforces 1/N of `rate_limits`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_probe(cls, value: Any) -> Any:
+        # Specs written before several probes were supported carry `probe`: still readable.
+        if isinstance(value, dict) and "probe" in value:
+            value = dict(value)
+            old = value.pop("probe")
+            value.setdefault("probes", [old] if old else [])
+        return value
+
+    @property
+    def probe(self) -> ProbeSpec | None:
+        """The first probe (callers written before several probes were supported)."""
+        return self.probes[0] if self.probes else None
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def env_dir_name(service: str, version: str) -> str:
+    """Directory name of a service's Python environment on a node (under $RAY_DSTACK_ENV_ROOT)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", service) + f"-py{version}"
