@@ -38,6 +38,12 @@ def container_runtime() -> str:
     return runtime_kind(os.environ.get(RUNTIME_ENV) or "") or "podman"
 
 
+def comment_block(lines: list[str]) -> str:
+    """The summary above the YAML: every physical line a comment, so the output stays valid `serve deploy`
+    input (a container's `-c` script spans several lines)."""
+    return "".join(f"# {part}\n".replace("# \n", "#\n") for line in lines for part in (line.splitlines() or [""]))
+
+
 def _plan(args: argparse.Namespace) -> int:
     from ray_dstack.config import load_service
     from ray_dstack.plan import build_plan
@@ -50,8 +56,7 @@ def _plan(args: argparse.Namespace) -> int:
         output.print_json({"serve_config": data, "gpu_types": plan.gpu_types, "warnings": plan.warnings,
                            "requirements": plan.requirements, "environment": plan.environment()})
         return 0
-    header = "".join(f"# {line}\n" for line in plan.summary_lines())
-    sys.stdout.write(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    sys.stdout.write(comment_block(plan.summary_lines()) + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
     sys.stdout.flush()
     return 0
 
