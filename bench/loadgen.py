@@ -12,7 +12,7 @@ Clients: every request in flight has an httpx client of its own, holding one con
 service has. One shared client with a connection per request in flight costs the load generator O(connections)
 per request: httpcore's pool checks every connection (`has_expired`, `is_idle`, a socket poll through anyio's
 attribute lookup) each time it assigns one. At 64 non-streaming clients that was ~6 ms of CPU per request, so
-its core, not the server, set the req/s at c=64 (bench/RESULTS.md, session 8).
+its core, not the server, set the req/s at c=64 (bench/RESULTS.md, History: "the load generator was the ceiling").
 """
 
 from __future__ import annotations

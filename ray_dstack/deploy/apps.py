@@ -96,7 +96,7 @@ def gateway_routes(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "created": int(cfg.get("args", {}).get("created", 0)),
             "request_timeout_s": spec.request_timeout_s,  # bounds the gateway's retries of one request
             # `rate_limits` hold for the model's `/v1` requests too, checked as the service's path `/v1/<route>`
-            # (serve/gateway_traffic.py); whose X-Forwarded-For to believe comes with them.
+            # (serve/ingress/gateway_traffic.py); whose X-Forwarded-For to believe comes with them.
             "rate_limits": [r.model_dump(mode="json") for r in spec.rate_limits],
             "trusted_proxies": list(spec.trusted_proxies),
         }

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 # Serve starts this program on every haproxy (re)load and waits for it: it imports nothing heavy (no pydantic), so
-# these two are spelled out here; tests/serve/test_haproxy_v1.py checks they equal ray_dstack.spec's.
+# these two are spelled out here; tests/serve/ingress/test_haproxy_v1.py checks they equal ray_dstack.spec's.
 V1_ROUTE_HEADER = "x-ray-dstack-v1"
 GATEWAY_ROUTE_PREFIX = "/v1"
 MAP_FILE_NAME = "ray-dstack-v1.map"

@@ -17,7 +17,7 @@ while the load balancer spreads a client's requests evenly the service as a whol
 initial burst can reach B + N requests, N − 1 more than nginx's B + 1 (each process serves ⌊B/N⌋ + 1 at once).
 A client whose requests all land on one process gets R/N. See docs/traffic.md.
 
-Cost: one dict lookup and a few float operations per request (bench: tests/serve/test_rate_limit.py).
+Cost: one dict lookup and a few float operations per request (bench: tests/serve/ingress/test_rate_limit.py).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def plain_transport(limits: httpx.Limits,
     """httpx's transport (plain HTTP/1.1), its connections opened by `network_backend` (a replica's namespace:
     ray_dstack/serve/transport/netns_connect.py) or else by `LoopBackend` (ray_dstack/serve/transport/loop_stream.py: reads without
     anyio's per-read cancel scope). httpx does not take a backend, so its pool is replaced by an identical one
-    that uses it; tests/serve/test_netns_connect.py and tests/serve/test_loop_stream.py check it is used.
+    that uses it; tests/serve/transport/test_netns_connect.py and test_loop_stream.py check it is used.
     All of them share one TLS context (`tls_context`)."""
     context = tls_context()
     transport = httpx.AsyncHTTPTransport(verify=context, limits=limits)

@@ -3,11 +3,11 @@ server's stream with.
 
 httpcore's default backend wraps every socket read in anyio: a `fail_after` cancel scope for the read timeout,
 an exception-mapping context manager, and anyio's stream on top of asyncio's. A replica relaying a stream pays
-that once per chunk: at 64 streams it was ~10 % of the replica's CPU (py-spy, bench/RESULTS.md, session 7),
-on the core the model server shares. Here a read is a buffer pop when data is already there, and otherwise one
-future with one timer (`loop.call_later`) for the read timeout. A connection's "was it closed while idle?" check
-(httpcore asks it of every idle connection when it picks one) is a flag, not a `poll()`. What one step of the
-loop writes (a request's head, then its body) leaves in one send().
+that once per chunk: at 64 streams it was ~10 % of the replica's CPU (py-spy; bench/RESULTS.md, History: "the
+replica's reads without anyio"), on the core the model server shares. Here a read is a buffer pop when data is
+already there, and otherwise one future with one timer (`loop.call_later`) for the read timeout. A connection's
+"was it closed while idle?" check (httpcore asks it of every idle connection when it picks one) is a flag, not a
+`poll()`. What one step of the loop writes (a request's head, then its body) leaves in one send().
 
 Semantics are httpcore's: `read` returns b"" at end of stream, raises `ReadTimeout` when nothing came within
 the timeout and `ReadError` when the connection failed; `write` raises `WriteTimeout`/`WriteError`; connecting
