@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 import llama_cpp  # noqa: F401 - the test extra installs the local backend
 import openai
+from pydantic import BaseModel, Field
 
 from ray_dstack.demo.model_server import packaged_model
 
@@ -115,6 +116,27 @@ def test_async_sdk_plain_and_streamed(deployed, prefix):
 
     plain, streamed = asyncio.run(main())
     assert "paris" in plain.lower() and "paris" in streamed.lower(), (plain, streamed)
+
+
+class Capital(BaseModel):
+    country: str = Field(max_length=24)
+    capital: str = Field(max_length=24)
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/local-chat/v1"])
+def test_structured_output_through_the_sdks_parse(deployed, prefix):
+    """`chat.completions.parse(response_format=PydanticModel)` (a `json_schema` response format) through ray-dstack:
+    the answer is JSON valid against the schema (the demo server's grammar, tests/demo), not a 502."""
+    cluster, token, _ = deployed
+    client = openai.OpenAI(base_url=cluster.http + prefix, api_key=token, max_retries=0, timeout=120)
+    with client:
+        reply = client.chat.completions.parse(model=MODEL, messages=FRANCE, response_format=Capital, temperature=0,
+                                              max_tokens=64)
+        assert isinstance(reply.choices[0].message.parsed, Capital), reply
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert "response_format.json_schema.schema" in str(info.value)
 
 
 def test_wrong_token_is_refused(deployed):
