@@ -109,7 +109,11 @@ def reap_orphaned_haproxy() -> list[int]:
 
 
 def start_local_head(dashboard_port: int = 8265) -> None:
-    """`ray start --head` with the dashboard on loopback; the cluster outlives this command (`ray stop`)."""
+    """`ray start --head` with the dashboard on loopback; the cluster outlives this command (`ray stop`).
+
+    No `--num-cpus`: the head advertises the machine's cores, so `cpu: N` in a YAML stays a hard request
+    against real cores. Replicas without `cpu` count a small share of a core (plan/defaults.py
+    DEFAULT_NUM_CPUS), so a 2-core laptop holds a dozen idle services and a model beside them."""
     extra: list[str] = []
     # Another Ray on this machine (a driver's `ray.init`) may hold the agents' default ports; a node whose
     # agent cannot bind serves no logs, so take free ones then.

@@ -8,8 +8,17 @@ MAX_ONGOING_REQUESTS = 256
 # When the YAML does not set `cpu` / `memory`, dstack means `cpu: 2..`, `memory: 8GB..`. Requesting that
 # from Ray would leave every replica unschedulable on a laptop or a 2-core CI box, so the plan requests
 # a small CPU share and no memory reservation, and shows dstack's default as an advisory requirement.
-# When the YAML sets them, the plan requests exactly the minimums the YAML asks for.
-DEFAULT_NUM_CPUS = 0.5
+# When the YAML sets them, the plan requests exactly the minimums the YAML asks for (hard requests).
+# The share is a scheduling weight, not a limit (a replica may use more while the cores are free):
+# - small enough that a 2-core laptop's local head (Ray advertises its cores, 2) holds 12 idle one-replica
+#   services next to the demo model's `cpu: 1` (12 x 0.05 + 1 = 1.6 CPU; 40 services alone). 0.5 filled
+#   it with 4 services, while an idle `python3 -m http.server` service costs ~2.5 % of a core (its Serve
+#   replica ~1.4 %, the rest in Ray's own processes) and ~170 MiB, measured with 12 and 40 on 2 cores:
+#   0.05 is twice that, so a node admits no more idle services than its cores can run;
+# - not 0: Ray still counts it, so a node holds at most 20 such replicas per core, Serve's SPREAD places
+#   them across the nodes that have CPUs, a head started with `--num-cpus 0` gets none, and on an
+#   autoscaling cluster a replica that fits nowhere is a demand the autoscaler acts on.
+DEFAULT_NUM_CPUS = 0.05
 DEFAULT_MEMORY_BYTES: int | None = None
 
 # Replica health checking and shutdown (Serve deployment options). Serve stops routing to a replica whose

@@ -144,6 +144,8 @@ class ServicePlan:
         else:
             lines.append("GPU: none")
         request = [f"num_cpus={opts.get('num_cpus', 0):g}"]
+        if "cpu" in self.requirements:  # no `cpu` in the YAML: ray-dstack's small default share (plan/defaults.py)
+            request[0] += " (default without `cpu`)"
         if opts.get("memory"):
             request.append(f"memory={format_memory(opts['memory'] / 1024**3)}")
         lines.append("Ray request per replica: " + ", ".join(request))

@@ -60,3 +60,22 @@ def test_every_example_gpu_type_offered():
         if plan.gpu_types:
             fits = [t for t in plan.gpu_types if offered.get(t, 0) >= plan.ray_actor_options["num_gpus"]]
             assert fits, f"{path.name} needs one of {plan.gpu_types} x{plan.ray_actor_options['num_gpus']}"
+
+
+def test_services_without_a_gpu_overflow_to_a_node_type_without_gpus():
+    """A replica without `gpu` (default CPU share or `cpu: 4`) that the head has no room for makes the autoscaler
+    launch a CPU node, not a GPU node: Ray's autoscaler prefers a type without GPUs when one fits."""
+    from ray.autoscaler._private.constants import AUTOSCALER_CONSERVE_GPU_NODES
+
+    from ray_dstack.config import parse_service
+
+    cluster = _cluster()
+    cpu_types = {
+        name: node["resources"] for name, node in cluster["available_node_types"].items()
+        if name != cluster["head_node_type"] and not node["resources"].get("GPU")
+    }
+    assert cpu_types and AUTOSCALER_CONSERVE_GPU_NODES
+    base = "type: service\nname: s\ncommands: ['python3 -m http.server $RAY_DSTACK_PORT']\nport: 8000\n"
+    for extra in ("", "resources: {cpu: 4}\n"):
+        need = build_plan(parse_service(base + extra, "s.dstack.yml")).ray_actor_options["num_cpus"]
+        assert any(res.get("CPU", 0) >= need for res in cpu_types.values()), extra

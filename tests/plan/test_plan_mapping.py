@@ -61,15 +61,28 @@ def test_finalized_plan_carries_what_deploy_learned_into_the_serve_config():
 
 
 def test_default_resources_are_small_with_advisory():
+    """No `cpu`/`memory`: a small CPU share (a scheduling weight, 20 replicas per core), no memory
+    reservation; dstack's own defaults are shown as advisory, and the summary says the share is the default."""
     p = plan(BASE)
     assert p.ray_actor_options == {"num_cpus": defaults.DEFAULT_NUM_CPUS}
+    assert 0 < defaults.DEFAULT_NUM_CPUS <= 0.05 and defaults.DEFAULT_MEMORY_BYTES is None
     assert p.requirements["cpu"] == "2.. (dstack default)" and p.requirements["memory"] == "8GB.. (dstack default)"
+    assert "Ray request per replica: num_cpus=0.05 (default without `cpu`)" in p.summary_lines()
 
 
 def test_explicit_resources_requested():
     p = plan(BASE + "resources: {cpu: 4.., memory: 16GB..32GB, shm_size: 1GB, disk: 50GB}\n")
     assert p.ray_actor_options["num_cpus"] == 4 and p.ray_actor_options["memory"] == 16 * 1024**3
     assert p.requirements == {"disk": "50GB", "shm_size": "1GB"}
+    assert "Ray request per replica: num_cpus=4, memory=16GB" in p.summary_lines()
+
+
+@pytest.mark.parametrize("cpu, requested", [("4", 4), ("1..", 1), ("2..8", 2), ("0", 0)])
+def test_cpu_in_the_yaml_is_requested_exactly(cpu, requested):
+    """The small default never applies when the YAML says `cpu`, not even below it or at 0."""
+    p = plan(BASE + f"resources: {{cpu: '{cpu}'}}\n")
+    assert p.ray_actor_options["num_cpus"] == requested and "cpu" not in p.requirements
+    assert "(default without `cpu`)" not in "\n".join(p.summary_lines())
 
 
 def test_port_from_env():
