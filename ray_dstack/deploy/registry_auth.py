@@ -21,8 +21,7 @@ import socket
 from urllib.parse import urlparse
 
 from ray_dstack.errors import RayDstackError
-from ray_dstack.serve.runtime.container import KV_KEY_PREFIX as KEY_PREFIX
-from ray_dstack.spec import KV_NAMESPACE
+from ray_dstack.spec import KV_NAMESPACE, REGISTRY_AUTH_KEY_PREFIX as KEY_PREFIX
 
 GCS_ADDRESS_ENV = "RAY_DSTACK_GCS_ADDRESS"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

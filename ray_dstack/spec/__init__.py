@@ -33,6 +33,9 @@ V1_ROUTE_HEADER = "x-ray-dstack-v1"
 # ray-dstack's namespace in Ray's internal KV: `registry_auth` for the replicas (ray_dstack/deploy/registry_auth.py),
 # image pull progress (serve/runtime/pull_progress.py), the /v1 model table (serve/ingress/v1_routes.py).
 KV_NAMESPACE = b"ray-dstack"
+# `registry_auth` of one deploy: `<prefix><service>/<random>`, written by deploy (deploy/registry_auth.py); the
+# replica reads it by the key its spec carries.
+REGISTRY_AUTH_KEY_PREFIX = "registry-auth/"
 # Commands that mention this variable get a free port chosen per replica, so replicas can share a node.
 PORT_ENV_VAR = "RAY_DSTACK_PORT"
 

@@ -50,7 +50,6 @@ INSTALL_HINT = (
     f"{RUNTIME_ENV} at the runtime's executable"
 )
 REDACTED = "***"
-KV_KEY_PREFIX = "registry-auth/"
 PULL_TIMEOUT_S = 3600.0  # images are gigabytes
 
 
