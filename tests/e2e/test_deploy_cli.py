@@ -190,7 +190,7 @@ port: 8000
     )
     proc = cli_cluster.run("deploy", str(path), "--timeout", "240", timeout=400)
     assert proc.returncode == 1
-    assert "exited with code 7" in proc.stderr and "no such model" in proc.stderr
+    assert "exited with code 7" in proc.stderr and "no such model" in proc.stderr, proc.stderr  # whole, not cut
     assert "Nothing was left deployed" in proc.stderr
     names = [s["name"] for s in json.loads(cli_cluster.run("list", "--json", check=True).stdout)]
     assert "crash" not in names

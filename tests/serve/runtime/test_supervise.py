@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,3 +89,17 @@ def test_exit_code_is_the_shells_and_leftovers_are_killed(tmp_path):
 def test_usage_error_without_a_command():
     proc = subprocess.run([sys.executable, "-m", "ray_dstack.serve.runtime.supervise"], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a PID namespace needs root and unshare")
+def test_init_reports_the_shells_code_even_when_it_exits_at_once():
+    """The namespace's init (PID 1) must see the shell's own exit code however soon it exits: a shell that
+    ends before the init starts waiting was once reaped by Python's subprocess machinery, and the init said 1."""
+    init = [sys.executable, "-m", "ray_dstack.serve.runtime.supervise", "--init", "--"]
+    codes = []
+    for _ in range(20):
+        proc = subprocess.run(["unshare", "--pid", "--fork", *init, "sh", "-c", "exit 7"], timeout=30)
+        codes.append(proc.returncode)
+    assert codes == [7] * 20
+    killed = subprocess.run(["unshare", "--pid", "--fork", *init, "sh", "-c", "kill -TERM $$"], timeout=30)
+    assert killed.returncode == 128 + signal.SIGTERM
