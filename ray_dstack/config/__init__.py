@@ -8,6 +8,7 @@ from ray_dstack.config.loader import (
     parse_service,
 )
 from ray_dstack.config.models.common import IntRange, MemoryRange
+from ray_dstack.config.models.groups import ReplicaGroup, RouterConfig
 from ray_dstack.config.models.resources import DiskSpec, GPUSpec, ResourcesSpec
 from ray_dstack.config.models.service import (
     IGNORED_FIELDS,
@@ -23,4 +24,5 @@ __all__ = [
     "ConfigError", "Problem", "LoadedService", "load_service", "parse_service", "name_from_filename",
     "IntRange", "MemoryRange", "DiskSpec", "GPUSpec", "ResourcesSpec", "IGNORED_FIELDS", "ModelConfig",
     "PortMapping", "ProbeConfig", "ProbeHeader", "RateLimit", "RateLimitKey", "RegistryAuth", "ScalingConfig", "ServiceConfig",
+    "ReplicaGroup", "RouterConfig",
 ]

@@ -12,7 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from ray_dstack.config.errors import ConfigError, Problem
-from ray_dstack.config.models.service import IGNORED_FIELDS, PROBLEM_SEP, ServiceConfig
+from ray_dstack.config.models.groups import spelled_loc
+from ray_dstack.config.models.service import PROBLEM_SEP, ServiceConfig, ignored_warning
 
 Loc = tuple[Any, ...]
 
@@ -125,17 +126,19 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg
 
 
-def _problems_from_validation(exc: ValidationError, lines: Mapping[Loc, int]) -> list[Problem]:
+def _problems_from_validation(exc: ValidationError, lines: Mapping[Loc, int], data: Any = None) -> list[Problem]:
+    """One problem per error (and per `PROBLEM_SEP` part), its path spelled the way the file `data` spells it."""
     problems: list[Problem] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        for text in _message(err).split(PROBLEM_SEP):
+        for text in _message({**err, "loc": spelled_loc(data, loc)}).split(PROBLEM_SEP):
             sub_loc = loc
             if text.startswith("@") and ":" in text:
                 path, _, text = text[1:].partition(":")
-                sub_loc = loc + tuple(path.split("."))
+                sub_loc = loc + tuple(int(part) if part.isdigit() else part for part in path.split("."))
             elif loc == ("env",) and (m := re.match(r"Environment variable (\w+) is not set", text)):
                 sub_loc = ("env", m.group(1))
+            sub_loc = spelled_loc(data, sub_loc)
             line = _line_for(sub_loc, lines)
             shown = sub_loc if sub_loc[:1] != ("env",) or len(sub_loc) < 2 else ("env",)
             problems.append(Problem(_dotted(shown), line, text))
@@ -197,7 +200,7 @@ def parse_service(
     try:
         config = ServiceConfig.model_validate(data, context=context)
     except ValidationError as exc:
-        problems.extend(_problems_from_validation(exc, lines))
+        problems.extend(_problems_from_validation(exc, lines, data))
         config = None
     if problems:
         problems.sort(key=lambda p: (p.line or 0))
@@ -211,10 +214,8 @@ def parse_service(
             raise ConfigError(display, [Problem("name", None, _message(e)) for e in exc.errors()]) from None
     if config.name is None:
         config.name = name_from_filename(filename)
-    warnings = [
-        f"`{f}` is ignored on Ray ({IGNORED_FIELDS[f][0].lower() + IGNORED_FIELDS[f][1:]} is up to the Ray cluster)"
-        for f in config.ignored_fields()
-    ]
+    warnings = [ignored_warning(f, f) for f in config.ignored_fields()]
+    warnings.extend(config.group_warnings())
     return LoadedService(config=config, warnings=warnings, path=None)
 
 

@@ -1,6 +1,8 @@
 """The `service` configuration (after dstack's `core/models/configurations.py`).
 
 Shorthand is expanded in `field_validator(mode="before")`; cross-field rules live in `model_validator`s.
+Replica groups (`groups:`, or 0.21.2's `replicas: [...]`) are in `groups.py`; `replica_groups` is the
+normalized view (one group named `0` for a service without groups).
 Env placeholders (`env: [HF_TOKEN]`) are resolved from the validation context
 (`{"env_overrides": {...}, "environ": {...}}`), overrides first.
 """
@@ -9,18 +11,38 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 
 from ray_dstack.config.models.common import CoreModel, IntRange
+from ray_dstack.config.models.endpoint import ModelConfig, PortMapping
+from ray_dstack.config.models.groups import (
+    DEFAULT_GROUP_NAME,
+    ReplicaGroup,
+    check_service_groups,
+    name_groups,
+    normalize_groups_input,
+)
 from ray_dstack.config.models.resources import ResourcesSpec
+from ray_dstack.config.models.scaling import ScalingConfig
 from ray_dstack.config.models.traffic import ProbeConfig, RateLimit, check_rate_limits
-from ray_dstack.config.units import parse_duration, parse_int
+from ray_dstack.config.models.validation import (
+    PROBLEM_SEP,
+    PYTHON_VERSIONS,
+    at,
+    check_image_ref,
+    parse_lines,
+    parse_python_version,
+)
+
+__all__ = [  # the models moved to their own modules are still importable from here
+    "IGNORED_FIELDS", "PROBLEM_SEP", "PYTHON_VERSIONS", "ModelConfig", "PortMapping", "RegistryAuth",
+    "ReplicaGroup", "ScalingConfig", "ServiceConfig", "at", "ignored_warning",
+]
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
-PYTHON_VERSIONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 
 # dstack fields that only make sense on dstack's own backends: accepted, reported as ignored on Ray.
 IGNORED_FIELDS: dict[str, str] = {
@@ -56,108 +78,13 @@ IGNORED_FIELDS: dict[str, str] = {
     "priority": "Run priority",
 }
 
+GROUP_RESOURCES_IGNORED = (
+    "top-level `resources` is ignored when `replicas`/`groups` lists groups: each group has its own"
+)
+GROUP_NOT_HONOURED = ("docker", "privileged")  # group-level; a later issue implements them
+
 _PLACEHOLDER = object()
 _INTERPOLATION_RE = re.compile(r"\$\{\{\s*env\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-# A validator that finds several problems joins them with PROBLEM_SEP; a problem may name its own field
-# path as `@path:message` (model validators have no field location). The loader splits them again.
-PROBLEM_SEP = "\x1e"
-
-
-def at(path: str, message: str) -> str:
-    return f"@{path}:{message}"
-
-
-class PortMapping(CoreModel):
-    """`port: 8000`, `port: "8000"` or `port: "80:8000"` (local:container; the replica uses container)."""
-
-    local_port: Optional[int] = Field(None, ge=1, le=65535, description="Port on the dstack side (unused on Ray)")
-    container_port: int = Field(ge=1, le=65535, description="Port the service listens on")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"Invalid port: {value!r}")
-        if isinstance(value, int):
-            value = {"container_port": value}
-        elif isinstance(value, str):
-            text = value.strip()
-            local, sep, container = text.partition(":")
-            try:
-                if sep:
-                    value = {"local_port": parse_int(local), "container_port": parse_int(container)}
-                else:
-                    value = {"container_port": parse_int(text)}
-            except ValueError:
-                raise ValueError(f"Invalid port `{value}` (expected e.g. 8000 or \"80:8000\")") from None
-        else:
-            raise ValueError(f"Invalid port {value!r} (expected e.g. 8000 or \"80:8000\")")
-        for port in value.values():
-            if not 1 <= port <= 65535:
-                raise ValueError(f"Port out of range: {port} (must be 1..65535)")
-        return value
-
-
-class ScalingConfig(CoreModel):
-    """Autoscaling on requests per second; needs `replicas` to be a range."""
-
-    metric: Literal["rps"] = Field(description="The only metric: `rps` (requests per second)")
-    target: float = Field(description="Target requests per second per replica (> 0)")
-    scale_up_delay: int = Field(300, description="Min seconds since the last scaling before scaling up (`5m`)")
-    scale_down_delay: int = Field(600, description="Min seconds since the last scaling before scaling down (`10m`)")
-    window: int = Field(60, description="Seconds over which RPS is averaged (`60s`)")
-
-    @field_validator("scale_up_delay", "scale_down_delay", "window", mode="before")
-    @classmethod
-    def _parse_duration(cls, value: Any) -> Any:
-        return parse_duration(value)
-
-    @field_validator("target")
-    @classmethod
-    def _check_target(cls, value: float) -> float:
-        if not (value > 0 and value != float("inf")):  # also refuses .nan
-            raise ValueError(f"`target` must be greater than 0, got {value:g}")
-        return value
-
-    @field_validator("window")
-    @classmethod
-    def _check_window(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError("`window` must be greater than 0")
-        return value
-
-
-class ModelConfig(CoreModel):
-    """The model a service serves: `model: NAME` means `{type: chat, name: NAME, format: openai}`."""
-
-    type: Literal["chat"] = Field("chat", description="Model type; `chat` is the only one")
-    name: str = Field(min_length=1, description="Model id that clients send as `model`")
-    format: Literal["tgi", "openai"] = Field("openai", description="API the backend speaks: `tgi` or `openai`")
-    prefix: Optional[str] = Field(None, description="Where an `openai` backend serves its routes (default `/v1`)")
-    chat_template: Optional[str] = Field(None, description="Jinja2 chat template (`tgi` only)")
-    eos_token: Optional[str] = Field(None, description="End-of-sequence token (`tgi` only)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"type": "chat", "name": value, "format": "openai"}
-        if isinstance(value, dict):
-            fmt = value.get("format", "openai")
-            if fmt not in ("tgi", "openai"):
-                raise ValueError(f"Unsupported model format `{fmt}`: use `openai` or `tgi`")
-            wrong = [k for k in (("chat_template", "eos_token") if fmt == "openai" else ("prefix",)) if k in value]
-            if wrong:
-                raise ValueError(f"`{wrong[0]}` is not allowed with model format `{fmt}`")
-        return value
-
-    @model_validator(mode="after")
-    def _default_prefix(self):
-        if self.format == "openai" and self.prefix is None:
-            self.prefix = "/v1"
-        return self
-
 
 class RegistryAuth(CoreModel):
     """Credentials for a private `image`."""
@@ -193,7 +120,13 @@ class ServiceConfig(CoreModel):
     port: PortMapping = Field(description="Port the service listens on: 8000, \"8000\" or \"80:8000\"")
     auth: bool = Field(True, description="Require `Authorization: Bearer <token>`")
     replicas: IntRange = Field(
-        default_factory=lambda: IntRange(min=1, max=1), description="Replica count or range `min..max`"
+        default_factory=lambda: IntRange(min=1, max=1),
+        description="Replica count or range `min..max`; a list means `groups` (dstack 0.21.2's spelling)",
+    )
+    groups: Optional[list[ReplicaGroup]] = Field(
+        None,
+        description="Replica groups, each with its own count, scaling, resources and commands; excludes "
+        "`replicas`, top-level `scaling` and `commands`",
     )
     scaling: Optional[ScalingConfig] = Field(None, description="Autoscaling (needs `replicas` as a range)")
     model: Optional[ModelConfig] = Field(None, description="The model served (chat), for the OpenAI endpoint")
@@ -236,6 +169,18 @@ class ServiceConfig(CoreModel):
     docker: Any = Field(None, description=IGNORED_FIELDS["docker"] + " (ignored on Ray)")
     priority: Any = Field(None, description=IGNORED_FIELDS["priority"] + " (ignored on Ray)")
 
+    # The key the file listed the groups under: `groups`, or `replicas` (0.21.2); None without groups.
+    _groups_key: Optional[str] = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _legacy_groups(cls, data: Any, handler: Callable[[Any], "ServiceConfig"]) -> "ServiceConfig":
+        data, key = normalize_groups_input(data)
+        config = handler(data)
+        if key is not None:
+            config._groups_key = key
+        return config
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: Optional[str]) -> Optional[str]:
@@ -250,6 +195,14 @@ class ServiceConfig(CoreModel):
     def _replicas_min(cls, value: IntRange) -> IntRange:
         if value.min is None:  # `..3` means `0..3`
             value.min = 0
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _name_groups(cls, value: Optional[list[ReplicaGroup]]) -> Optional[list[ReplicaGroup]]:
+        problems = name_groups(value) if value is not None else []
+        if problems:
+            raise ValueError(PROBLEM_SEP.join(problems))
         return value
 
     @field_validator("probes", "rate_limits", mode="before")
@@ -268,9 +221,7 @@ class ServiceConfig(CoreModel):
     @field_validator("image")
     @classmethod
     def _check_image(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and (not value.strip() or any(ch.isspace() for ch in value)):
-            raise ValueError(f"Invalid image `{value}`: expected a reference such as `ghcr.io/org/name:tag`")
-        return value
+        return check_image_ref(value)
 
     @field_validator("entrypoint")
     @classmethod
@@ -287,18 +238,12 @@ class ServiceConfig(CoreModel):
     @field_validator("python", mode="before")
     @classmethod
     def _parse_python(cls, value: Any) -> Any:
-        if isinstance(value, float):
-            value = "3.10" if value == 3.1 else str(value)
-        if isinstance(value, str) and value not in PYTHON_VERSIONS:
-            raise ValueError(f"Unsupported python version `{value}` (use one of {', '.join(PYTHON_VERSIONS)})")
-        return value
+        return parse_python_version(value)
 
     @field_validator("setup", "commands", mode="before")
     @classmethod
     def _parse_lines(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [value]
-        return value
+        return parse_lines(value)
 
     @field_validator("env", mode="before")
     @classmethod
@@ -354,6 +299,19 @@ class ServiceConfig(CoreModel):
         problems: list[str] = []
         if self.python is not None and self.image is not None:
             problems.append(at("python", "`image` and `python` are mutually exclusive"))
+        if self.groups is not None:
+            problems.extend(check_service_groups(self))
+        else:
+            problems.extend(self._check_replicas())
+        if self.registry_auth is not None:
+            problems.extend(self._interpolate_registry_auth())
+        if problems:
+            raise ValueError(PROBLEM_SEP.join(problems))
+        return self
+
+    def _check_replicas(self) -> list[str]:
+        """A service without groups: `commands` or `image`, and the `replicas`/`scaling` rules."""
+        problems: list[str] = []
         if not self.commands and self.image is None:
             problems.append(at("commands", "Either `commands` or `image` must be set"))
         is_range = self.replicas.min != self.replicas.max
@@ -365,11 +323,7 @@ class ServiceConfig(CoreModel):
             problems.append(at("replicas", "When you set `replicas` to a range, ensure to specify `scaling`."))
         if not is_range and self.scaling is not None:
             problems.append(at("scaling", "To use `scaling`, `replicas` must be set to a range."))
-        if self.registry_auth is not None:
-            problems.extend(self._interpolate_registry_auth())
-        if problems:
-            raise ValueError(PROBLEM_SEP.join(problems))
-        return self
+        return problems
 
     def _interpolate_registry_auth(self) -> list[str]:
         """dstack's `${{ env.NAME }}` in `registry_auth` takes the value of `env.NAME` of this service."""
@@ -394,3 +348,47 @@ class ServiceConfig(CoreModel):
     def ignored_fields(self) -> list[str]:
         """dstack-backend-only fields set in this file."""
         return [name for name in IGNORED_FIELDS if name in self.model_fields_set]
+
+    @property
+    def replica_groups(self) -> list[ReplicaGroup]:
+        """The groups, names filled in; without `groups`, one group named `0` from the top-level fields."""
+        if self.groups is not None:
+            return list(self.groups)
+        return [ReplicaGroup.model_construct(
+            name=DEFAULT_GROUP_NAME, replicas=self.replicas.model_copy(),
+            scaling=self.scaling.model_copy() if self.scaling is not None else None,
+            resources=self.resources.model_copy(deep=True), commands=list(self.commands),
+            image=self.image, python=self.python,
+        )]
+
+    @property
+    def router_group(self) -> Optional[ReplicaGroup]:
+        """The group with `router:`, if any (at most one)."""
+        return next((group for group in self.replica_groups if group.router is not None), None)
+
+    def group_path(self, index: int, field: Optional[str] = None) -> str:
+        """A group's field path as the file spells it: `groups[1].replicas` or `replicas[1].count`."""
+        path = f"{self._groups_key or 'groups'}[{index}]"
+        if field == "replicas" and self.groups is not None:
+            field = self.groups[index]._replicas_key
+        return f"{path}.{field}" if field else path
+
+    def group_warnings(self) -> list[str]:
+        """What a service with groups sets that Ray ignores or does not honour yet."""
+        if self.groups is None:
+            return []
+        warnings = [GROUP_RESOURCES_IGNORED] if "resources" in self.model_fields_set else []
+        for index, group in enumerate(self.groups):
+            for field in ("spot_policy", "reservation", "nvcc"):
+                if getattr(group, field) is not None:
+                    warnings.append(ignored_warning(self.group_path(index, field), field))
+            for field in GROUP_NOT_HONOURED:
+                if getattr(group, field) is True:
+                    warnings.append(f"`{self.group_path(index, field)}` is not honoured yet on Ray")
+        return warnings
+
+
+def ignored_warning(path: str, field: str) -> str:
+    """The warning for a dstack-backend-only field (`field` of IGNORED_FIELDS) set at `path`."""
+    what = IGNORED_FIELDS[field]
+    return f"`{path}` is ignored on Ray ({what[0].lower() + what[1:]} is up to the Ray cluster)"
