@@ -39,6 +39,7 @@ from text_generation import errors as tgi_errors
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
+PERMISSION = "permission_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER_ERROR = "server_error"
 UPSTREAM_ERROR = "upstream_error"
@@ -90,6 +91,11 @@ def model_not_found(model: str | None) -> OpenAIError:
 
 def not_found(message: str) -> OpenAIError:
     return OpenAIError(404, message, NOT_FOUND, None, "not_found")
+
+
+def path_not_allowed(path: str) -> OpenAIError:
+    """dstack's answer for a path a router service does not publish (its admin API, `/health`, ...)."""
+    return OpenAIError(403, f"Path is not allowed for this service: {path}", PERMISSION, None, "path_not_allowed")
 
 
 def method_not_allowed(method: str, path: str) -> OpenAIError:

@@ -19,16 +19,13 @@ from ray_dstack.spec import container_command
 from ray_dstack import spec as rt
 from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
 from ray_dstack.config.units import format_memory
-from ray_dstack.plan import defaults
-from ray_dstack.plan.gpus import admitted_types
+from ray_dstack.plan import defaults, replica_group
+from ray_dstack.plan.replica_group import GroupPlan
 from ray_dstack.plan.traffic import UVICORN_TRUST_NONE, probe_specs, rate_limit_specs, traffic_lines
 
 
 class PlanError(ConfigError):
     """A valid configuration that cannot be mapped onto Ray (e.g. a GPU spec no known type satisfies)."""
-
-
-_PORT_RE = re.compile(r"\$\{?" + re.escape(rt.PORT_ENV_VAR) + r"\b")
 
 
 def is_secret_key(key: str) -> bool:
@@ -50,6 +47,9 @@ class ServicePlan:
     warnings: list[str] = field(default_factory=list)
     created: int | None = None  # the model's `created` time in /v1/models: first deploy, kept on redeploys
     container_runtime: str = "podman"  # whose `run` command the plan shows for `image` (the nodes choose their own)
+    # dstack 0.21's replica groups, in file order, the ingress group among them (its spec, options and
+    # deployment are also the fields above); empty for a service without `groups`.
+    groups: list[GroupPlan] = field(default_factory=list)
 
     @property
     def route_prefix(self) -> str:
@@ -88,10 +88,20 @@ class ServicePlan:
                 "eos_token": model_settings.eos_token,
                 "bos_token": self.spec.model.bos_token or model_settings.bos_token,
             })
-        deployment = self.deployment
-        if drain_timeout_s is not None:  # `--drain-timeout`: how long a removed replica may finish its requests
-            deployment = {**deployment, "graceful_shutdown_timeout_s": drain_timeout_s}
-        return replace(self, spec=self.spec.model_copy(update=update), deployment=deployment,
+        def finish(group_spec: rt.ServiceSpec, deployment: dict[str, Any]) -> tuple[rt.ServiceSpec, dict[str, Any]]:
+            own = dict(update)
+            if "registry_auth" in own and group_spec.registry_auth is None:
+                del own["registry_auth"]  # a group without an image pulls nothing
+            if drain_timeout_s is not None:  # `--drain-timeout`: how long a removed replica may finish its requests
+                deployment = {**deployment, "graceful_shutdown_timeout_s": drain_timeout_s}
+            return group_spec.model_copy(update=own), deployment
+
+        spec, deployment = finish(self.spec, self.deployment)
+        groups = []
+        for group in self.groups:
+            group_spec, group_deployment = finish(group.spec, group.deployment)
+            groups.append(replace(group, spec=group_spec, deployment=group_deployment))
+        return replace(self, spec=spec, deployment=deployment, groups=groups,
                        created=created if created is not None else self.created)
 
     def application(self) -> dict[str, Any]:
@@ -101,8 +111,11 @@ class ServicePlan:
             "import_path": rt.SERVICE_IMPORT_PATH,
             "runtime_env": {"env_vars": dict(UVICORN_TRUST_NONE)},
             "args": {"service": self.spec.model_dump(mode="json"),
-                     **({"created": self.created} if self.created is not None else {})},
-            "deployments": [copy.deepcopy(self.deployment)],
+                     **({"created": self.created} if self.created is not None else {}),
+                     **({"groups": [{"deployment": g.deployment_name, "service": g.spec.model_dump(mode="json")}
+                                    for g in self.groups if g.deployment_name != rt.REPLICA_DEPLOYMENT_NAME]}
+                        if self.groups else {})},
+            "deployments": [copy.deepcopy(g.deployment) for g in self.groups] or [copy.deepcopy(self.deployment)],
         }
 
     def to_serve_config(self) -> dict[str, Any]:
@@ -112,10 +125,12 @@ class ServicePlan:
     def to_display_dict(self) -> dict[str, Any]:
         """`to_serve_config()` with secret env values replaced by `***`, for printing."""
         data = self.to_serve_config()
-        env = data["applications"][0]["args"]["service"]["env"]
-        for key in env:
-            if is_secret_key(key):
-                env[key] = defaults.REDACTED
+        args = data["applications"][0]["args"]
+        for service in [args["service"], *(g["service"] for g in args.get("groups", []))]:
+            env = service["env"]
+            for key in env:
+                if is_secret_key(key):
+                    env[key] = defaults.REDACTED
         return data
 
     def environment(self) -> dict[str, Any]:
@@ -124,46 +139,72 @@ class ServicePlan:
 
     def summary_lines(self) -> list[str]:
         """Human summary: GPU types, resource requests, replicas, environment, warnings."""
-        opts = self.ray_actor_options
-        if self.spec.image is not None:
-            how = " (in each replica's container, published on a free loopback port of the node)"
-        elif self.spec.port_from_env:
-            how = " (from $" + rt.PORT_ENV_VAR + ")"
-        elif self.spec.network_namespace:
-            how = " (fixed: a network namespace per replica, pasta)"
+        if not self.groups:
+            lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}{_port_how(self.spec)}"]
+            lines.extend(self._group_lines(self.spec, self.ray_actor_options, self.deployment, self.gpu_types,
+                                           self.requirements, str(self.config.resources.gpu)))
         else:
-            how = " (fixed: 1 replica per node)"
-        lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}{how}"]
-        env = self.environment()
-        if self.spec.image is None:
+            router = next((g for g in self.groups if g.role == "router"), None)
+            how = (f"all traffic to the {router.spec.group.router} router group {router.name!r}, which routes it "
+                   "over the other groups" if router is not None and router.spec.group is not None
+                   else "every group's replicas take traffic")
+            lines = [f"service {self.name}: route {self.route_prefix}, port {self.spec.port}, "
+                     f"{len(self.groups)} replica groups: {how}"]
+            for index, group in enumerate(self.groups):
+                gpu = self.config.replica_groups[index].resources.gpu
+                lines.append(f"group {group.name} ({group.role}, deployment {group.deployment_name}): "
+                             f"port {group.spec.port}{_port_how(group.spec)}")
+                lines.extend("  " + line for line in self._group_lines(
+                    group.spec, group.ray_actor_options, group.deployment, group.gpu_types, group.requirements,
+                    str(gpu)))
+        lines.extend(traffic_lines(self.spec))
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return lines
+
+    def _group_lines(self, spec: rt.ServiceSpec, opts: dict[str, Any], deployment: dict[str, Any],
+                     gpu_types: list[str] | None, requirements: dict[str, str], gpu: str) -> list[str]:
+        lines = []
+        env = environment_of(spec)
+        if spec.image is None:
             lines.append(f"python: {env['python']}, environment {env['env']} on each node")
-        gpu = self.config.resources.gpu
         if opts.get("num_gpus"):
-            admitted = ", ".join(self.gpu_types) if self.gpu_types else "any"
+            admitted = ", ".join(gpu_types) if gpu_types else "any"
             lines.append(f"GPU: {opts['num_gpus']:g} per replica ({gpu}), admitted types: {admitted}")
         else:
             lines.append("GPU: none")
         request = [f"num_cpus={opts.get('num_cpus', 0):g}"]
-        if "cpu" in self.requirements:  # no `cpu` in the YAML: ray-dstack's small default share (plan/defaults.py)
+        if "cpu" in requirements:  # no `cpu` in the YAML: ray-dstack's small default share (plan/defaults.py)
             request[0] += " (default without `cpu`)"
         if opts.get("memory"):
             request.append(f"memory={format_memory(opts['memory'] / 1024**3)}")
         lines.append("Ray request per replica: " + ", ".join(request))
-        if self.requirements:
-            lines.append("Not enforced by Ray: " + ", ".join(f"{k} {v}" for k, v in self.requirements.items()))
-        if "autoscaling_config" in self.deployment:
-            s = self.spec.scaling
+        if requirements:
+            lines.append("Not enforced by Ray: " + ", ".join(f"{k} {v}" for k, v in requirements.items()))
+        if "autoscaling_config" in deployment:
+            s = spec.scaling
             assert s is not None
             lines.append(
                 f"replicas: {s.min_replicas}..{s.max_replicas}, autoscaling at {s.target:g} rps per replica "
                 f"(window {s.window_s:g}s, up delay {s.scale_up_delay_s:g}s, down delay {s.scale_down_delay_s:g}s)"
             )
         else:
-            lines.append(f"replicas: {self.deployment['num_replicas']}")
-        lines.extend(container_lines(self.spec, self.container_runtime))
-        lines.extend(traffic_lines(self.spec))
-        lines.extend(f"warning: {w}" for w in self.warnings)
+            lines.append(f"replicas: {deployment['num_replicas']}")
+        if spec.group is not None and spec.group.role == "worker":
+            lines.append(f"reached only through the {spec.group.router} router"
+                         + (", which is told this group's ready replicas (POST/DELETE /workers)"
+                            if spec.group.router == "sglang" else "; each replica gets $DSTACK_ROUTER_INTERNAL_IP"))
+        lines.extend(container_lines(spec, self.container_runtime))
         return lines
+
+
+def _port_how(spec: rt.ServiceSpec) -> str:
+    if spec.image is not None:
+        return " (in each replica's container, published on a free loopback port of the node)"
+    if spec.port_from_env:
+        return " (from $" + rt.PORT_ENV_VAR + ")"
+    if spec.network_namespace:
+        return " (fixed: a network namespace per replica, pasta)"
+    return " (fixed: 1 replica per node)"
 
 
 def container_lines(spec: rt.ServiceSpec, runtime: str = "podman") -> list[str]:
@@ -207,50 +248,63 @@ def build_plan(
     else:
         config, warnings, where = source, [], config_name(source)
     name = config_name(config)
-    res = config.resources
     errors: list[Problem] = []
-
-    # --- resources
-    opts: dict[str, Any] = {}
-    requirements: dict[str, str] = {}
-    if "cpu" in res.model_fields_set:
-        opts["num_cpus"] = float(res.cpu.min or 0)
-    else:
-        opts["num_cpus"] = defaults.DEFAULT_NUM_CPUS
-        requirements["cpu"] = f"{res.cpu} (dstack default)"
-    if "memory" in res.model_fields_set:
-        if res.memory.min:
-            opts["memory"] = int(res.memory.min * 1024**3)
-    else:
-        if defaults.DEFAULT_MEMORY_BYTES:
-            opts["memory"] = defaults.DEFAULT_MEMORY_BYTES
-        requirements["memory"] = f"{res.memory} (dstack default)"
-    requirements["disk"] = str(res.disk.size) + ("" if "disk" in res.model_fields_set else " (dstack default)")
-    if res.shm_size is not None and config.image is None:  # with `image`: the container's --shm-size
-        requirements["shm_size"] = format_memory(res.shm_size)
-    gpu_types: list[str] | None = None
-    if res.gpu is not None and (res.gpu.count.min or 0) > 0:
-        opts["num_gpus"] = float(res.gpu.count.min or 0)
-        if res.gpu.count.max != res.gpu.count.min:
-            warnings.append(f"`resources.gpu` count {res.gpu.count}: each replica requests {res.gpu.count.min} GPU(s)")
-        gpu_types = admitted_types(res.gpu)
-        if gpu_types is not None:
-            if not gpu_types:
-                errors.append(Problem("resources.gpu", None, f"No known GPU type satisfies `{res.gpu}`"))
-            else:
-                value = gpu_types[0] if len(gpu_types) == 1 else "in(" + ",".join(gpu_types) + ")"
-                opts["label_selector"] = {defaults.ACCELERATOR_LABEL_KEY: value}
-        if res.gpu.vendor and res.gpu.vendor != "nvidia" and gpu_types is None:
-            warnings.append(f"`resources.gpu.vendor: {res.gpu.vendor}` is not enforced: any GPU the cluster has may be used")
+    ingress = replica_group.ingress_index(config)
+    groups: list[GroupPlan] = []
+    for index, group in enumerate(config.replica_groups):
+        planned = _plan_group(config, name, index, ingress=ingress, token_sha256=token_sha256,
+                              network_namespaces=network_namespaces, warnings=warnings, errors=errors)
+        if planned is not None:
+            groups.append(planned)
     if errors:
         raise PlanError(where, errors)
 
+    # --- what this cluster does not honour
+    images = [g.spec.image for g in groups if g.spec.image]
+    if config.registry_auth is not None and not images:
+        warnings.append("`registry_auth` is ignored: there is no `image` to pull")
+    if config.entrypoint is not None and not images:
+        warnings.append("`entrypoint` is ignored: there is no `image` (the commands run on the Ray node)")
+    if "home_dir" in config.model_fields_set:
+        warnings.append("`home_dir` is not honoured on this cluster")
+    if config.port.local_port is not None:
+        warnings.append(f"`port` local part {config.port.local_port} is ignored: the service is reached at {'/' + name}")
+
+    main = groups[ingress]
+    return ServicePlan(
+        name=name, config=config, spec=main.spec, ray_actor_options=main.ray_actor_options,
+        deployment=main.deployment, gpu_types=main.gpu_types, requirements=main.requirements, warnings=warnings,
+        container_runtime=container_runtime, groups=groups if config.groups is not None else [],
+    )
+
+
+def _plan_group(
+    config: ServiceConfig, name: str, index: int, *, ingress: int, token_sha256: str | None,
+    network_namespaces: bool, warnings: list[str], errors: list[Problem],
+) -> GroupPlan | None:
+    group = config.replica_groups[index]
+    grouped = config.groups is not None
+    image = group.image if group.image is not None else config.image
+    python = group.python if group.python is not None else config.python
+    res = group.resources
+    request = replica_group.resource_request(
+        res, has_image=image is not None,
+        path=config.group_path(index, "resources") if grouped else "resources")
+    errors.extend(request.problems)
+    warnings.extend(request.warnings)
+    if request.problems:
+        return None
+
     # --- runtime spec
-    commands = list(config.setup) + list(config.commands)
-    image = config.image
+    commands = list(group.commands) if grouped else list(config.setup) + list(config.commands)
     # In a container the service has the container's network to itself: the fixed port never collides.
-    port_from_env = image is None and any(_PORT_RE.search(line) for line in commands)
-    probes = probe_specs(config)
+    port_from_env = image is None and replica_group.uses_port_env(commands)
+    group_part = replica_group.group_spec(config, index, ingress_index=ingress)
+    # A router runs in its node's network, never in a namespace of its own: an SGLang router reaches its
+    # workers at the node's addresses (a namespace's loopback is not the node's), and a Dynamo router's other
+    # ports (etcd, NATS) must be reachable by the workers at the node's address.
+    router = group_part is not None and group_part.role == "router"
+    namespace = network_namespaces and not port_from_env and image is None and not router
     model = None
     if config.model is not None:
         m = config.model
@@ -258,88 +312,40 @@ def build_plan(
             type=m.type, name=m.name, format=m.format, prefix=m.prefix or "/v1",
             chat_template=m.chat_template, eos_token=m.eos_token,
         )
-    scaling = None
-    if config.scaling is not None:
-        s = config.scaling
-        scaling = rt.ScalingSpec(
-            metric=s.metric, target=s.target, min_replicas=config.replicas.min or 0,
-            max_replicas=config.replicas.max or 1, window_s=float(s.window),
-            scale_up_delay_s=float(s.scale_up_delay), scale_down_delay_s=float(s.scale_down_delay),
-        )
-    namespace = network_namespaces and not port_from_env and image is None
+    scaling = replica_group.scaling_spec(group)
     registry_auth = None
     if config.registry_auth is not None and image is not None:
         # The key is chosen by `deploy` when it stores the password (ServicePlan.finalized).
         registry_auth = rt.RegistryAuthRef(username=config.registry_auth.username, kv_key="<set by deploy>")
     spec = rt.ServiceSpec(
         name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
-        python=config.python, network_namespace=namespace,
-        port=config.port.container_port, port_from_env=port_from_env, probes=probes,
-        rate_limits=rate_limit_specs(config), replicas=config.replicas.min or 0,
+        python=python, network_namespace=namespace,
+        port=config.port.container_port, port_from_env=port_from_env, probes=probe_specs(config),
+        rate_limits=rate_limit_specs(config), replicas=group.replicas.min or 0,
         auth=rt.AuthSpec(enabled=config.auth, token_sha256=token_sha256 if config.auth else None),
         model=model, scaling=scaling, image=image, entrypoint=config.entrypoint if image else None,
         registry_auth=registry_auth,
         shm_size_bytes=int(res.shm_size * 1024**3) if image and res.shm_size else None,
+        group=group_part,
     )
 
     # --- deployment
-    deployment: dict[str, Any] = {
-        "name": rt.REPLICA_DEPLOYMENT_NAME,
-        "ray_actor_options": opts,
-        "max_ongoing_requests": defaults.MAX_ONGOING_REQUESTS,
-        "health_check_period_s": defaults.HEALTH_CHECK_PERIOD_S,
-        "health_check_timeout_s": defaults.HEALTH_CHECK_TIMEOUT_S,
-        "graceful_shutdown_timeout_s": defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
-        "graceful_shutdown_wait_loop_s": defaults.GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
-    }
-    if not port_from_env and not namespace and image is None:
-        # Without a namespace per replica two replicas on one node would both bind `port`.
-        deployment["max_replicas_per_node"] = 1
-        if (config.replicas.max or 0) > 1:
-            warnings.append(
-                f"fixed port {config.port.container_port} without network namespaces: at most one replica per "
-                f"node. Install pasta (Debian/Ubuntu package `passt`) on the nodes to run several replicas per "
-                f"node, or use ${rt.PORT_ENV_VAR} in the commands"
-            )
-    if scaling is not None:
-        deployment["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "initial_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "upscale_delay_s": defaults.SERVE_UPSCALE_DELAY_S,
-            "downscale_delay_s": defaults.SERVE_DOWNSCALE_DELAY_S,
-            "downscale_to_zero_delay_s": defaults.SERVE_DOWNSCALE_TO_ZERO_DELAY_S,
-            "metrics_interval_s": defaults.METRICS_INTERVAL_S,
-            "look_back_period_s": defaults.LOOK_BACK_PERIOD_S,
-            "policy": {
-                "policy_function": defaults.AUTOSCALING_POLICY,
-                "policy_kwargs": {
-                    "target_rps": scaling.target,
-                    "window_s": scaling.window_s,
-                    "scale_up_delay_s": scaling.scale_up_delay_s,
-                    "scale_down_delay_s": scaling.scale_down_delay_s,
-                },
-            },
-        }
-    else:
-        deployment["num_replicas"] = config.replicas.min
-
-    # --- what this cluster does not honour
-    if config.registry_auth is not None and image is None:
-        warnings.append("`registry_auth` is ignored: there is no `image` to pull")
-    if config.entrypoint is not None and image is None:
-        warnings.append("`entrypoint` is ignored: there is no `image` (the commands run on the Ray node)")
-    if "home_dir" in config.model_fields_set:
-        warnings.append("`home_dir` is not honoured on this cluster")
+    one_per_node = not port_from_env and not namespace and image is None
+    if one_per_node and (group.replicas.max or 0) > 1:
+        warnings.append(
+            f"fixed port {config.port.container_port} without network namespaces: at most one replica per "
+            f"node{' of group ' + repr(group.name) if grouped else ''}. Install pasta (Debian/Ubuntu package "
+            f"`passt`) on the nodes to run several replicas per node, or use ${rt.PORT_ENV_VAR} in the commands"
+        )
+    deployment_name = group_part.deployment if group_part is not None else rt.REPLICA_DEPLOYMENT_NAME
+    deployment = replica_group.deployment_options(
+        deployment_name, request.options, scaling, group.replicas.min or 0, one_per_node=one_per_node)
     if res.shm_size is not None and image is None:
         warnings.append("`resources.shm_size` is not enforced by Ray (the node's /dev/shm is used)")
-    if config.port.local_port is not None:
-        warnings.append(f"`port` local part {config.port.local_port} is ignored: the service is reached at {'/' + name}")
-
-    return ServicePlan(
-        name=name, config=config, spec=spec, ray_actor_options=opts, deployment=deployment,
-        gpu_types=gpu_types if "num_gpus" in opts else None, requirements=requirements, warnings=warnings,
-        container_runtime=container_runtime,
+    return GroupPlan(
+        name=group.name or str(index), spec=spec, ray_actor_options=request.options, deployment=deployment,
+        gpu_types=request.gpu_types, requirements=request.requirements,
+        role=group_part.role if group_part is not None else "replica",
     )
 
 

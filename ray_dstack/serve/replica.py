@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
+from ray_dstack.serve.groups.roles import GroupRole, router_allows
 from ray_dstack.serve.http import to_starlette
 from ray_dstack.serve.ingress.replica_limits import ReplicaLimits
 from ray_dstack.serve.runtime import runtime_for
@@ -52,18 +53,27 @@ def _replica_tag() -> str:
 
 
 class ServiceReplica:
-    async def __init__(self, service: dict, created: int | None = None) -> None:
+    async def __init__(self, service: dict, created: int | None = None, members: dict | None = None) -> None:
+        """`members`: handles of the service's other replica groups (Serve deploys a group's deployment
+        with the service's application because the ingress group's replicas are bound to it)."""
         self.spec = spec = ServiceSpec.model_validate(service)
         self.started_at = time.time()
         # Requests per second for the `scaling: {metric: rps}` policy (ray_dstack/serve/scaling/autoscaling_policy.py).
         self.requests = RequestCounter(spec.scaling.window_s if spec.scaling else 60.0)
+        tag = _replica_tag()
         # How the commands run (process, network namespace or container): ray_dstack/serve/runtime/.
-        self.runtime = runtime = runtime_for(spec, replica_tag=_replica_tag(), logger=logger)
+        self.runtime = runtime = runtime_for(spec, replica_tag=tag, logger=logger)
+        # Its part in a service with replica groups (a router, or a worker behind one): serve/groups/.
+        self.group = group = GroupRole(spec, replica_tag=tag, logger=logger)
         try:
+            await group.before_prepare(runtime)
             await runtime.prepare()
             await runtime.start()
+            await group.after_start(runtime)  # a router learns its workers before its own probes run
             await runtime.ready(spec.ready_timeout_s)  # not ready, no traffic
+            await group.after_ready(runtime, healthy=self._healthy)
         except BaseException:
+            await group.aclose()
             await runtime.stop(grace_s=5.0)
             raise
         self.limits = ReplicaLimits(spec, logger)
@@ -78,6 +88,12 @@ class ServiceReplica:
                 client=self.client,
             )
 
+    def _healthy(self) -> bool:
+        """Whether a router may send this replica requests (its process runs, its probes have not failed)."""
+        process, probes = self.runtime.process, self.runtime.probes
+        return (process is not None and process.returncode is None
+                and not (probes is not None and probes.health_problem()))
+
     @observed_service_call  # ray_dstack.serve.scaling.metrics: requests, latency, TTFT, tokens of /<service>/...
     async def __call__(self, request: Request) -> Response:
         refused = self.limits.refuse(request)  # `rate_limits`: before any other work
@@ -86,6 +102,8 @@ class ServiceReplica:
         if not self.spec.auth.accepts(request.headers.get("authorization")):
             return unauthorized()
         path = upstream_path(request)
+        if self.group.is_router and not router_allows(path):  # the router's admin API is never public
+            return to_starlette(GatewayResponse.of_error(errors.path_not_allowed(path.split("?", 1)[0])))
         # `/v1/...` sent here by HAProxy (serve/haproxy_v1.py), which removes the header from clients' requests.
         via_v1 = V1_ROUTE_HEADER in request.headers and path.startswith("/v1/")
         if self.endpoint is not None and (via_v1 or is_openai_route(path)):
@@ -140,9 +158,13 @@ class ServiceReplica:
             "pid": os.getpid(),
             "started_at": self.started_at,
             **self.runtime.describe(),
+            **self.group.describe(),
         }
 
     async def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:  # first: the router stops sending this replica requests
+            await group.aclose()
         limits = getattr(self, "limits", None)
         if limits is not None:
             await limits.aclose()

@@ -121,6 +121,33 @@ class RegistryAuthRef(_Spec):
     kv_key: str = Field(description="Internal-KV key (namespace `ray-dstack`) of `{username, password}`")
 
 
+RouterType = Literal["sglang", "dynamo"]
+GROUP_DEPLOYMENT_PREFIX = REPLICA_DEPLOYMENT_NAME + "-"
+# The paths a router group takes from clients (dstack's `proxy/lib/const.py`): the router's admin API
+# (`/workers`, `/health`, ...) is never public.
+ROUTER_ALLOWED_PATHS = ("/generate", "/chat/completions")
+ROUTER_ALLOWED_PREFIXES = ("/v1/",)
+
+
+def group_deployment_name(group: str, *, ingress: bool) -> str:
+    """The Serve deployment of a replica group: the group that takes the service's traffic keeps
+    REPLICA_DEPLOYMENT_NAME (the gateway, the limits and `status` find it by that name); the others get
+    `ServiceReplica-<group>`."""
+    return REPLICA_DEPLOYMENT_NAME if ingress else GROUP_DEPLOYMENT_PREFIX + group
+
+
+class GroupSpec(_Spec):
+    """Which replica group (dstack 0.21's `groups`) a replica belongs to, and its part in the service."""
+
+    name: str = Field(description="Group name from the configuration (`0`, `1`, ... when unnamed)")
+    deployment: str = Field(description="Serve deployment that runs this group's replicas")
+    role: Literal["router", "worker", "member"] = Field(
+        description="`router`: takes all the service's traffic and routes it over the workers; `worker`: reached "
+        "only through the router; `member`: a group of a service without a router (every group serves)")
+    router: RouterType | None = Field(None, description="The service's router type, if it has a router group")
+    groups: list[str] = Field(default_factory=list, description="Every group of the service, in file order")
+
+
 class ServiceSpec(_Spec):
     """What one replica of a service needs at run time."""
 
@@ -159,6 +186,7 @@ class ServiceSpec(_Spec):
     request_timeout_s: float = Field(600.0, description="Upstream read timeout for one request")
 
     replicas: int = Field(1, ge=0, description="Replicas at deploy time: each enforces 1/N of `rate_limits`")
+    group: GroupSpec | None = Field(None, description="The replica group (services with `groups` only)")
 
     @model_validator(mode="before")
     @classmethod

@@ -45,6 +45,8 @@ class ReplicaRuntime(ABC):
         self.port: int | None = None  # where the replica reaches the service on the node
         self.process: ServiceProcess | None = None
         self.probes: ProbeRunner | None = None
+        # A Dynamo worker's router address ($DSTACK_ROUTER_INTERNAL_IP), set by the replica before prepare().
+        self.router_ip: str | None = None
 
     @abstractmethod
     async def prepare(self) -> None:

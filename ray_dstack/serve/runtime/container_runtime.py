@@ -9,7 +9,7 @@ from typing import Any
 
 from ray_dstack.errors import RayDstackError
 from ray_dstack.ports import free_port
-from ray_dstack.serve.runtime import container_prepare
+from ray_dstack.serve.runtime import container_prepare, dstack_env
 from ray_dstack.serve.runtime.base import ReplicaRuntime
 from ray_dstack.serve.runtime.process import ServiceProcess, ServiceProcessError
 
@@ -23,10 +23,14 @@ class ContainerRuntime(ReplicaRuntime):
 
         spec = self.spec
         self.port = port = free_port()
+        gpu_ids = ray.get_gpu_ids()
+        dstack = dstack_env.dstack_env(spec.name, gpus=len(gpu_ids), ip=dstack_env.node_ip(),
+                                       working_dir=spec.working_dir)
+        spec = spec.model_copy(update={"env": dstack_env.with_dstack_env(spec.env, dstack, router_ip=self.router_ip)})
         try:
             prepared = await asyncio.to_thread(
                 container_prepare.prepare, spec, replica_tag=self.replica_tag, host_port=port,
-                gpu_ids=ray.get_gpu_ids(), log=self.logger.info)
+                gpu_ids=gpu_ids, log=self.logger.info)
         except RayDstackError as exc:
             raise ServiceProcessError(str(exc)) from exc
         self.container = prepared

@@ -14,7 +14,7 @@ from typing import Any
 
 from ray_dstack.errors import RayDstackError
 from ray_dstack.ports import free_port, port_in_use
-from ray_dstack.serve.runtime import netns, python_env, workspace
+from ray_dstack.serve.runtime import dstack_env, netns, python_env, workspace
 from ray_dstack.serve.runtime.base import ReplicaRuntime
 from ray_dstack.serve.runtime.process import ServiceProcess, ServiceProcessError
 from ray_dstack.serve.transport.netns_connect import NamespaceConnector, connector_for
@@ -59,10 +59,12 @@ class ProcessRuntime(ReplicaRuntime):
             raise ServiceProcessError(str(exc)) from exc
         self.logger.info("Python %s environment %s %s in %.2fs", env.version, env.path,
                          "created" if env.created else "reused", env.seconds)
+        dstack = dstack_env.dstack_env(spec.name, gpus=dstack_env.assigned_gpus(), ip=dstack_env.node_ip(),
+                                       working_dir=str(cwd))
         self.process = ServiceProcess(
             spec.commands,
             port=self.port,
-            env=env.apply(spec.env),
+            env=env.apply(dstack_env.with_dstack_env(spec.env, dstack, router_ip=self.router_ip)),
             working_dir=str(cwd),
             logger=self.logger,
             path=str(env.bin_dir) + os.pathsep + spec.env.get("PATH", os.environ.get("PATH", "")),

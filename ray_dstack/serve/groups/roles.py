@@ -1,0 +1,107 @@
+"""What a replica does for its replica group (spec.group): the router's and the workers' parts.
+
+- router (SGLang): syncs the router's worker list from the first moment its process runs (sglang_sync.py);
+  takes only `/generate`, `/v1/...` and `/chat/completions` from clients.
+- router (Dynamo): publishes its node's address for the workers (dynamo.py); same paths.
+- worker (SGLang): announces itself while ready and healthy (registry.py).
+- worker (Dynamo): waits for the router's address before its commands start ($DSTACK_ROUTER_INTERNAL_IP).
+- member (a group of a service without a router) and services without groups: nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from ray_dstack.serve.groups import dynamo
+from ray_dstack.serve.groups.registry import KV, Announcer, Watcher
+from ray_dstack.serve.groups.sglang_sync import SglangWorkerSync
+from ray_dstack.serve.runtime.base import ReplicaRuntime, probe_client
+from ray_dstack.serve.runtime.dstack_env import node_ip
+from ray_dstack.spec import ROUTER_ALLOWED_PATHS, ROUTER_ALLOWED_PREFIXES, ServiceSpec
+
+
+def router_allows(path: str) -> bool:
+    """dstack's whitelist for services with a router group (`proxy/lib/const.py`)."""
+    path = path.split("?", 1)[0]
+    return path in ROUTER_ALLOWED_PATHS or path.startswith(ROUTER_ALLOWED_PREFIXES)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
+
+
+class GroupRole:
+    def __init__(self, spec: ServiceSpec, *, replica_tag: str, logger: logging.Logger, kv: KV | None = None) -> None:
+        self.spec = spec
+        self.group = spec.group
+        self.replica_tag = replica_tag
+        self.logger = logger
+        self.kv = kv or KV()
+        self.sync: SglangWorkerSync | None = None
+        self.announcer: Announcer | None = None
+        self.published_router = False
+
+    @property
+    def role(self) -> str | None:
+        return self.group.role if self.group is not None else None
+
+    @property
+    def is_router(self) -> bool:
+        return self.role == "router"
+
+    async def before_prepare(self, runtime: ReplicaRuntime) -> None:
+        if self.role == "worker" and self.group is not None and self.group.router == "dynamo":
+            runtime.router_ip = await dynamo.wait_for_router(self.kv, self.spec.name, self.logger)
+
+    async def after_start(self, runtime: ReplicaRuntime) -> None:
+        if not self.is_router or self.group is None:
+            return
+        if self.group.router == "sglang":
+            assert runtime.process is not None
+            client = probe_client(runtime.process)
+            client.base_url = httpx.URL(f"http://127.0.0.1:{runtime.port}")
+            client.timeout = httpx.Timeout(10.0)
+            self.sync = SglangWorkerSync(client, Watcher(self.kv, self.spec.name), node_id=_node_id(),
+                                         logger=self.logger)
+            self.sync.start()
+        elif self.group.router == "dynamo":
+            await dynamo.publish_router(self.kv, self.spec.name, node_ip=node_ip(), replica=self.replica_tag)
+            self.published_router = True
+
+    async def after_ready(self, runtime: ReplicaRuntime, healthy) -> None:
+        if self.role != "worker" or self.group is None or self.group.router != "sglang":
+            return
+        assert runtime.port is not None
+        self.announcer = Announcer(
+            self.kv, service=self.spec.name, group=self.group.name, deployment=self.group.deployment,
+            replica=self.replica_tag, node_id=_node_id() or "", node_ip=node_ip(), port=runtime.port,
+            healthy=healthy, logger=self.logger)
+        self.announcer.start()
+
+    def describe(self) -> dict[str, Any]:
+        if self.group is None:
+            return {}
+        out: dict[str, Any] = {"group": self.group.name, "role": self.group.role}
+        if self.sync is not None:
+            out["router"] = self.sync.describe()
+        return out
+
+    async def aclose(self) -> None:
+        """First thing when the replica stops: the router stops sending it requests."""
+        if self.announcer is not None:
+            await self.announcer.close()
+            self.announcer = None
+        if self.sync is not None:
+            await self.sync.aclose()
+            self.sync = None
+        if self.published_router:
+            await dynamo.withdraw_router(self.kv, self.spec.name, replica=self.replica_tag)
+            self.published_router = False
