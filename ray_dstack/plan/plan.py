@@ -321,7 +321,10 @@ def _plan_group(
         name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
         python=python, network_namespace=namespace,
         port=config.port.container_port, port_from_env=port_from_env, probes=probe_specs(config),
-        rate_limits=rate_limit_specs(config), replicas=group.replicas.min or 0,
+        rate_limits=rate_limit_specs(config),
+        # Each replica of the ingress group enforces 1/N of `rate_limits`; the other groups take no traffic
+        # from Serve, and a count that is not in their spec lets Serve scale them without restarting them.
+        replicas=group.replicas.min or 0 if index == ingress else 1,
         auth=rt.AuthSpec(enabled=config.auth, token_sha256=token_sha256 if config.auth else None),
         model=model, scaling=scaling, image=image, entrypoint=config.entrypoint if image else None,
         registry_auth=registry_auth,
@@ -339,7 +342,9 @@ def _plan_group(
         )
     deployment_name = group_part.deployment if group_part is not None else rt.REPLICA_DEPLOYMENT_NAME
     deployment = replica_group.deployment_options(
-        deployment_name, request.options, scaling, group.replicas.min or 0, one_per_node=one_per_node)
+        deployment_name, request.options, scaling, group.replicas.min or 0, one_per_node=one_per_node,
+        # dstack scales every group on the service's request rate; only the ingress group sees requests.
+        service_counters_of=name if grouped and index != ingress else None)
     if res.shm_size is not None and image is None:
         warnings.append("`resources.shm_size` is not enforced by Ray (the node's /dev/shm is used)")
     return GroupPlan(

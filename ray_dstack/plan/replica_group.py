@@ -122,7 +122,9 @@ def group_spec(config: ServiceConfig, index: int, *, ingress_index: int) -> rt.G
 
 def deployment_options(
     name: str, opts: dict[str, Any], scaling: rt.ScalingSpec | None, replicas: int, *, one_per_node: bool,
+    service_counters_of: str | None = None,
 ) -> dict[str, Any]:
+    """`service_counters_of`: a group that takes no request from Serve scales on this service's counters."""
     deployment: dict[str, Any] = {
         "name": name,
         "ray_actor_options": opts,
@@ -152,6 +154,8 @@ def deployment_options(
                     "window_s": scaling.window_s,
                     "scale_up_delay_s": scaling.scale_up_delay_s,
                     "scale_down_delay_s": scaling.scale_down_delay_s,
+                    **({"service_counters_prefix": f"{rt.SERVICE_COUNTERS_PREFIX}{service_counters_of}/",
+                        "kv_namespace": rt.KV_NAMESPACE.decode()} if service_counters_of else {}),
                 },
             },
         }

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 import socket
 import time
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,11 +24,24 @@ from ray_dstack.serve.ingress.replica_limits import ReplicaLimits
 from ray_dstack.serve.runtime import runtime_for
 from ray_dstack.serve.scaling.metrics import observed_service_call, record_replica_rps
 from ray_dstack.serve.scaling.request_counter import RequestCounter
+from ray_dstack.serve.scaling.service_counters import CounterPublisher
 from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.serve.transport.forward import Forwarder, upstream_path
 from ray_dstack.spec import V1_ROUTE_HEADER, ServiceSpec
 
 logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class ModelServerBackend:
+    """A model server this replica relays to: its own, or (groups without a router) another group's replica."""
+
+    client: httpx.AsyncClient
+    forwarder: Forwarder
+    endpoint: ModelEndpoint | None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 def unauthorized() -> Response:
@@ -77,16 +92,28 @@ class ServiceReplica:
             await runtime.stop(grace_s=5.0)
             raise
         self.limits = ReplicaLimits(spec, logger)
-        self.client = model_server_client(f"http://127.0.0.1:{runtime.port}", spec.request_timeout_s,
-                                          network_backend=runtime.network_backend)
-        self.forwarder = Forwarder(self.client, strip_authorization=spec.auth.enabled)
-        self.endpoint = None
-        if spec.model is not None:
-            # One connection pool to the child for plain forwarding and the OpenAI routes.
-            self.endpoint = ModelEndpoint(
-                spec.model, f"http://127.0.0.1:{runtime.port}", timeout=spec.request_timeout_s, created=created,
-                client=self.client,
-            )
+        self.created = created
+        self.own = self._backend(f"http://127.0.0.1:{runtime.port}", network_backend=runtime.network_backend)
+        self.client, self.forwarder, self.endpoint = self.own.client, self.own.forwarder, self.own.endpoint
+        # Groups without a router: the other groups' replicas take this service's traffic too (serve/groups/peers.py).
+        self.peers = group.start_peers(self._backend, ModelServerBackend.aclose)
+        # The other groups scale on the requests this group takes (serve/scaling/service_counters.py).
+        self.counters = None
+        if spec.group is not None and group.is_ingress and len(spec.group.groups) > 1:
+            self.counters = CounterPublisher(self.requests, service=spec.name, replica=tag, logger=logger)
+            self.counters.start()
+
+    def _backend(self, url: str, network_backend=None) -> ModelServerBackend:
+        """One model server's connection pool, for plain forwarding and the OpenAI routes."""
+        client = model_server_client(url, self.spec.request_timeout_s, network_backend=network_backend)
+        endpoint = None
+        if self.spec.model is not None:
+            endpoint = ModelEndpoint(self.spec.model, url, timeout=self.spec.request_timeout_s, created=self.created,
+                                     client=client)
+        return ModelServerBackend(client, Forwarder(client, strip_authorization=self.spec.auth.enabled), endpoint)
+
+    def _choose(self) -> ModelServerBackend:
+        return self.own if self.peers is None else self.peers.choose(self.own)
 
     def _healthy(self) -> bool:
         """Whether a router may send this replica requests (its process runs, its probes have not failed)."""
@@ -106,16 +133,17 @@ class ServiceReplica:
             return to_starlette(GatewayResponse.of_error(errors.path_not_allowed(path.split("?", 1)[0])))
         # `/v1/...` sent here by HAProxy (serve/haproxy_v1.py), which removes the header from clients' requests.
         via_v1 = V1_ROUTE_HEADER in request.headers and path.startswith("/v1/")
-        if self.endpoint is not None and (via_v1 or is_openai_route(path)):
+        backend = self._choose()
+        if backend.endpoint is not None and (via_v1 or is_openai_route(path)):
             body = await request.body()
-            answer = await self.endpoint.handle(path, body, request.headers, method=request.method)
+            answer = await backend.endpoint.handle(path, body, request.headers, method=request.method)
             if via_v1 and not answer.is_stream and answer.status != 503 and errors.retryable(answer.status, answer.body):
                 # The backend dropped the connection: HAProxy retries a 503 (not a 502) on another replica.
                 answer = GatewayResponse.of_error(errors.upstream_unavailable(
                     f"The backend of service {self.spec.name!r} closed the connection; try again."))
             response = to_starlette(answer)
         else:
-            response = await self.forwarder.forward(request, path)
+            response = await backend.forwarder.forward(request, path)
         self.requests.record(response.status_code)
         return response
 
@@ -129,10 +157,11 @@ class ServiceReplica:
 
         Yields a head `{status, headers, stream}` first, then the body in chunks.
         """
-        if self.endpoint is None:
+        endpoint = self._choose().endpoint
+        if endpoint is None:
             resp = GatewayResponse.of_error(errors.not_found(f"service {self.spec.name!r} publishes no model"))
         else:
-            resp = await self.endpoint.handle(path, body, method="POST")
+            resp = await endpoint.handle(path, body, method="POST")
         self.requests.record(resp.status)
         yield {"status": resp.status, "headers": resp.headers, "stream": resp.is_stream}
         if not resp.is_stream:
@@ -165,6 +194,9 @@ class ServiceReplica:
         group = getattr(self, "group", None)
         if group is not None:  # first: the router stops sending this replica requests
             await group.aclose()
+        counters = getattr(self, "counters", None)
+        if counters is not None:
+            await counters.aclose()
         limits = getattr(self, "limits", None)
         if limits is not None:
             await limits.aclose()

@@ -36,6 +36,9 @@ KV_NAMESPACE = b"ray-dstack"
 # `registry_auth` of one deploy: `<prefix><service>/<random>`, written by deploy (deploy/registry_auth.py); the
 # replica reads it by the key its spec carries.
 REGISTRY_AUTH_KEY_PREFIX = "registry-auth/"
+# A grouped service's request counters, `<prefix><service>/<replica>`, written by its ingress replicas
+# (serve/scaling/service_counters.py) for the other groups' autoscaling policy.
+SERVICE_COUNTERS_PREFIX = "requests/"
 # Commands that mention this variable get a free port chosen per replica, so replicas can share a node.
 PORT_ENV_VAR = "RAY_DSTACK_PORT"
 

@@ -21,7 +21,7 @@ from ray_dstack.spec import KV_NAMESPACE
 
 KEY_PREFIX = "groups/"
 HEARTBEAT_S = 0.5
-STALE_S = 2.5
+STALE_S = 2.0
 FORGET_S = 60.0  # an entry stale this long (its replica was killed outright) is deleted by the reader
 
 

@@ -5,22 +5,27 @@
 - router (Dynamo): publishes its node's address for the workers (dynamo.py); same paths.
 - worker (SGLang): announces itself while ready and healthy (registry.py).
 - worker (Dynamo): waits for the router's address before its commands start ($DSTACK_ROUTER_INTERNAL_IP).
-- member (a group of a service without a router) and services without groups: nothing.
+- member (a group of a service without a router): the ingress group's replicas spread requests over every
+  group's (peers.py); the other groups' replicas announce themselves while ready (registry.py).
+- services without groups: nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import httpx
 
 from ray_dstack.serve.groups import dynamo
+from ray_dstack.serve.groups.peers import PeerPool
 from ray_dstack.serve.groups.registry import KV, Announcer, Watcher
 from ray_dstack.serve.groups.sglang_sync import SglangWorkerSync
 from ray_dstack.serve.runtime.base import ReplicaRuntime, probe_client
 from ray_dstack.serve.runtime.dstack_env import node_ip
-from ray_dstack.spec import ROUTER_ALLOWED_PATHS, ROUTER_ALLOWED_PREFIXES, ServiceSpec
+from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME, ROUTER_ALLOWED_PATHS, ROUTER_ALLOWED_PREFIXES, ServiceSpec
+
+B = TypeVar("B")
 
 
 def router_allows(path: str) -> bool:
@@ -48,6 +53,7 @@ class GroupRole:
         self.sync: SglangWorkerSync | None = None
         self.announcer: Announcer | None = None
         self.published_router = False
+        self.peers: PeerPool | None = None
 
     @property
     def role(self) -> str | None:
@@ -76,9 +82,17 @@ class GroupRole:
             await dynamo.publish_router(self.kv, self.spec.name, node_ip=node_ip(), replica=self.replica_tag)
             self.published_router = True
 
+    @property
+    def is_ingress(self) -> bool:
+        return self.group is None or self.group.deployment == REPLICA_DEPLOYMENT_NAME
+
     async def after_ready(self, runtime: ReplicaRuntime, healthy) -> None:
-        if self.role != "worker" or self.group is None or self.group.router != "sglang":
+        """A replica reached through another (an SGLang router's worker, a member group that is not the
+        ingress) announces itself while it is ready and healthy."""
+        if self.group is None or self.is_ingress:
             return
+        if self.role == "worker" and self.group.router != "sglang":
+            return  # Dynamo's frontend finds its workers itself
         assert runtime.port is not None
         self.announcer = Announcer(
             self.kv, service=self.spec.name, group=self.group.name, deployment=self.group.deployment,
@@ -86,12 +100,23 @@ class GroupRole:
             healthy=healthy, logger=self.logger)
         self.announcer.start()
 
+    def start_peers(self, make: Callable[[str], B], close: Callable[[B], Awaitable[None]]) -> PeerPool[B] | None:
+        """The ingress group of a service without a router: the other groups' replicas to spread requests over."""
+        if self.role != "member" or not self.is_ingress or self.group is None or len(self.group.groups) < 2:
+            return None
+        self.peers = PeerPool(Watcher(self.kv, self.spec.name), node_id=_node_id(), make=make, close=close,
+                              logger=self.logger)
+        self.peers.start()
+        return self.peers
+
     def describe(self) -> dict[str, Any]:
         if self.group is None:
             return {}
         out: dict[str, Any] = {"group": self.group.name, "role": self.group.role}
         if self.sync is not None:
             out["router"] = self.sync.describe()
+        if self.peers is not None:
+            out.update(self.peers.describe())
         return out
 
     async def aclose(self) -> None:
@@ -102,6 +127,9 @@ class GroupRole:
         if self.sync is not None:
             await self.sync.aclose()
             self.sync = None
+        if self.peers is not None:
+            await self.peers.aclose()
+            self.peers = None
         if self.published_router:
             await dynamo.withdraw_router(self.kv, self.spec.name, replica=self.replica_tag)
             self.published_router = False

@@ -14,6 +14,7 @@ and until it answers, `last_error` says why, for `status` and `deploy`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -23,6 +24,10 @@ import httpx
 from ray_dstack.serve.groups.registry import Watcher
 
 SYNC_S = 1.0
+# Logged with the sync's state (describe()) whenever it changes: `status` reads the router replica's log for it,
+# as it reads the probes' state (ray_dstack/deploy/probe_state.py), since Serve lets nobody call a replica
+# whose constructor has not returned.
+STATE_LOG_MARKER = "ray-dstack router state: "
 REPOST_S = 15.0
 TIMEOUT_S = 10.0  # dstack's timeout for the router's API
 SERVER_INFO_TIMEOUT_S = 3.0
@@ -51,6 +56,7 @@ class SglangWorkerSync:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        logged = None
         while True:
             try:
                 await self.sync_once()
@@ -60,6 +66,10 @@ class SglangWorkerSync:
                 if message != self.last_error:
                     self.logger.warning("SGLang router worker sync: %s", message)
                 self.last_error = message
+            state = json.dumps(self.describe(), sort_keys=True)
+            if state != logged:
+                self.logger.info("%s%s", STATE_LOG_MARKER, state)
+                logged = state
             await asyncio.sleep(self.interval_s)
 
     async def sync_once(self) -> None:

@@ -158,11 +158,37 @@ def _window_frames(frames: dict, now: float, window_s: float) -> dict[int, float
     return {int(s): c for s, c in frames.items() if second - n < int(s) <= second}
 
 
-def _measure(ctx: AutoscalingContext, state: dict[str, Any], *, window_s: float, now: float) -> float:
-    """Fold the replicas' counters into `state["frames"]`; return the RPS over the window."""
+def service_counters(prefix: str, namespace: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The request counters the service's ingress replicas publish in Ray's internal KV (ray_dstack/serve/
+    scaling/service_counters.py): `{key: {"total": n, "in_window": m}}` as one-point series per replica.
+    A group behind a router (or beside the ingress group) takes no request from Serve: it scales on these."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    totals: dict[str, list[float]] = {}
+    in_window: dict[str, list[float]] = {}
+    for key in _internal_kv_list(prefix, namespace=namespace):
+        raw = _internal_kv_get(key, namespace=namespace)
+        try:
+            data = json.loads(raw) if raw is not None else None
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            totals[name] = [float(data["total"])]
+            in_window[name] = [float(data.get("in_window", 0.0))]
+        except (ValueError, TypeError, KeyError):
+            continue
+    return totals, in_window
+
+
+def _measure(ctx: AutoscalingContext, state: dict[str, Any], *, window_s: float, now: float,
+             counters: tuple[dict, dict] | None = None) -> float:
+    """Fold the replicas' counters (Serve's metrics of this deployment's replicas, or `counters`) into
+    `state["frames"]`; return the RPS over the window."""
     raw = ctx.raw_metrics or {}
     totals = raw.get(METRIC_REQUESTS_TOTAL) or {}
     in_window = raw.get(METRIC_REQUESTS_IN_WINDOW) or {}
+    if counters is not None:
+        totals, in_window = counters
     bootstrap = "seen" not in state
     frames = _window_frames(state.get("frames") or {}, now, window_s)
     seen: dict[str, list[float]] = {k: list(v) for k, v in (state.get("seen") or {}).items()}
@@ -186,6 +212,8 @@ def _measure(ctx: AutoscalingContext, state: dict[str, Any], *, window_s: float,
         seen[key] = [total, now]
 
     running = {_replica_key(r) for r in (getattr(ctx, "running_replicas", None) or [])}
+    if counters is not None:
+        running = set(totals)
     seen = {k: v for k, v in seen.items() if k in running or now - v[1] <= _FORGET_AFTER_S}
 
     second = math.floor(now)
@@ -224,15 +252,17 @@ def evaluate(
     window_s: float = 60.0,
     scale_up_delay_s: float = 300.0,
     scale_down_delay_s: float = 600.0,
+    counters: tuple[dict, dict] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One autoscaling tick: `(desired replicas, new policy_state)` from a Serve `AutoscalingContext`."""
+    """One autoscaling tick: `(desired replicas, new policy_state)` from a Serve `AutoscalingContext`.
+    `counters`: the service-wide counters (service_counters()) for a group that takes no request from Serve."""
     policy_state = dict(ctx.policy_state or {})
     state = dict(policy_state.get(STATE_KEY) or {})
     now = ctx.current_time if ctx.current_time is not None else time.time()
     state.setdefault("registered_at", now)
     state["window_s"] = window_s
 
-    rps = _measure(ctx, state, window_s=window_s, now=now)
+    rps = _measure(ctx, state, window_s=window_s, now=now, counters=counters)
     current = int(ctx.target_num_replicas)
     min_replicas = int(ctx.capacity_adjusted_min_replicas)
     max_replicas = int(ctx.capacity_adjusted_max_replicas)
@@ -270,7 +300,11 @@ class RpsPolicy:
         window_s: float = 60.0,
         scale_up_delay_s: float = 300.0,
         scale_down_delay_s: float = 600.0,
+        service_counters_prefix: str | None = None,
+        kv_namespace: str | None = None,
     ) -> None:
+        """`service_counters_prefix`/`kv_namespace`: scale on the service's request rate as its ingress replicas
+        publish it (a replica group behind a router: dstack scales every group on the service's RPS)."""
         if not target_rps > 0:
             raise ValueError(f"target_rps must be > 0, got {target_rps!r}")
         if not window_s > 0:
@@ -281,14 +315,24 @@ class RpsPolicy:
         self.window_s = float(window_s)
         self.scale_up_delay_s = float(scale_up_delay_s)
         self.scale_down_delay_s = float(scale_down_delay_s)
+        self.service_counters_prefix = service_counters_prefix
+        self.kv_namespace = kv_namespace
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        counters = None
+        if self.service_counters_prefix is not None:
+            try:
+                counters = service_counters(self.service_counters_prefix, self.kv_namespace or "")
+            except Exception:  # noqa: BLE001 - the GCS briefly away: keep the current count this tick
+                state = dict(ctx.policy_state or {})
+                return int(ctx.target_num_replicas), state
         return evaluate(
             ctx,
             target_rps=self.target_rps,
             window_s=self.window_s,
             scale_up_delay_s=self.scale_up_delay_s,
             scale_down_delay_s=self.scale_down_delay_s,
+            counters=counters,
         )
 
 
