@@ -84,9 +84,40 @@ model:
 {extra}"""
 
 
+def router_service_yaml(name: str, model: str, *, rate: float, tokens: int) -> str:
+    """The same synthetic backend behind SGLang's router (SMG) in a router group (docs/groups.md): the path a
+    dstack 0.21 service with `router: {type: sglang}` takes, one worker."""
+    return f"""type: service
+name: {name}
+working_dir: {stack.REPO}
+port: 8000
+groups:
+  - name: router
+    replicas: 1
+    router:
+      type: sglang
+    commands:
+      - pip install --quiet smg
+      - METRICS_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+      - exec smg launch --host 127.0.0.1 --port $RAY_DSTACK_PORT --prometheus-port $METRICS_PORT --policy round_robin
+  - name: workers
+    replicas: 1
+    commands:
+      - exec {sys.executable} -m bench.synth --port $RAY_DSTACK_PORT --rate {rate} --tokens {tokens} --model {model}
+auth: false
+probes:
+  - type: http
+    url: /health
+    interval: 1
+model:
+  name: {model}
+  format: openai
+"""
+
+
 # The Serve replica that serves each path (its process title holds `ServeReplica:<app>:`).
 PATH_APPS = {"svc-openai": "synth-openai", "gw-openai": "synth-openai", "svc-tgi": "synth-tgi", "svc-ns": "synth-ns",
-             "svc-rl": "synth-rl", "hand": "hand"}
+             "svc-rl": "synth-rl", "svc-router": "synth-router", "hand": "hand"}
 
 
 def cpu_per_unit(path: str, windows: list[loadgen.Window]) -> dict[str, float | None]:
@@ -225,7 +256,10 @@ class Bench:
             "synth-tgi": tmp / "synth-tgi.dstack.yml",
             "synth-ns": tmp / "synth-ns.dstack.yml",
             "synth-rl": tmp / "synth-rl.dstack.yml",
+            "synth-router": tmp / "synth-router.dstack.yml",
         }
+        files["synth-router"].write_text(router_service_yaml("synth-router", "synth-router", rate=self.a.rate,
+                                                             tokens=self.a.tokens))
         files["synth-openai"].write_text(service_yaml("synth-openai", "synth", "openai", rate=self.a.rate, tokens=self.a.tokens))
         files["synth-tgi"].write_text(service_yaml("synth-tgi", "synth-tgi", "tgi", rate=self.a.rate, tokens=self.a.tokens))
         files["synth-ns"].write_text(service_yaml("synth-ns", "synth-ns", "openai", rate=self.a.rate, tokens=self.a.tokens,
@@ -245,6 +279,7 @@ class Bench:
                 svc_tgi = cluster.base_url("synth-tgi", "/synth-tgi")
                 svc_ns = cluster.base_url("synth-ns", "/synth-ns")
                 svc_rl = cluster.base_url("synth-rl", "/synth-rl")
+                svc_router = cluster.base_url("synth-router", "/synth-router")
                 gw = cluster.base_url("ray-dstack-gateway", "/v1")
                 hand = cluster.base_url("hand", "/hand")
                 targets: dict[str, loadgen.Target] = {}
@@ -258,6 +293,9 @@ class Bench:
                 targets["gw-openai"] = loadgen.Target("gw-openai", f"{gw}/v1/chat/completions", "synth")
                 targets["svc-tgi"] = loadgen.Target("svc-tgi", f"{svc_tgi}/synth-tgi/v1/chat/completions", "synth-tgi")
                 targets["svc-ns"] = loadgen.Target("svc-ns", f"{svc_ns}/synth-ns/v1/chat/completions", "synth-ns")
+                # Through a router group: /<svc>/v1's path plus SMG's own hop (compare with svc-openai).
+                targets["svc-router"] = loadgen.Target("svc-router", f"{svc_router}/synth-router/v1/chat/completions",
+                                                       "synth-router")
                 targets["hand"] = loadgen.Target("hand", f"{hand}/hand/v1/chat/completions", "synth")
                 timings["urls"] = {k: t.url for k, t in targets.items()}  # type: ignore[assignment]
                 self.timings[variant] = timings

@@ -1,23 +1,24 @@
-"""`deploy`, `status`, `list`, `logs`, `delete`: services on a Ray cluster, through its dashboard API."""
+"""`deploy`, `status`, `list`, `logs`, `delete`: services on a Ray cluster, through its dashboard API (`status`,
+`list` and `logs` live in status_cmds.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ray_dstack.cli import output
+from ray_dstack.cli import output, status_cmds
 from ray_dstack.cli.plan_cmd import parse_env_args
+from ray_dstack.cli.status_cmds import probe_line, replicas_text
 from ray_dstack.deploy import apps
-from ray_dstack.deploy.dashboard import ClusterError, DashboardClient
+from ray_dstack.deploy.dashboard import DashboardClient
 from ray_dstack.deploy.local import connect
 from ray_dstack.deploy.model_settings import resolve_model_settings
-from ray_dstack.deploy.probe_state import add_probe_states
 from ray_dstack.deploy.rollout import wait_for_service
+from ray_dstack.deploy.router_state import add_router_states
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
 
@@ -100,6 +101,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         details = client.serve_details()
         apps.check_can_write(details, name)
         existing = apps.app_configs(details).get(name)
+        # dstack's redeploy rule: the router group does not change in place (refused before anything changes).
+        apps.check_router_unchanged(name, existing, [g.spec for g in plan.groups])
         token, digest, generated = (None, None, False)
         if loaded.config.auth:
             token, digest, generated = resolve_token(args.token, existing)
@@ -132,7 +135,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 timeout_s=args.timeout,
                 on_progress=lambda line: output.err.print(f"  {line}", markup=False),
                 previous_deployed_time=previous_time,
-                ray_actor_options=app_cfg["deployments"][0].get("ray_actor_options") or {},
+                deployments=app_cfg["deployments"],  # every replica group's: some node must host each
                 # Where an autoscaler may still add a node that fits, wait the whole timeout.
                 fail_if_unplaceable=client.is_fixed_size(),
                 more_progress=pulls.lines if pulls else None,  # the image pull's progress per node
@@ -152,6 +155,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             store.forget(name, keep=auth_key)
         details = client.serve_details()
         summary = apps.service_summary(name, details["applications"][name], apps.http_base_url(details, client.address))
+        add_router_states(client, summary)  # what the router group lists by now
     if token and (generated or args.token or os.environ.get(TOKEN_ENV)):
         save_token(name, token)
     print_ready(summary, token if generated else None, auth=bool(summary.get("auth")))
@@ -200,7 +204,14 @@ def rollback(client: DashboardClient, name: str, existing: dict[str, Any] | None
 def print_ready(summary: dict[str, Any], new_token: str | None, *, auth: bool) -> None:
     name, url = summary["name"], summary["url"]
     con = output.out
-    con.print(f"[green]Service {name} is ready[/green]: {summary['replicas']['running']} replica(s) at {url}/")
+    if summary.get("groups"):
+        con.print(f"[green]Service {name} is ready[/green]: {replicas_text(summary)} replicas at {url}/")
+        for group in summary["groups"]:
+            if group.get("router") is not None:
+                for line in status_cmds.router_lines(group["router"]):
+                    con.print(f"  {line}", markup=False)
+    else:
+        con.print(f"[green]Service {name} is ready[/green]: {summary['replicas']['running']} replica(s) at {url}/")
     token_ref = "$RAY_DSTACK_TOKEN"
     if new_token:
         con.print(
@@ -229,122 +240,7 @@ def print_ready(summary: dict[str, Any], new_token: str | None, *, auth: bool) -
         con.print(f"Call it with:\n  curl {url}/{auth_header}", markup=False)
 
 
-# --- status / list ------------------------------------------------------------------------------------
-
-
-def _summaries(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
-    client, _ = connect(args.address, start_if_missing=False)
-    with client:
-        details = client.serve_details()
-        try:  # which GPU type each replica's node has; status still works without it
-            nodes = client.nodes()
-        except ClusterError:
-            nodes = None
-        summaries = apps.service_summaries(details, client.address, nodes)
-        for summary in summaries:  # each replica's probes, from its log (ray_dstack/deploy/probe_state.py)
-            add_probe_states(client, summary)
-        if any("scaling" in s for s in summaries):
-            apps.with_measured_rps(summaries, [client.scrape(t) for t in client.metrics_targets()])
-        return summaries, client.address
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    summaries, _ = _summaries(args)
-    if args.name:
-        match = [s for s in summaries if s["name"] == args.name]
-        if not match:
-            raise RayDstackError(f"no service named {args.name!r} on this cluster")
-        summaries = match
-    if args.json:
-        output.print_json(summaries[0] if args.name else summaries)
-        return 0
-    if not summaries:
-        output.out.print("No services deployed.")
-        return 0
-    for s in summaries:
-        _print_summary(s, detailed=True)
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    summaries, _ = _summaries(args)
-    if args.json:
-        output.print_json(summaries)
-        return 0
-    from rich.table import Table
-
-    table = Table("NAME", "STATUS", "REPLICAS", "MODEL", "URL")
-    for s in summaries:
-        model = f"{s['model']['name']} ({s['model']['format']})" if s.get("model") else "-"
-        table.add_row(s["name"], s["status"], f"{s['replicas']['running']}/{s['replicas']['target']}", model, s["url"])
-    output.out.print(table)
-    return 0
-
-
-def _print_summary(s: dict[str, Any], *, detailed: bool) -> None:
-    con = output.out
-    con.print(f"[bold]{s['name']}[/bold]  {s['status']}  {s['replicas']['running']}/{s['replicas']['target']} replicas")
-    con.print(f"  url: {s['url']}/", markup=False)
-    if s.get("model"):
-        m = s["model"]
-        con.print(f"  model: {m['name']} ({m['format']}) at {m['openai_base_url']}", markup=False)
-    if s.get("scaling"):
-        sc = s["scaling"]
-        rps = "n/a" if sc.get("measured_rps") is None else f"{sc['measured_rps']:.2f}"
-        con.print(
-            f"  scaling: {sc['min']}..{sc['max']} replicas, target {sc['target_rps']:g} rps; "
-            f"measured {rps} rps, desired {sc.get('desired')}",
-            markup=False,
-        )
-    if s.get("environment"):
-        env = s["environment"]
-        net = ", a network namespace per replica" if env.get("network_namespace") else ""
-        con.print(f"  python: {env['python']} (environment {env['env']} on each node{net})", markup=False)
-    if s.get("message"):
-        con.print(f"  message: {s['message']}", markup=False)
-    if detailed:
-        for r in s["replicas"]["items"]:
-            gpu = f", {r['node_accelerator_type']}" if r.get("node_accelerator_type") else ""
-            con.print(f"  replica {r['replica_id']}: {r['state']} on node {r['node_ip']} ({r['node_id']}{gpu})", markup=False)
-            if s.get("probes"):
-                con.print(f"    probes: {probe_line(r.get('probes'))}", markup=False)
-
-
-def probe_line(states: list[dict[str, Any]] | None) -> str:
-    """`✓ GET /health (HTTP 200); × POST /ready (HTTP 503: loading)`, as dstack's `ps --verbose` marks them."""
-    if states is None:
-        return "unknown (no probe state in the replica's log yet)"
-    return "; ".join(f"{'✓' if p.get('ready') else '×'} {p.get('probe')} ({p.get('last')})" for p in states)
-
-
-# --- logs / delete ------------------------------------------------------------------------------------
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    client, _ = connect(args.address, start_if_missing=False)
-    with client:
-        details = client.serve_details()
-        app = (details.get("applications") or {}).get(args.name)
-        if app is None or not apps.is_service(app.get("deployed_app_config")):
-            raise RayDstackError(f"no service named {args.name!r} on this cluster")
-        summary = apps.service_summary(args.name, app, "")
-        replicas = [r for r in summary["replicas"]["items"] if r.get("node_id") and r.get("log_file_path")]
-        if args.replica:
-            replicas = [r for r in replicas if r["replica_id"].startswith(args.replica)]
-        if not replicas:
-            raise RayDstackError(f"service {args.name!r} has no replica with logs yet")
-        if args.follow:
-            r = replicas[0]
-            for chunk in client.follow_log(node_id=r["node_id"], filename=r["log_file_path"], lines=args.lines):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-            return 0
-        for r in replicas:
-            text = client.log(node_id=r["node_id"], filename=r["log_file_path"], lines=args.lines)
-            if len(replicas) > 1:
-                sys.stdout.write(f"==> replica {r['replica_id']} on {r['node_ip']} <==\n")
-            sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
-    return 0
+# --- delete -------------------------------------------------------------------------------------------
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -416,24 +312,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-host", help="Serve HTTP host if Serve is not running yet")
     p.set_defaults(func=cmd_deploy)
 
-    p = sub.add_parser("status", help="show a service (or all) with replicas and where they run")
-    p.add_argument("name", nargs="?")
-    _address(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("list", help="list services")
-    _address(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("logs", help="print a service's logs (its commands' output and the replica's)")
-    p.add_argument("name")
-    _address(p)
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    p.add_argument("--replica", help="only the replica whose id starts with this")
-    p.add_argument("-n", "--lines", type=int, default=1000, help="lines from the end of each log")
-    p.set_defaults(func=cmd_logs)
+    status_cmds.register_status(sub, _address)
+    status_cmds.register_logs(sub, _address)
 
     p = sub.add_parser("delete", help="delete a service")
     p.add_argument("name")
@@ -442,4 +322,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_delete)
 
 
-__all__ = ["register", "GATEWAY_ROUTE_PREFIX"]
+__all__ = ["register", "GATEWAY_ROUTE_PREFIX", "probe_line"]

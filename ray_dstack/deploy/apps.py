@@ -57,6 +57,50 @@ def service_spec(app_config: dict[str, Any]) -> ServiceSpec:
     return ServiceSpec.model_validate(app_config["args"]["service"])
 
 
+def group_specs(app_config: dict[str, Any] | None) -> list[ServiceSpec]:
+    """The replica groups' specs of a service with `groups`, in file order (the ingress group's is
+    `args.service`, the others' `args.groups[].service`); [] for a service without groups."""
+    if not is_service(app_config):
+        return []
+    main = service_spec(app_config)
+    if main.group is None:
+        return []
+    specs = [main, *(ServiceSpec.model_validate(g["service"]) for g in app_config["args"].get("groups") or [])]
+    order = {name: i for i, name in enumerate(main.group.groups)}
+    return sorted(specs, key=lambda s: order.get(s.group.name if s.group else "", len(order)))
+
+
+def router_of(specs: list[ServiceSpec]) -> tuple[str, str] | None:
+    """(router group's name, router type) of a service's group specs, or None without a router group."""
+    for spec in specs:
+        if spec.group is not None and spec.group.role == "router":
+            return spec.group.name, spec.group.router or "sglang"
+    return None
+
+
+def check_router_unchanged(name: str, running: dict[str, Any] | None, new: list[ServiceSpec]) -> None:
+    """dstack's rule for a redeploy (spec §1.4): adding or removing the router group, moving the router to
+    another group or changing its `type` is not an in-place update. `running`: the running app's config (None,
+    or not a service: a first deploy, nothing to compare); `new`: the plan's group specs ([] without groups)."""
+    if not is_service(running):
+        return
+    old_router, new_router = router_of(group_specs(running)), router_of(new)
+    if old_router == new_router:
+        return
+    if old_router is None:
+        what = f"adds the {new_router[1]} router group {new_router[0]!r}"
+    elif new_router is None:
+        what = f"removes the {old_router[1]} router group {old_router[0]!r}"
+    elif old_router[0] != new_router[0]:
+        what = f"moves the router from group {old_router[0]!r} to group {new_router[0]!r}"
+    else:
+        what = f"router group {old_router[0]!r}, type {old_router[1]} → {new_router[1]}"
+    raise UsageError(
+        f"the router group of service {name!r} cannot change in place ({what}): delete the service "
+        f"(`ray-dstack delete {name}`) and deploy it again"
+    )
+
+
 def check_can_write(details: dict[str, Any], name: str) -> None:
     configs = app_configs(details)
     imperative = [n for n, cfg in configs.items() if cfg is None]
@@ -178,37 +222,93 @@ def node_accelerator_type(node: dict[str, Any] | None) -> str | None:
     )
 
 
+def _replica_items(
+    deployment: dict[str, Any], nodes: dict[str, dict[str, Any]] | None, group: str | None = None
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "replica_id": r.get("replica_id"),
+            "state": r.get("state"),
+            "node_id": r.get("node_id"),
+            "node_ip": r.get("node_ip"),
+            "pid": r.get("pid"),
+            "log_file_path": r.get("log_file_path"),
+            **_node_info(r.get("node_id"), nodes),
+            **({"group": group} if group is not None else {}),
+        }
+        for r in deployment.get("replicas") or []
+    ]
+
+
+def _replicas(deployment: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    running = sum(r.get("state") == "RUNNING" for r in items)
+    return {"running": running, "target": deployment.get("target_num_replicas", 0), "items": items}
+
+
+def _scaling(spec: ServiceSpec, deployment: dict[str, Any]) -> dict[str, Any] | None:
+    if spec.scaling is None:
+        return None
+    return {
+        "min": spec.scaling.min_replicas,
+        "max": spec.scaling.max_replicas,
+        "target_rps": spec.scaling.target,
+        "desired": deployment.get("target_num_replicas"),
+        "measured_rps": None,  # filled by `with_measured_rps` (needs the nodes' metrics endpoints)
+    }
+
+
+def group_summary(
+    spec: ServiceSpec, deployments: dict[str, Any], nodes: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One replica group of a service with `groups`: its deployment's replicas, its scaling, and for the
+    router group a `router` whose state deploy/router_state.py fills from the router replica's log."""
+    group = spec.group
+    assert group is not None
+    deployment = deployments.get(group.deployment) or {}
+    summary: dict[str, Any] = {
+        "name": group.name,
+        "role": group.role,
+        "deployment": group.deployment,
+        "status": deployment.get("status"),
+        "message": deployment.get("message") or "",
+        "replicas": _replicas(deployment, _replica_items(deployment, nodes, group.name)),
+    }
+    scaling = _scaling(spec, deployment)
+    if scaling is not None:
+        summary["scaling"] = scaling
+    if group.role == "router":
+        summary["router"] = {"type": group.router, "replica_id": None, "workers": None, "last_error": None,
+                             "adding": None}
+    return summary
+
+
 def service_summary(
     name: str, app: dict[str, Any], base_url: str, nodes: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """`nodes`: the dashboard's nodes by node_id (optional): adds each replica's node GPU type and count."""
+    """`nodes`: the dashboard's nodes by node_id (optional): adds each replica's node GPU type and count.
+
+    A service with `groups` has `groups` besides (one group_summary each, in file order); its `replicas` then
+    count every group's replicas (each item names its `group`), and `scaling` is per group."""
     cfg = app.get("deployed_app_config") or {}
     spec = service_spec(cfg) if is_service(cfg) else None
-    deployment = (app.get("deployments") or {}).get(REPLICA_DEPLOYMENT_NAME, {})
-    replicas = deployment.get("replicas") or []
-    running = [r for r in replicas if r.get("state") == "RUNNING"]
+    deployments = app.get("deployments") or {}
+    deployment = deployments.get(REPLICA_DEPLOYMENT_NAME, {})
+    groups = [group_summary(s, deployments, nodes) for s in group_specs(cfg)]
+    if groups:
+        items = [item for g in groups for item in g["replicas"]["items"]]
+        replicas = {"running": sum(g["replicas"]["running"] for g in groups),
+                    "target": sum(g["replicas"]["target"] or 0 for g in groups), "items": items}
+        message = next((f"group {g['name']}: {g['message']}" for g in groups if g["message"]), "")
+    else:
+        replicas = _replicas(deployment, _replica_items(deployment, nodes))
+        message = deployment.get("message") or ""
     route = app.get("route_prefix") or cfg.get("route_prefix") or f"/{name}"
     summary: dict[str, Any] = {
         "name": name,
         "status": app.get("status"),
-        "message": app.get("message") or deployment.get("message") or "",
+        "message": app.get("message") or message,
         "url": base_url + (route if route != "/" else ""),
-        "replicas": {
-            "running": len(running),
-            "target": deployment.get("target_num_replicas", 0),
-            "items": [
-                {
-                    "replica_id": r.get("replica_id"),
-                    "state": r.get("state"),
-                    "node_id": r.get("node_id"),
-                    "node_ip": r.get("node_ip"),
-                    "pid": r.get("pid"),
-                    "log_file_path": r.get("log_file_path"),
-                    **_node_info(r.get("node_id"), nodes),
-                }
-                for r in replicas
-            ],
-        },
+        "replicas": replicas,
         "model": None,
         "auth": spec.auth.enabled if spec else None,
         "environment": environment_of(spec) if spec else None,
@@ -221,14 +321,10 @@ def service_summary(
             "format": spec.model.format,
             "openai_base_url": base_url + GATEWAY_ROUTE_PREFIX,
         }
-    if spec and spec.scaling:
-        summary["scaling"] = {
-            "min": spec.scaling.min_replicas,
-            "max": spec.scaling.max_replicas,
-            "target_rps": spec.scaling.target,
-            "desired": deployment.get("target_num_replicas"),
-            "measured_rps": None,  # filled by `with_measured_rps` (needs the nodes' metrics endpoints)
-        }
+    if groups:
+        summary["groups"] = groups
+    elif spec and spec.scaling:
+        summary["scaling"] = _scaling(spec, deployment)
     return summary
 
 
@@ -277,7 +373,21 @@ def service_summaries(
 
 
 def with_measured_rps(summaries: list[dict[str, Any]], metrics_texts: list[str]) -> None:
+    """Fill `measured_rps` of each `scaling`: the service's RPS over its running replicas; with groups, every
+    autoscaling group's is the service's (dstack scales every group on the service's request rate, which the
+    ingress group's replicas count: the other groups take no request from Serve)."""
     for summary in summaries:
-        if "scaling" in summary:
-            running = {r["replica_id"] for r in summary["replicas"]["items"] if r.get("state") == "RUNNING"}
-            summary["scaling"]["measured_rps"] = measured_rps(metrics_texts, summary["name"], running)
+        groups = summary.get("groups") or []
+        counted = next((g for g in groups if g["deployment"] == REPLICA_DEPLOYMENT_NAME), summary)
+        if not any("scaling" in part for part in [summary, *groups]):
+            continue
+        running = {r["replica_id"] for r in counted["replicas"]["items"] if r.get("state") == "RUNNING"}
+        rps = measured_rps(metrics_texts, summary["name"], running)
+        for part in [summary, *groups]:
+            if "scaling" in part:
+                part["scaling"]["measured_rps"] = rps
+
+
+def autoscales(summary: dict[str, Any]) -> bool:
+    """Whether the service, or one of its groups, autoscales (its RPS is worth measuring)."""
+    return "scaling" in summary or any("scaling" in g for g in summary.get("groups", []))

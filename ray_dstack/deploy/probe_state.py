@@ -21,30 +21,44 @@ from ray_dstack.serve.runtime.probes import STATE_LOG_MARKER
 LOG_LINES = 5000
 
 
-def last_state(log_text: str) -> list[dict[str, Any]] | None:
-    """The probes' state from the last marker line of a replica's log, or None when there is none."""
-    at = log_text.rfind(STATE_LOG_MARKER)
+def last_marked(log_text: str, marker: str, kind: type) -> Any:
+    """The JSON after the last `marker` line of a log that parses as a `kind` (list, dict), or None.
+
+    A line cut by the tail (or anything else that does not parse) is skipped for the one before it."""
+    at = log_text.rfind(marker)
     while at >= 0:
-        line = log_text[at + len(STATE_LOG_MARKER):].split("\n", 1)[0].strip()
+        line = log_text[at + len(marker):].split("\n", 1)[0].strip()
         try:
             state = json.loads(line)
         except ValueError:
-            state = None  # a line cut by the tail: try the one before
-        if isinstance(state, list):
+            state = None
+        if isinstance(state, kind):
             return state
-        at = log_text.rfind(STATE_LOG_MARKER, 0, at)
+        at = log_text.rfind(marker, 0, at)
     return None
+
+
+def last_state(log_text: str) -> list[dict[str, Any]] | None:
+    """The probes' state from the last marker line of a replica's log, or None when there is none."""
+    return last_marked(log_text, STATE_LOG_MARKER, list)
+
+
+def replica_log(client: DashboardClient, replica: dict[str, Any], lines: int = LOG_LINES) -> str | None:
+    """The tail of a replica's log (a replica item of `service_summary`, or Serve's replica details); None
+    when it is not placed yet (no log) or its node's log cannot be read."""
+    node_id, log_file = replica.get("node_id"), replica.get("log_file_path")
+    if not node_id or not log_file:
+        return None
+    try:
+        return client.log(node_id=node_id, filename=log_file, lines=lines)
+    except ClusterError:
+        return None  # the node is gone or its log is unreadable: unknown
 
 
 def replica_state(client: DashboardClient, replica: dict[str, Any]) -> list[dict[str, Any]] | None:
     """One replica's probe state (a replica item of `service_summary`, or Serve's replica details)."""
-    node_id, log_file = replica.get("node_id"), replica.get("log_file_path")
-    if not node_id or not log_file:
-        return None  # not placed yet: no log
-    try:
-        return last_state(client.log(node_id=node_id, filename=log_file, lines=LOG_LINES))
-    except ClusterError:
-        return None  # the node is gone or its log is unreadable: unknown
+    text = replica_log(client, replica)
+    return None if text is None else last_state(text)
 
 
 def add_probe_states(client: DashboardClient, summary: dict[str, Any]) -> None:

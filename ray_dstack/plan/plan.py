@@ -110,9 +110,9 @@ class ServicePlan:
             "route_prefix": self.route_prefix,
             "import_path": rt.SERVICE_IMPORT_PATH,
             "runtime_env": {"env_vars": dict(UVICORN_TRUST_NONE)},
-            "args": {"service": self.spec.model_dump(mode="json"),
+            "args": {"service": _spec_args(self.spec),
                      **({"created": self.created} if self.created is not None else {}),
-                     **({"groups": [{"deployment": g.deployment_name, "service": g.spec.model_dump(mode="json")}
+                     **({"groups": [{"deployment": g.deployment_name, "service": _spec_args(g.spec)}
                                     for g in self.groups if g.deployment_name != rt.REPLICA_DEPLOYMENT_NAME]}
                         if self.groups else {})},
             "deployments": [copy.deepcopy(g.deployment) for g in self.groups] or [copy.deepcopy(self.deployment)],
@@ -195,6 +195,12 @@ class ServicePlan:
                             if spec.group.router == "sglang" else "; each replica gets $DSTACK_ROUTER_INTERNAL_IP"))
         lines.extend(container_lines(spec, self.container_runtime))
         return lines
+
+
+def _spec_args(spec: rt.ServiceSpec) -> dict[str, Any]:
+    """A replica spec as the Serve config carries it. A service without groups has no `group` key: its args stay
+    what they were before groups existed, so upgrading ray-dstack does not restart running services."""
+    return spec.model_dump(mode="json", exclude={"group"} if spec.group is None else None)
 
 
 def _port_how(spec: rt.ServiceSpec) -> str:

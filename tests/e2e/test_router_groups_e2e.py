@@ -30,7 +30,7 @@ from ray_dstack.demo.model_server import packaged_model  # noqa: E402
 packaged_model()  # fails here, with the install command, if the test extra's model package is missing
 
 SERVICE = "router-chat"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m-routed"
 WORKERS = "ServiceReplica-workers"
 CONFIG = (REPO / "configs" / "router-local-chat.dstack.yml").read_text()
 

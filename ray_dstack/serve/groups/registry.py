@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -96,6 +97,9 @@ class Announcer:
         self.seq = 0
         self.announced = False
         self._task: asyncio.Task | None = None
+        # A write already in its thread when close() runs must not land after close()'s delete.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._beat())
@@ -106,7 +110,7 @@ class Announcer:
                 if self.healthy():
                     self.seq += 1
                     value = json.dumps({**self.fields, "seq": self.seq}).encode()
-                    await asyncio.to_thread(self.kv.put, self.key, value)
+                    await asyncio.to_thread(self._put, value)
                     self.announced = True
                 elif self.announced:  # failing: the router drops it now, Serve replaces it soon
                     await asyncio.to_thread(self.kv.delete, self.key)
@@ -115,12 +119,22 @@ class Announcer:
                 self.logger.warning("could not announce this replica to the router: %s", exc)
             await asyncio.sleep(HEARTBEAT_S)
 
+    def _put(self, value: bytes) -> None:
+        with self._lock:
+            if not self._closed:
+                self.kv.put(self.key, value)
+
+    def _withdraw(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.kv.delete(self.key)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
         try:
-            await asyncio.to_thread(self.kv.delete, self.key)
+            await asyncio.to_thread(self._withdraw)
         except Exception:  # noqa: BLE001 - the cluster is going away; readers drop it after STALE_S
             pass
 

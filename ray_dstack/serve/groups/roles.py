@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote
 from typing import Any, Awaitable, Callable, TypeVar
 
 import httpx
@@ -29,8 +30,12 @@ B = TypeVar("B")
 
 
 def router_allows(path: str) -> bool:
-    """dstack's whitelist for services with a router group (`proxy/lib/const.py`)."""
+    """dstack's whitelist for services with a router group (`proxy/lib/const.py`). A path with a `.` or `..`
+    segment, plain or percent-encoded, is refused: the client that relays it would resolve it (`/v1/../workers`
+    is `/workers` to the router), where dstack's nginx matches the normalized path."""
     path = path.split("?", 1)[0]
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        return False
     return path in ROUTER_ALLOWED_PATHS or path.startswith(ROUTER_ALLOWED_PREFIXES)
 
 
