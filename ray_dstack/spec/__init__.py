@@ -202,6 +202,16 @@ class ServiceSpec(_Spec):
         return value
 
     @property
+    def reached_from_other_nodes(self) -> bool:
+        """A replica another replica connects to directly: an SGLang router's worker, or a group beside the
+        ingress group of a service without a router. Its service port is published on its node's address too
+        (by the namespace or the container), not only on loopback."""
+        group = self.group
+        if group is None or group.deployment == REPLICA_DEPLOYMENT_NAME:
+            return False
+        return group.role == "member" or (group.role == "worker" and group.router == "sglang")
+
+    @property
     def probe(self) -> ProbeSpec | None:
         """The first probe (callers written before several probes were supported)."""
         return self.probes[0] if self.probes else None

@@ -58,6 +58,9 @@ class ContainerRun:
     env_from_process: list[str] = field(default_factory=list)  # values with newlines: `-e KEY`, value inherited
     labels: dict[str, str] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    # The node's address when a router on another node must reach the replica: the port is then published on
+    # all the node's addresses (loopback included), not only on loopback.
+    node_address: str | None = None
 
     def argv(self, executable: str | None = None) -> list[str]:
         """The `run` command. dstack's semantics: `entrypoint` (shell words) replaces the image's entrypoint
@@ -68,7 +71,12 @@ class ContainerRun:
         for key, value in sorted(self.labels.items()):
             cmd += ["--label", f"{key}={value}"]
         # Loopback only: the replica forwards to it; the service's own port must not bypass the token check.
-        cmd += ["-p", f"127.0.0.1:{self.host_port}:{self.container_port}"]
+        if self.node_address and self.node_address != "127.0.0.1":
+            # A router's worker: the router (the user's process, on any node) connects to it directly, at the
+            # node's address or, on the same node, at loopback.
+            cmd += ["-p", f"{self.host_port}:{self.container_port}"]
+        else:
+            cmd += ["-p", f"127.0.0.1:{self.host_port}:{self.container_port}"]
         if self.env_file:
             cmd += ["--env-file", self.env_file]
         for key in self.env_from_process:

@@ -133,7 +133,7 @@ def test_only_the_routers_inference_paths_are_public(service):
 
     headers = {"Authorization": f"Bearer {service['token']}"}
     base = f"{service['cluster'].http}/{SERVICE}"
-    for path in ("/workers", "/health", "/metrics", "/get_server_info"):
+    for path in ("/workers", "/health", "/metrics", "/get_server_info", "/v1/%2e%2e/workers"):
         answer = httpx.get(base + path, headers=headers, timeout=30)
         assert answer.status_code == 403, (path, answer.text)
         assert "Path is not allowed" in answer.json()["error"]["message"]

@@ -77,7 +77,7 @@ def container_working_dir(working_dir: str | None) -> str | None:
 
 def run_spec(spec: ServiceSpec, *, runtime: str, name: str, host_port: int, gpu_ids: Sequence[int | str] = (),
              env_file: str | None = None, env_from_process: Sequence[str] = (), owner: str | None = None,
-             flags: Sequence[str] = ()) -> c.ContainerRun:
+             flags: Sequence[str] = (), node_address: str | None = None) -> c.ContainerRun:
     assert spec.image is not None
     labels = {c.LABEL: "1", c.SERVICE_LABEL: spec.name}
     if owner:
@@ -87,11 +87,12 @@ def run_spec(spec: ServiceSpec, *, runtime: str, name: str, host_port: int, gpu_
         commands=list(spec.commands), entrypoint=spec.entrypoint, working_dir=container_working_dir(spec.working_dir),
         shm_size_bytes=spec.shm_size_bytes, gpu_ids=list(gpu_ids), env_file=env_file,
         env_from_process=list(env_from_process), labels=labels, flags=list(flags),
+        node_address=node_address if spec.reached_from_other_nodes else None,
     )
 
 
 def prepare(spec: ServiceSpec, *, replica_tag: str, host_port: int, gpu_ids: Sequence[int | str],
-            log: Callable[[str], None]) -> PreparedContainer:
+            log: Callable[[str], None], node_address: str | None = None) -> PreparedContainer:
     runtime = c.detect_runtime()
     flags = c.extra_flags()
     c.reap_orphans(runtime, log)
@@ -108,7 +109,8 @@ def prepare(spec: ServiceSpec, *, replica_tag: str, host_port: int, gpu_ids: Seq
         # The service finds its port in $RAY_DSTACK_PORT as without `image` (inside: the container port).
         env_file, multiline = c.write_env_file(secret_dir, {**spec.env, PORT_ENV_VAR: str(spec.port)})
         run = run_spec(spec, runtime=runtime.name, name=name, host_port=host_port, gpu_ids=gpu_ids,
-                       env_file=env_file, env_from_process=multiline, owner=c.owner_label(), flags=flags)
+                       env_file=env_file, env_from_process=multiline, owner=c.owner_label(), flags=flags,
+                       node_address=node_address)
         command = [sys.executable, "-m", "ray_dstack.serve.runtime.container_run", "--runtime", runtime.path,
                    "--name", name, "--secret-dir", secret_dir, "--", *run.argv(runtime.path)]
     except BaseException:

@@ -24,13 +24,13 @@ class ContainerRuntime(ReplicaRuntime):
         spec = self.spec
         self.port = port = free_port()
         gpu_ids = ray.get_gpu_ids()
-        dstack = dstack_env.dstack_env(spec.name, gpus=len(gpu_ids), ip=dstack_env.node_ip(),
-                                       working_dir=spec.working_dir)
+        ip = dstack_env.node_ip()
+        dstack = dstack_env.dstack_env(spec.name, gpus=len(gpu_ids), ip=ip, working_dir=spec.working_dir)
         spec = spec.model_copy(update={"env": dstack_env.with_dstack_env(spec.env, dstack, router_ip=self.router_ip)})
         try:
             prepared = await asyncio.to_thread(
                 container_prepare.prepare, spec, replica_tag=self.replica_tag, host_port=port,
-                gpu_ids=gpu_ids, log=self.logger.info)
+                gpu_ids=gpu_ids, log=self.logger.info, node_address=ip)
         except RayDstackError as exc:
             raise ServiceProcessError(str(exc)) from exc
         self.container = prepared

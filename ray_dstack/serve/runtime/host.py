@@ -105,7 +105,9 @@ class NamespaceRuntime(ProcessRuntime):
             )
         port = free_port()
         own_proc = netns.own_proc()  # one answer for pasta's command line and the supervisor's
-        return port, self.spec.port, netns.pasta_argv(pasta, port, self.spec.port, private_mounts=own_proc), own_proc
+        node_address = dstack_env.node_ip() if self.spec.reached_from_other_nodes else None
+        return port, self.spec.port, netns.pasta_argv(pasta, port, self.spec.port, private_mounts=own_proc,
+                                                      node_address=node_address), own_proc
 
     def _connector(self, workspace_dir: Path) -> NamespaceConnector | None:
         return connector_for(workspace_dir, self.spec.port, self.logger.warning)
