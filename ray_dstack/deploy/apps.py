@@ -17,6 +17,7 @@ from ray_dstack.plan.plan import environment_of
 from ray_dstack.plan.traffic import UVICORN_TRUST_NONE
 from ray_dstack.spec import (
     GATEWAY_APP_NAME,
+    application_specs,
     GATEWAY_APP_ROUTE_PREFIX,
     GATEWAY_DEPLOYMENT_NAME,
     GATEWAY_IMPORT_PATH,
@@ -54,18 +55,19 @@ def created_time(app_config: dict[str, Any] | None) -> int | None:
 
 
 def service_spec(app_config: dict[str, Any]) -> ServiceSpec:
-    return ServiceSpec.model_validate(app_config["args"]["service"])
+    """The spec of the group that takes the service's traffic (the only one without groups)."""
+    return ServiceSpec.model_validate(application_specs(app_config)[0])
 
 
 def group_specs(app_config: dict[str, Any] | None) -> list[ServiceSpec]:
-    """The replica groups' specs of a service with `groups`, in file order (the ingress group's is
-    `args.service`, the others' `args.groups[].service`); [] for a service without groups."""
+    """The replica groups' specs of a service with `groups`, in file order (each from its deployment's
+    options: ray_dstack.spec.application_specs); [] for a service without groups."""
     if not is_service(app_config):
         return []
-    main = service_spec(app_config)
+    specs = [ServiceSpec.model_validate(s) for s in application_specs(app_config)]
+    main = specs[0]
     if main.group is None:
         return []
-    specs = [main, *(ServiceSpec.model_validate(g["service"]) for g in app_config["args"].get("groups") or [])]
     order = {name: i for i, name in enumerate(main.group.groups)}
     return sorted(specs, key=lambda s: order.get(s.group.name if s.group else "", len(order)))
 

@@ -11,7 +11,7 @@ express "A10G or L4", so it is not used.
 from __future__ import annotations
 
 import copy
-import re
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -105,18 +105,26 @@ class ServicePlan:
                        created=created if created is not None else self.created)
 
     def application(self) -> dict[str, Any]:
-        return {
+        created = {"created": self.created} if self.created is not None else {}
+        app: dict[str, Any] = {
             "name": self.name,
             "route_prefix": self.route_prefix,
             "import_path": rt.SERVICE_IMPORT_PATH,
             "runtime_env": {"env_vars": dict(UVICORN_TRUST_NONE)},
-            "args": {"service": _spec_args(self.spec),
-                     **({"created": self.created} if self.created is not None else {}),
-                     **({"groups": [{"deployment": g.deployment_name, "service": _spec_args(g.spec)}
-                                    for g in self.groups if g.deployment_name != rt.REPLICA_DEPLOYMENT_NAME]}
-                        if self.groups else {})},
-            "deployments": [copy.deepcopy(g.deployment) for g in self.groups] or [copy.deepcopy(self.deployment)],
         }
+        if not self.groups:
+            return {**app, "args": {"service": _spec_args(self.spec), **created},
+                    "deployments": [copy.deepcopy(self.deployment)]}
+        # Each group's spec in its own deployment's options (rt.SPEC_ENV_VAR): a redeploy that changes one
+        # group restarts that group only; `args` names the groups and changes only when they do.
+        deployments = []
+        for group in self.groups:
+            deployment = copy.deepcopy(group.deployment)
+            options = deployment.setdefault("ray_actor_options", {})
+            options["runtime_env"] = {"env_vars": {rt.SPEC_ENV_VAR: json.dumps(_spec_args(group.spec), sort_keys=True)}}
+            deployments.append(deployment)
+        groups = [{"group": g.name, "deployment": g.deployment_name} for g in self.groups]
+        return {**app, "args": {"groups": groups, **created}, "deployments": deployments}
 
     def to_serve_config(self) -> dict[str, Any]:
         """A Serve config file (`serve deploy` input); keeps env values (the replica needs them)."""
@@ -125,12 +133,21 @@ class ServicePlan:
     def to_display_dict(self) -> dict[str, Any]:
         """`to_serve_config()` with secret env values replaced by `***`, for printing."""
         data = self.to_serve_config()
-        args = data["applications"][0]["args"]
-        for service in [args["service"], *(g["service"] for g in args.get("groups", []))]:
+        app = data["applications"][0]
+
+        def redact(service: dict[str, Any]) -> dict[str, Any]:
             env = service["env"]
             for key in env:
                 if is_secret_key(key):
                     env[key] = defaults.REDACTED
+            return service
+
+        if "service" in app["args"]:
+            redact(app["args"]["service"])
+        for deployment in app["deployments"]:
+            env_vars = ((deployment.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+            if rt.SPEC_ENV_VAR in env_vars:
+                env_vars[rt.SPEC_ENV_VAR] = json.dumps(redact(json.loads(env_vars[rt.SPEC_ENV_VAR])), sort_keys=True)
         return data
 
     def environment(self) -> dict[str, Any]:

@@ -17,19 +17,20 @@ from ray_dstack.spec import GATEWAY_DEPLOYMENT_NAME, REPLICA_DEPLOYMENT_NAME
 def build_service(args: dict[str, Any]) -> Application:
     """One deployment per replica group: the group that takes the service's traffic (REPLICA_DEPLOYMENT_NAME)
     is the application's ingress, the others (`args["groups"]`) are bound to it so that Serve deploys them
-    with the application; they are reached through the router, never through Serve's HTTP proxy."""
+    with the application; they are reached through the router (or the ingress group), never through Serve's
+    HTTP proxy."""
     from ray_dstack.serve.replica import ServiceReplica
 
     created = args.get("created")
-    members = {
-        group["deployment"]: serve.deployment(name=group["deployment"])(ServiceReplica).bind(
-            group["service"], created=created)
-        for group in args.get("groups") or []
-    }
     deployment = serve.deployment(name=REPLICA_DEPLOYMENT_NAME)(ServiceReplica)
-    if members:
-        return deployment.bind(args["service"], created=created, members=members)
-    return deployment.bind(args["service"], created=created)
+    if "service" in args:
+        return deployment.bind(args["service"], created=created)
+    # Groups: each replica reads its group's spec from its deployment's options (ray_dstack.spec.SPEC_ENV_VAR).
+    members = {
+        group["deployment"]: serve.deployment(name=group["deployment"])(ServiceReplica).bind(None, created=created)
+        for group in args["groups"] if group["deployment"] != REPLICA_DEPLOYMENT_NAME
+    }
+    return deployment.bind(None, created=created, members=members)
 
 
 def build_gateway(args: dict[str, Any]) -> Application:

@@ -6,6 +6,7 @@ Serve allows: Serve's proxy → this replica → the child process on loopback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ray_dstack.serve.scaling.request_counter import RequestCounter
 from ray_dstack.serve.scaling.service_counters import CounterPublisher
 from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.serve.transport.forward import Forwarder, upstream_path
-from ray_dstack.spec import V1_ROUTE_HEADER, ServiceSpec
+from ray_dstack.spec import SPEC_ENV_VAR, V1_ROUTE_HEADER, ServiceSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,9 +69,11 @@ def _replica_tag() -> str:
 
 
 class ServiceReplica:
-    async def __init__(self, service: dict, created: int | None = None, members: dict | None = None) -> None:
+    async def __init__(self, service: dict | None, created: int | None = None, members: dict | None = None) -> None:
         """`members`: handles of the service's other replica groups (Serve deploys a group's deployment
         with the service's application because the ingress group's replicas are bound to it)."""
+        if service is None:  # a replica group: the spec is in the deployment's options, not for the commands
+            service = json.loads(os.environ.pop(SPEC_ENV_VAR))
         self.spec = spec = ServiceSpec.model_validate(service)
         self.started_at = time.time()
         # Requests per second for the `scaling: {metric: rps}` policy (ray_dstack/serve/scaling/autoscaling_policy.py).

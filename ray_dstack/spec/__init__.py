@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from typing import Any, Literal
 
@@ -130,6 +131,31 @@ GROUP_DEPLOYMENT_PREFIX = REPLICA_DEPLOYMENT_NAME + "-"
 # (`/workers`, `/health`, ...) is never public.
 ROUTER_ALLOWED_PATHS = ("/generate", "/chat/completions")
 ROUTER_ALLOWED_PREFIXES = ("/v1/",)
+
+
+# A grouped service's replica spec travels in its deployment's `ray_actor_options.runtime_env.env_vars`, not in
+# the application's `args`: Serve versions every deployment of an application by its `args`, so a spec there
+# would restart every group when one changes; a deployment's own options restart that deployment only (dstack
+# rolls the changed group only). The replica reads it and removes it from its environment.
+SPEC_ENV_VAR = "RAY_DSTACK_SERVICE_SPEC"
+
+
+def application_specs(app_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The replica specs (JSON) of a service's Serve application, the ingress group's first: `args.service`
+    for a service without groups, else each deployment's SPEC_ENV_VAR."""
+    args = app_config.get("args") or {}
+    if "service" in args:
+        return [args["service"]]
+    specs = []
+    for deployment in app_config.get("deployments") or []:
+        env = ((deployment.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+        if SPEC_ENV_VAR in env:
+            spec = json.loads(env[SPEC_ENV_VAR])
+            if deployment.get("name") == REPLICA_DEPLOYMENT_NAME:
+                specs.insert(0, spec)
+            else:
+                specs.append(spec)
+    return specs
 
 
 def group_deployment_name(group: str, *, ingress: bool) -> str:

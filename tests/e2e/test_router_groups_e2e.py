@@ -104,7 +104,8 @@ def service(cli_cluster, tmp_path_factory):
     assert scaled.returncode == 0, scaled.stderr + scaled.stdout
     started = time.monotonic()
     cli_cluster.wait_until(lambda: len(listed_workers()) == 2, timeout=120, what="the router lists 2 workers")
-    return {"cluster": cli_cluster, "token": token, "before": before, "scaled_in_s": time.monotonic() - started}
+    return {"cluster": cli_cluster, "token": token, "before": before, "scaled_in_s": time.monotonic() - started,
+            "tmp": tmp}
 
 
 def test_scaling_the_worker_group_adds_the_new_worker_to_the_router(service):
@@ -113,6 +114,13 @@ def test_scaling_the_worker_group_adds_the_new_worker_to_the_router(service):
     assert router == service["before"]["router"]  # the router was not restarted
     assert len(workers) == 2 and set(service["before"]["workers"]) < set(workers)  # the first worker kept
     assert len(listed_workers()) == 2
+    status = service["cluster"].status(SERVICE)
+    groups = {g["name"]: g for g in status["groups"]}
+    assert groups["router"]["role"] == "router" and groups["workers"]["role"] == "worker"
+    assert groups["workers"]["replicas"]["running"] == 2 and status["replicas"]["running"] == 3
+    assert {w["url"] for w in groups["router"]["router"]["workers"]} == listed_workers()
+    logs = service["cluster"].run("logs", SERVICE, "--group", "workers", check=True).stdout
+    assert "GET /health" in logs  # the workers' own access log (the router's health checks)
 
 
 @pytest.mark.parametrize("base", ["/v1", f"/{SERVICE}/v1"])
@@ -177,6 +185,25 @@ def test_a_killed_worker_leaves_the_router_within_5s_and_its_replacement_joins(s
         lambda: len(listed_workers()) == 2 and victim["replica_id"] not in
         {r["replica_id"] for r in replicas(WORKERS) if r["state"] == "RUNNING"},
         timeout=180, what="Serve's replacement worker is listed by the router")
+    client = openai.OpenAI(base_url=service["cluster"].http + "/v1", api_key=service["token"], max_retries=0)
+    answer = client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert answer.choices[0].message.content
+
+
+def test_changing_the_worker_groups_commands_rolls_that_group_only(service):
+    """dstack rolls the group that changed: the router keeps running (same replica) and learns the new workers."""
+    router = [r["replica_id"] for r in replicas("ServiceReplica")]
+    old_workers = {r["replica_id"] for r in replicas(WORKERS)}
+    text = with_workers(2).replace("      - python -m ray_dstack.demo.model_server serve",
+                                   "      - echo rolled\n      - python -m ray_dstack.demo.model_server serve")
+    assert "echo rolled" in text
+    path = write_service(service["tmp"], SERVICE, text)
+    proc = service["cluster"].run("deploy", str(path), "--timeout", "600", timeout=900)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    service["cluster"].wait_until(
+        lambda: len(listed_workers()) == 2 and not old_workers & {r["replica_id"] for r in replicas(WORKERS)},
+        timeout=180, what="the new workers listed by the router, the old ones gone")
+    assert [r["replica_id"] for r in replicas("ServiceReplica")] == router
     client = openai.OpenAI(base_url=service["cluster"].http + "/v1", api_key=service["token"], max_retries=0)
     answer = client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert answer.choices[0].message.content

@@ -4,6 +4,8 @@ one application, each with its own Ray request, replicas or autoscaling and spec
 
 from __future__ import annotations
 
+import json
+
 import re
 import subprocess
 import sys
@@ -129,13 +131,18 @@ def deployments(p) -> dict[str, dict]:
     return {d["name"]: d for d in app_of(p)["deployments"]}
 
 
+def spec_json(deployment: dict) -> dict:
+    """A group's spec as its replicas read it: from the deployment's own options (rt.SPEC_ENV_VAR)."""
+    return json.loads(deployment["ray_actor_options"]["runtime_env"]["env_vars"][rt.SPEC_ENV_VAR])
+
+
 def specs(p) -> dict[str, rt.ServiceSpec]:
-    """Every group's spec as the replicas rebuild it from `args`, by deployment name."""
-    args = app_of(p)["args"]
-    out = {rt.REPLICA_DEPLOYMENT_NAME: rt.ServiceSpec.model_validate(args["service"])}
-    for group in args.get("groups", []):
-        out[group["deployment"]] = rt.ServiceSpec.model_validate(group["service"])
-    return out
+    """Every group's spec as the replicas rebuild it, by deployment name."""
+    return {d["name"]: rt.ServiceSpec.model_validate(spec_json(d)) for d in app_of(p)["deployments"]}
+
+
+def non_ingress(p) -> list[str]:
+    return [g["deployment"] for g in app_of(p)["args"]["groups"] if g["deployment"] != rt.REPLICA_DEPLOYMENT_NAME]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +163,9 @@ def test_pd_has_one_deployment_per_group_router_first(pd):
 
 def test_pd_ray_actor_options_are_per_group(pd):
     d = deployments(pd)
-    assert d["ServiceReplica"]["ray_actor_options"] == {"num_cpus": 4.0}
+    router = {k: v for k, v in d["ServiceReplica"]["ray_actor_options"].items() if k != "runtime_env"}
+    assert router == {"num_cpus": 4.0}  # the runtime_env holds its spec only (spec_json)
+    assert set(d["ServiceReplica"]["ray_actor_options"]["runtime_env"]) == {"env_vars"}
     for name in ("ServiceReplica-prefill", "ServiceReplica-decode"):
         opts = d[name]["ray_actor_options"]
         assert opts["num_gpus"] == 1.0
@@ -176,9 +185,13 @@ def test_pd_replicas_and_autoscaling_are_per_group(pd):
     assert d["ServiceReplica-decode"]["num_replicas"] == 2 and "autoscaling_config" not in d["ServiceReplica-decode"]
 
 
-def test_pd_args_list_the_non_ingress_groups_with_their_specs(pd):
+def test_pd_args_name_the_groups_and_each_deployment_carries_its_spec(pd):
     args = app_of(pd)["args"]
-    assert [g["deployment"] for g in args["groups"]] == ["ServiceReplica-prefill", "ServiceReplica-decode"]
+    assert args == {"groups": [{"group": "router", "deployment": "ServiceReplica"},
+                               {"group": "prefill", "deployment": "ServiceReplica-prefill"},
+                               {"group": "decode", "deployment": "ServiceReplica-decode"}]}
+    assert [s["name"] for s in rt.application_specs(app_of(pd))] == ["pd"] * 3
+    assert rt.application_specs(app_of(pd))[0]["group"]["role"] == "router"  # the ingress group's first
     by_deployment = specs(pd)
     assert "--disaggregation-mode prefill" in by_deployment["ServiceReplica-prefill"].commands[1]
     assert "--disaggregation-mode decode" in by_deployment["ServiceReplica-decode"].commands[0]
@@ -232,7 +245,7 @@ def test_pd_dstack_gpus_num_is_left_to_the_shell(pd):
     s = specs(pd)
     for name in ("ServiceReplica-prefill", "ServiceReplica-decode"):
         assert any("--tp $DSTACK_GPUS_NUM " in line for line in s[name].commands), s[name].commands
-    assert "$DSTACK_GPUS_NUM" in app_of(pd)["args"]["groups"][0]["service"]["commands"][1]
+    assert "$DSTACK_GPUS_NUM" in spec_json(deployments(pd)["ServiceReplica-prefill"])["commands"][1]
 
 
 def test_legacy_spelling_plans_the_same_serve_config():
@@ -262,7 +275,7 @@ def test_groups_without_a_router_are_members_and_the_first_is_the_ingress():
         ("big", "member", "ServiceReplica"), ("small", "member", "ServiceReplica-small")]
     assert {name: (spec.group.role, spec.group.router) for name, spec in s.items()} == {
         "ServiceReplica": ("member", None), "ServiceReplica-small": ("member", None)}
-    assert [g["deployment"] for g in app_of(p)["args"]["groups"]] == ["ServiceReplica-small"]
+    assert non_ingress(p) == ["ServiceReplica-small"]
 
 
 def test_a_router_group_anywhere_is_the_ingress():
@@ -275,7 +288,7 @@ def test_a_router_group_anywhere_is_the_ingress():
     assert [(g.name, g.deployment_name) for g in p.groups] == [
         ("workers", "ServiceReplica-workers"), ("frontend", "ServiceReplica")]
     assert p.spec.group.name == "frontend" and p.deployment["name"] == "ServiceReplica"
-    assert [g["deployment"] for g in app_of(p)["args"]["groups"]] == ["ServiceReplica-workers"]
+    assert non_ingress(p) == ["ServiceReplica-workers"]
 
 
 def test_only_the_ingress_spec_carries_its_replica_count():
@@ -288,7 +301,7 @@ def test_only_the_ingress_spec_carries_its_replica_count():
 
 
 def test_a_non_ingress_count_change_does_not_change_its_spec():
-    """Serve restarts a deployment's replicas when its args change: scaling a group must not."""
+    """Serve restarts a deployment's replicas when its options change: scaling a group must not."""
     more = plan(MEMBERS.replace("replicas: 0..5", "replicas: 2..9"))
     fewer = plan(MEMBERS)
     assert specs(more)["ServiceReplica-small"].model_copy(update={"scaling": None}) == \
@@ -296,8 +309,7 @@ def test_a_non_ingress_count_change_does_not_change_its_spec():
 
 
 def test_display_redacts_secret_env_in_every_group(pd):
-    shown = pd.to_display_dict()["applications"][0]["args"]
-    services = [shown["service"], *(g["service"] for g in shown["groups"])]
+    services = rt.application_specs(pd.to_display_dict()["applications"][0])
     assert len(services) == 3
     for service in services:
         assert service["env"] == {"HF_TOKEN": defaults.REDACTED, "MODEL_ID": "meta-llama/Llama-3.1-8B-Instruct"}
@@ -383,5 +395,5 @@ def test_plan_console_script_prints_serve_input():
     assert head and all(line.startswith("#") for line in head.splitlines()), head
     app = data["applications"][0]
     assert [d["name"] for d in app["deployments"]] == ["ServiceReplica", "ServiceReplica-workers"]
-    assert app["args"]["service"]["group"]["role"] == "router"
+    assert rt.application_specs(app)[0]["group"]["role"] == "router"
     assert "# group workers (worker, deployment ServiceReplica-workers): port 8000" in done.stdout
