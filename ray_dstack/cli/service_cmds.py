@@ -106,7 +106,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         token, digest, generated = (None, None, False)
         if loaded.config.auth:
             token, digest, generated = resolve_token(args.token, existing)
-        store, auth_key = hand_over_registry_auth(client.address, name, loaded.config, plan.spec.registry_auth)
+        store, auth_key = hand_over_registry_auth(client.address, name, loaded.config, plan.registry_auth)
         plan = plan.finalized(
             registry_auth_key=auth_key,
             token_sha256=digest,
@@ -123,7 +123,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         previous_time = ((details.get("applications") or {}).get(name) or {}).get("last_deployed_time_s")
 
         output.err.print(f"Deploying {name} to {client.address} ...")
-        pulls = watch_pulls(client.address, name) if plan.spec.image and not args.detach else None
+        pulls = watch_pulls(client.address, name) if plan.pulls_images and not args.detach else None
         client.put_applications(new_config)
         if args.detach:
             output.out.print(f"Submitted {name}; watch it with `ray-dstack status {name}`")
@@ -253,13 +253,13 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if not apps.is_service(configs[args.name]):
             raise UsageError(f"{args.name!r} is a Serve application that ray-dstack did not deploy; not deleting it")
         apps.check_can_write(details, args.name)
-        spec = apps.service_spec(configs[args.name])
+        specs = apps.group_specs(configs[args.name]) or [apps.service_spec(configs[args.name])]
         client.put_applications(apps.merged_config(details, remove=args.name))
-        if spec.registry_auth is not None:
+        if any(spec.registry_auth is not None for spec in specs):
             from ray_dstack.deploy.registry_auth import CredentialStore
 
             CredentialStore(client.address).forget(args.name)
-        if spec.image is not None:  # pull progress that replicas started after the deploy left behind
+        if any(spec.image is not None for spec in specs):  # pull progress replicas started after the deploy left
             from ray_dstack.deploy.pull_watch import PullWatch
 
             pulls, _ = PullWatch.connect(client.address, args.name)

@@ -88,6 +88,8 @@ def check_router_unchanged(name: str, running: dict[str, Any] | None, new: list[
         return
     old_router, new_router = router_of(group_specs(running)), router_of(new)
     if old_router == new_router:
+        if old_router is not None and old_router[1] == "dynamo":
+            _check_dynamo_router_unchanged(name, group_specs(running), new)
         return
     if old_router is None:
         what = f"adds the {new_router[1]} router group {new_router[0]!r}"
@@ -101,6 +103,27 @@ def check_router_unchanged(name: str, running: dict[str, Any] | None, new: list[
         f"the router group of service {name!r} cannot change in place ({what}): delete the service "
         f"(`ray-dstack delete {name}`) and deploy it again"
     )
+
+
+# What a user changes in a router group's replica spec (the rest is set by `deploy` or is the group's count).
+_ROUTER_FIELDS = ("commands", "image", "python", "entrypoint", "env", "port", "port_from_env", "probes",
+                  "working_dir", "model", "rate_limits")
+
+
+def _check_dynamo_router_unchanged(name: str, old: list[ServiceSpec], new: list[ServiceSpec]) -> None:
+    """dstack refuses any in-place change to a Dynamo router group (spec §1.7): its workers hold the router's
+    address and registered with its etcd, so a new router would be empty and they would not know it."""
+    def router_fields(specs: list[ServiceSpec]) -> dict[str, Any]:
+        spec = next(s for s in specs if s.group is not None and s.group.role == "router")
+        return spec.model_dump(mode="json", include=set(_ROUTER_FIELDS))
+
+    before, after = router_fields(old), router_fields(new)
+    changed = sorted(k for k in _ROUTER_FIELDS if before.get(k) != after.get(k))
+    if changed:
+        raise UsageError(
+            f"the Dynamo router group of service {name!r} cannot change in place (changed: {', '.join(changed)}; "
+            f"its workers hold its address and registered with it): delete the service (`ray-dstack delete "
+            f"{name}`) and deploy it again")
 
 
 def check_can_write(details: dict[str, Any], name: str) -> None:

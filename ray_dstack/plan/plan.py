@@ -55,6 +55,20 @@ class ServicePlan:
     def route_prefix(self) -> str:
         return f"/{self.name}"
 
+    @property
+    def specs(self) -> list[rt.ServiceSpec]:
+        """Every group's replica spec (the one spec of a service without groups)."""
+        return [g.spec for g in self.groups] or [self.spec]
+
+    @property
+    def registry_auth(self) -> rt.RegistryAuthRef | None:
+        """`registry_auth` of the groups that pull an `image` (any group may have one, the router need not)."""
+        return next((s.registry_auth for s in self.specs if s.registry_auth is not None), None)
+
+    @property
+    def pulls_images(self) -> bool:
+        return any(s.image for s in self.specs)
+
     def finalized(
         self,
         *,
@@ -79,9 +93,9 @@ class ServicePlan:
             update["ready_timeout_s"] = ready_timeout_s
         if trusted_proxies is not None:  # `deploy --trusted-proxies`: whose X-Forwarded-For rate limits believe
             update["trusted_proxies"] = list(trusted_proxies)
-        if registry_auth_key is not None and self.spec.registry_auth is not None:
+        if registry_auth_key is not None and self.registry_auth is not None:
             # `deploy` put the credentials in Ray's internal KV under this key (never in the Serve config).
-            update["registry_auth"] = self.spec.registry_auth.model_copy(update={"kv_key": registry_auth_key})
+            update["registry_auth"] = self.registry_auth.model_copy(update={"kv_key": registry_auth_key})
         if model_settings is not None and self.spec.model is not None:
             update["model"] = self.spec.model.model_copy(update={
                 "chat_template": model_settings.chat_template,
@@ -116,15 +130,18 @@ class ServicePlan:
             return {**app, "args": {"service": _spec_args(self.spec), **created},
                     "deployments": [copy.deepcopy(self.deployment)]}
         # Each group's spec in its own deployment's options (rt.SPEC_ENV_VAR): a redeploy that changes one
-        # group restarts that group only; `args` names the groups and changes only when they do.
+        # group restarts that group only. `args` names the groups and holds `env`, which every group shares
+        # (a change rolls them all, as it should): Ray logs a runtime_env and puts it on a command line, so
+        # env values (secrets) never go there.
         deployments = []
         for group in self.groups:
             deployment = copy.deepcopy(group.deployment)
             options = deployment.setdefault("ray_actor_options", {})
-            options["runtime_env"] = {"env_vars": {rt.SPEC_ENV_VAR: json.dumps(_spec_args(group.spec), sort_keys=True)}}
+            spec = {**_spec_args(group.spec), "env": {}}
+            options["runtime_env"] = {"env_vars": {rt.SPEC_ENV_VAR: json.dumps(spec, sort_keys=True)}}
             deployments.append(deployment)
         groups = [{"group": g.name, "deployment": g.deployment_name} for g in self.groups]
-        return {**app, "args": {"groups": groups, **created}, "deployments": deployments}
+        return {**app, "args": {"groups": groups, "env": dict(self.spec.env), **created}, "deployments": deployments}
 
     def to_serve_config(self) -> dict[str, Any]:
         """A Serve config file (`serve deploy` input); keeps env values (the replica needs them)."""
@@ -142,12 +159,7 @@ class ServicePlan:
                     env[key] = defaults.REDACTED
             return service
 
-        if "service" in app["args"]:
-            redact(app["args"]["service"])
-        for deployment in app["deployments"]:
-            env_vars = ((deployment.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
-            if rt.SPEC_ENV_VAR in env_vars:
-                env_vars[rt.SPEC_ENV_VAR] = json.dumps(redact(json.loads(env_vars[rt.SPEC_ENV_VAR])), sort_keys=True)
+        redact(app["args"]["service"] if "service" in app["args"] else app["args"])  # groups: `env` is in args
         return data
 
     def environment(self) -> dict[str, Any]:
@@ -354,6 +366,13 @@ def _plan_group(
         shm_size_bytes=int(res.shm_size * 1024**3) if image and res.shm_size else None,
         group=group_part,
     )
+
+    if router and group_part is not None and group_part.router == "sglang" and image is None and any(
+            "0.0.0.0" in line or "--host ::" in line for line in commands):
+        warnings.append(
+            f"the SGLang router of group {group.name!r} listens on every address of its node: its admin API "
+            "(`POST/DELETE /workers`) is then open to the node's network without a token. `--host 127.0.0.1` is "
+            "enough: ray-dstack reaches the router on loopback, and the router connects out to its workers")
 
     # --- deployment
     one_per_node = not port_from_env and not namespace and image is None

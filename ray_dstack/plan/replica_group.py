@@ -165,8 +165,11 @@ def deployment_options(
 
 
 def ingress_index(config: ServiceConfig) -> int:
-    """The group whose replicas take the service's traffic: the router group, else the first group."""
-    for index, group in enumerate(config.replica_groups):
+    """The group whose replicas take the service's traffic: the router group, else the first group that
+    always has a replica (a group at 0 could not take the requests that the other groups are ready to
+    serve), else the first."""
+    groups = config.replica_groups
+    for index, group in enumerate(groups):
         if group.router is not None:
             return index
-    return 0
+    return next((index for index, group in enumerate(groups) if (group.replicas.min or 0) >= 1), 0)

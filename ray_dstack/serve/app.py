@@ -26,11 +26,13 @@ def build_service(args: dict[str, Any]) -> Application:
     if "service" in args:
         return deployment.bind(args["service"], created=created)
     # Groups: each replica reads its group's spec from its deployment's options (ray_dstack.spec.SPEC_ENV_VAR).
+    env = args.get("env") or {}
     members = {
-        group["deployment"]: serve.deployment(name=group["deployment"])(ServiceReplica).bind(None, created=created)
+        group["deployment"]: serve.deployment(name=group["deployment"])(ServiceReplica).bind(
+            None, created=created, env=env)
         for group in args["groups"] if group["deployment"] != REPLICA_DEPLOYMENT_NAME
     }
-    return deployment.bind(None, created=created, members=members)
+    return deployment.bind(None, created=created, members=members, env=env)
 
 
 def build_gateway(args: dict[str, Any]) -> Application:

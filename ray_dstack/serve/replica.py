@@ -69,11 +69,13 @@ def _replica_tag() -> str:
 
 
 class ServiceReplica:
-    async def __init__(self, service: dict | None, created: int | None = None, members: dict | None = None) -> None:
+    async def __init__(self, service: dict | None, created: int | None = None, members: dict | None = None,
+                       env: dict[str, str] | None = None) -> None:
         """`members`: handles of the service's other replica groups (Serve deploys a group's deployment
-        with the service's application because the ingress group's replicas are bound to it)."""
-        if service is None:  # a replica group: the spec is in the deployment's options, not for the commands
-            service = json.loads(os.environ.pop(SPEC_ENV_VAR))
+        with the service's application because the ingress group's replicas are bound to it). `env`: a
+        group's replica gets the service's `env` apart from its spec (ray_dstack.spec.SPEC_ENV_VAR)."""
+        if service is None:  # a replica group: the spec is in the deployment's options (not for the commands),
+            service = {**json.loads(os.environ.pop(SPEC_ENV_VAR)), "env": dict(env or {})}  # the env in args
         self.spec = spec = ServiceSpec.model_validate(service)
         self.started_at = time.time()
         # Requests per second for the `scaling: {metric: rps}` policy (ray_dstack/serve/scaling/autoscaling_policy.py).

@@ -136,7 +136,9 @@ ROUTER_ALLOWED_PREFIXES = ("/v1/",)
 # A grouped service's replica spec travels in its deployment's `ray_actor_options.runtime_env.env_vars`, not in
 # the application's `args`: Serve versions every deployment of an application by its `args`, so a spec there
 # would restart every group when one changes; a deployment's own options restart that deployment only (dstack
-# rolls the changed group only). The replica reads it and removes it from its environment.
+# rolls the changed group only). The replica reads it and removes it from its environment. Its `env` is empty:
+# the service's `env` (shared by every group, secrets among it) stays in `args["env"]`, since Ray logs a
+# runtime_env and passes it on a command line.
 SPEC_ENV_VAR = "RAY_DSTACK_SERVICE_SPEC"
 
 
@@ -150,7 +152,7 @@ def application_specs(app_config: dict[str, Any]) -> list[dict[str, Any]]:
     for deployment in app_config.get("deployments") or []:
         env = ((deployment.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
         if SPEC_ENV_VAR in env:
-            spec = json.loads(env[SPEC_ENV_VAR])
+            spec = {**json.loads(env[SPEC_ENV_VAR]), "env": dict(args.get("env") or {})}
             if deployment.get("name") == REPLICA_DEPLOYMENT_NAME:
                 specs.insert(0, spec)
             else:

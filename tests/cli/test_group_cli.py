@@ -175,3 +175,16 @@ def test_deploy_waits_for_every_group_and_prints_them(monkeypatch, tmp_path, cap
     assert "router r1" not in out.err  # a router that answers from the start needs no line while deploy waits
     assert "Service chat is ready: 3/3 (router 1/1, workers 2/2) replicas at http://head.example:8100/chat/" in out.out
     assert "  router: lists 2 worker(s): http://10.0.0.2:40001 (regular, healthy)" in out.out
+
+
+def test_a_dynamo_router_group_never_changes_in_place_but_its_workers_may():
+    """dstack (spec §1.7): the workers hold the router's address and registered with it."""
+    old = running(ROUTER_SVC, "dynamo")
+    apps.check_router_unchanged("chat", old, specs(ROUTER_SVC.replace("1..3", "2..4"), "dynamo"))  # scaling
+    apps.check_router_unchanged("chat", old, specs(ROUTER_SVC.replace("serve --port", "serve -v --port"), "dynamo"))
+    message = refusal(old, specs(ROUTER_SVC.replace("smg launch", "python -m dynamo.frontend"), "dynamo"))
+    assert "Dynamo router group of service 'chat' cannot change in place (changed: commands;" in message
+    shared = refusal(old, specs(ROUTER_SVC.replace("url: /health", "url: /ready"), "dynamo"))
+    assert "(changed: probes;" in shared
+    # An SGLang router may change in place: ray-dstack tells the new router its workers.
+    apps.check_router_unchanged("chat", running(ROUTER_SVC), specs(ROUTER_SVC.replace("smg launch", "smg launch -v")))

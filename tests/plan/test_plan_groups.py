@@ -137,8 +137,9 @@ def spec_json(deployment: dict) -> dict:
 
 
 def specs(p) -> dict[str, rt.ServiceSpec]:
-    """Every group's spec as the replicas rebuild it, by deployment name."""
-    return {d["name"]: rt.ServiceSpec.model_validate(spec_json(d)) for d in app_of(p)["deployments"]}
+    """Every group's spec as the replicas rebuild it (the service's `env` from args), by deployment name."""
+    env = app_of(p)["args"]["env"]
+    return {d["name"]: rt.ServiceSpec.model_validate({**spec_json(d), "env": env}) for d in app_of(p)["deployments"]}
 
 
 def non_ingress(p) -> list[str]:
@@ -189,7 +190,11 @@ def test_pd_args_name_the_groups_and_each_deployment_carries_its_spec(pd):
     args = app_of(pd)["args"]
     assert args == {"groups": [{"group": "router", "deployment": "ServiceReplica"},
                                {"group": "prefill", "deployment": "ServiceReplica-prefill"},
-                               {"group": "decode", "deployment": "ServiceReplica-decode"}]}
+                               {"group": "decode", "deployment": "ServiceReplica-decode"}],
+                    "env": {"HF_TOKEN": "hf_secret_value", "MODEL_ID": "meta-llama/Llama-3.1-8B-Instruct"}}
+    # The env (secrets) never goes into a runtime_env, which Ray logs and puts on a command line.
+    assert all(spec_json(d)["env"] == {} for d in app_of(pd)["deployments"])
+    assert "hf_secret_value" not in json.dumps(app_of(pd)["deployments"])
     assert [s["name"] for s in rt.application_specs(app_of(pd))] == ["pd"] * 3
     assert rt.application_specs(app_of(pd))[0]["group"]["role"] == "router"  # the ingress group's first
     by_deployment = specs(pd)
@@ -397,3 +402,57 @@ def test_plan_console_script_prints_serve_input():
     assert [d["name"] for d in app["deployments"]] == ["ServiceReplica", "ServiceReplica-workers"]
     assert rt.application_specs(app)[0]["group"]["role"] == "router"
     assert "# group workers (worker, deployment ServiceReplica-workers): port 8000" in done.stdout
+
+
+PRIVATE_WORKERS = """
+type: service
+name: private
+port: 8000
+registry_auth:
+  username: bob
+  password: s3cret
+groups:
+  - name: router
+    replicas: 1
+    router: {type: sglang}
+    commands: [smg launch --host 127.0.0.1 --port 8000]
+  - name: workers
+    replicas: 2
+    image: ghcr.io/org/private:1
+"""
+
+
+def test_registry_auth_of_a_worker_groups_image_is_handed_over_even_when_the_router_has_no_image():
+    p = plan(PRIVATE_WORKERS)
+    assert p.spec.registry_auth is None and p.registry_auth is not None and p.pulls_images
+    done = p.finalized(token_sha256=None, registry_auth_key="registry-auth/private/abc")
+    by_name = {g.name: g.spec for g in done.groups}
+    assert by_name["workers"].registry_auth.kv_key == "registry-auth/private/abc"
+    assert by_name["router"].registry_auth is None  # the router pulls nothing
+
+
+def test_plan_warns_when_an_sglang_router_listens_on_every_address():
+    exposed = plan(PRIVATE_WORKERS.replace("--host 127.0.0.1", "--host 0.0.0.0"))
+    assert any("admin API" in w and "--host 127.0.0.1" in w for w in exposed.warnings), exposed.warnings
+    assert not any("admin API" in w for w in plan(PRIVATE_WORKERS).warnings)
+
+
+def test_without_a_router_a_group_that_may_be_at_zero_is_not_the_ingress():
+    """The ingress group takes every request: a first group at 0 would leave a ready second group idle."""
+    zero = """
+type: service
+name: zero
+port: 8000
+groups:
+  - name: spare
+    replicas: 0..2
+    scaling: {metric: rps, target: 5}
+    commands: [python3 -m http.server $RAY_DSTACK_PORT]
+  - name: main
+    replicas: 2
+    commands: [python3 -m http.server $RAY_DSTACK_PORT]
+"""
+    p = plan(zero)
+    assert [(g.name, g.deployment_name) for g in p.groups] == [
+        ("spare", "ServiceReplica-spare"), ("main", "ServiceReplica")]
+    assert p.spec.group.name == "main" and p.deployment["num_replicas"] == 2

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import unquote
 from typing import Any, Awaitable, Callable, TypeVar
@@ -19,14 +20,17 @@ from typing import Any, Awaitable, Callable, TypeVar
 import httpx
 
 from ray_dstack.serve.groups import dynamo
-from ray_dstack.serve.groups.peers import PeerPool
+from ray_dstack.serve.groups.peers import REFRESH_S, PeerPool
 from ray_dstack.serve.groups.registry import KV, Announcer, Watcher
-from ray_dstack.serve.groups.sglang_sync import SglangWorkerSync
+from ray_dstack.serve.groups.sglang_sync import SYNC_S, SglangWorkerSync
 from ray_dstack.serve.runtime.base import ReplicaRuntime, probe_client
 from ray_dstack.serve.runtime.dstack_env import node_ip
 from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME, ROUTER_ALLOWED_PATHS, ROUTER_ALLOWED_PREFIXES, ServiceSpec
 
 B = TypeVar("B")
+# The reader of the announcements (the SGLang sync, the ingress group's peer pool) looks every second: after
+# this long a withdrawn replica gets no new request. The reader's list cannot be polled from here.
+WITHDRAW_SETTLE_S = max(SYNC_S, REFRESH_S) + 0.5
 
 
 def router_allows(path: str) -> bool:
@@ -80,7 +84,10 @@ class GroupRole:
             client = probe_client(runtime.process)
             client.base_url = httpx.URL(f"http://127.0.0.1:{runtime.port}")
             client.timeout = httpx.Timeout(10.0)
-            self.sync = SglangWorkerSync(client, Watcher(self.kv, self.spec.name), node_id=_node_id(),
+            # A router in a container has a network of its own: its loopback is not the node's, so it reaches
+            # every worker at its node's address (node_id None), the ones on its own node included.
+            node_id = None if runtime.kind == "container" else _node_id()
+            self.sync = SglangWorkerSync(client, Watcher(self.kv, self.spec.name), node_id=node_id,
                                          logger=self.logger)
             self.sync.start()
         elif self.group.router == "dynamo":
@@ -93,11 +100,14 @@ class GroupRole:
 
     async def after_ready(self, runtime: ReplicaRuntime, healthy) -> None:
         """A replica reached through another (an SGLang router's worker, a member group that is not the
-        ingress) announces itself while it is ready and healthy."""
-        if self.group is None or self.is_ingress:
+        ingress) announces itself while it is ready and healthy; so does an ingress replica of a service
+        without a router (the others count them to share the traffic evenly: peers.py)."""
+        if self.group is None:
             return
-        if self.role == "worker" and self.group.router != "sglang":
+        if self.role == "router" or (self.role == "worker" and self.group.router != "sglang"):
             return  # Dynamo's frontend finds its workers itself
+        if self.role == "member" and len(self.group.groups) < 2:
+            return
         assert runtime.port is not None
         self.announcer = Announcer(
             self.kv, service=self.spec.name, group=self.group.name, deployment=self.group.deployment,
@@ -110,9 +120,16 @@ class GroupRole:
         if self.role != "member" or not self.is_ingress or self.group is None or len(self.group.groups) < 2:
             return None
         self.peers = PeerPool(Watcher(self.kv, self.spec.name), node_id=_node_id(), make=make, close=close,
-                              logger=self.logger)
+                              logger=self.logger, own_deployment=self.group.deployment)
         self.peers.start()
         return self.peers
+
+    async def _withdraw(self, announcer: Announcer) -> None:
+        """Withdraw, then give the router (or the ingress group) one sync period to stop choosing this replica:
+        only then do its commands stop. Requests already sent to it get the runtime's own stop grace."""
+        await announcer.close()
+        if announcer.announced:
+            await asyncio.sleep(WITHDRAW_SETTLE_S)
 
     def describe(self) -> dict[str, Any]:
         if self.group is None:
@@ -125,16 +142,24 @@ class GroupRole:
         return out
 
     async def aclose(self) -> None:
-        """First thing when the replica stops: the router stops sending it requests."""
+        """First thing when the replica stops: the router stops sending it requests. Never raises (the
+        replica's own teardown and its original error come next)."""
+        steps = []
         if self.announcer is not None:
-            await self.announcer.close()
+            steps.append(("withdraw the announcement", self._withdraw(self.announcer)))
             self.announcer = None
         if self.sync is not None:
-            await self.sync.aclose()
+            steps.append(("stop the router sync", self.sync.aclose()))
             self.sync = None
         if self.peers is not None:
-            await self.peers.aclose()
+            steps.append(("close the other groups' connections", self.peers.aclose()))
             self.peers = None
         if self.published_router:
-            await dynamo.withdraw_router(self.kv, self.spec.name, replica=self.replica_tag)
+            steps.append(("withdraw the router's address", dynamo.withdraw_router(
+                self.kv, self.spec.name, replica=self.replica_tag)))
             self.published_router = False
+        for what, step in steps:
+            try:
+                await step
+            except Exception as exc:  # noqa: BLE001 - readers drop a silent entry after registry.STALE_S
+                self.logger.warning("could not %s: %s", what, exc)

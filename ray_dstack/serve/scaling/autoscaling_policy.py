@@ -158,7 +158,14 @@ def _window_frames(frames: dict, now: float, window_s: float) -> dict[int, float
     return {int(s): c for s, c in frames.items() if second - n < int(s) <= second}
 
 
-def service_counters(prefix: str, namespace: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+COUNTERS_READ_S = 1.0
+# A counter not republished for this long belongs to an ingress replica that is gone (killed outright: nothing
+# deleted its key); its last window must not seed a policy that lost its state. Generous: nodes' clocks differ.
+COUNTER_STALE_S = 30.0
+
+
+def service_counters(prefix: str, namespace: str, *, now: float | None = None
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """The request counters the service's ingress replicas publish in Ray's internal KV (ray_dstack/serve/
     scaling/service_counters.py): `{key: {"total": n, "in_window": m}}` as one-point series per replica.
     A group behind a router (or beside the ingress group) takes no request from Serve: it scales on these."""
@@ -173,8 +180,9 @@ def service_counters(prefix: str, namespace: str) -> tuple[dict[str, list[float]
         try:
             data = json.loads(raw) if raw is not None else None
             name = key.decode() if isinstance(key, bytes) else str(key)
+            stale = (now if now is not None else time.time()) - float(data.get("time", 0.0)) > COUNTER_STALE_S
             totals[name] = [float(data["total"])]
-            in_window[name] = [float(data.get("in_window", 0.0))]
+            in_window[name] = [0.0 if stale else float(data.get("in_window", 0.0))]
         except (ValueError, TypeError, KeyError):
             continue
     return totals, in_window
@@ -317,15 +325,21 @@ class RpsPolicy:
         self.scale_down_delay_s = float(scale_down_delay_s)
         self.service_counters_prefix = service_counters_prefix
         self.kv_namespace = kv_namespace
+        self._counters: tuple[float, tuple[dict, dict]] | None = None  # (when read, counters)
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         counters = None
         if self.service_counters_prefix is not None:
-            try:
-                counters = service_counters(self.service_counters_prefix, self.kv_namespace or "")
-            except Exception:  # noqa: BLE001 - the GCS briefly away: keep the current count this tick
-                state = dict(ctx.policy_state or {})
-                return int(ctx.target_num_replicas), state
+            # Serve calls this on its controller's loop every ~0.1 s: read the GCS at most once per
+            # COUNTERS_READ_S (the ingress replicas publish once a second anyway).
+            now = time.monotonic()
+            if self._counters is None or now - self._counters[0] >= COUNTERS_READ_S:
+                try:
+                    self._counters = (now, service_counters(self.service_counters_prefix, self.kv_namespace or ""))
+                except Exception:  # noqa: BLE001 - the GCS briefly away: keep the current count this tick
+                    state = dict(ctx.policy_state or {})
+                    return int(ctx.target_num_replicas), state
+            counters = self._counters[1]
         return evaluate(
             ctx,
             target_rps=self.target_rps,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 
 from ray_dstack.serve.scaling.request_counter import RequestCounter
 from ray_dstack.spec import KV_NAMESPACE, SERVICE_COUNTERS_PREFIX
@@ -30,7 +32,8 @@ class CounterPublisher:
         self.key = counters_prefix(service) + replica
         self.logger = logger
         self._task: asyncio.Task | None = None
-        self._last: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -39,15 +42,19 @@ class CounterPublisher:
         from ray.experimental.internal_kv import _internal_kv_put
 
         while True:
-            now = (self.counter.total(), self.counter.requests_in_window())
-            if now != self._last:
-                value = json.dumps({"total": now[0], "in_window": now[1]}).encode()
-                try:
-                    await asyncio.to_thread(_internal_kv_put, self.key, value, True, namespace=KV_NAMESPACE)
-                    self._last = now
-                except Exception as exc:  # noqa: BLE001 - the GCS briefly away: the next round publishes it
-                    self.logger.warning("could not publish the request count for the groups' autoscaling: %s", exc)
+            # Every round, changed or not: the time tells the policy this replica still runs.
+            value = json.dumps({"total": self.counter.total(), "in_window": self.counter.requests_in_window(),
+                                "time": time.time()}).encode()
+            try:
+                await asyncio.to_thread(self._put, _internal_kv_put, value)
+            except Exception as exc:  # noqa: BLE001 - the GCS briefly away: the next round publishes it
+                self.logger.warning("could not publish the request count for the groups' autoscaling: %s", exc)
             await asyncio.sleep(PUBLISH_S)
+
+    def _put(self, put, value: bytes) -> None:
+        with self._lock:  # a write already in its thread must not land after aclose()'s delete
+            if not self._closed:
+                put(self.key, value, True, namespace=KV_NAMESPACE)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -56,6 +63,11 @@ class CounterPublisher:
         try:
             from ray.experimental.internal_kv import _internal_kv_del
 
-            await asyncio.to_thread(_internal_kv_del, self.key, namespace=KV_NAMESPACE)
-        except Exception:  # noqa: BLE001 - the cluster is going away
+            def withdraw() -> None:
+                with self._lock:
+                    self._closed = True
+                    _internal_kv_del(self.key, namespace=KV_NAMESPACE)
+
+            await asyncio.to_thread(withdraw)
+        except Exception:  # noqa: BLE001 - the cluster is going away; the policy ignores it once stale
             pass

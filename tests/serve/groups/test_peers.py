@@ -25,13 +25,14 @@ class Backend:
 
 
 class Harness:
-    def __init__(self, *, node_id: str | None = "node-a", seed: int = 7) -> None:
+    def __init__(self, *, node_id: str | None = "node-a", seed: int = 7, retire_s: float = 0.0) -> None:
+        """`retire_s` 0: a replica that left is closed as soon as refresh() lets its retirement run."""
         self.kv, self.clock = MemoryKV(), Clock()
         self.made: list[str] = []
         self.closed: list[str] = []
         self.pool: PeerPool[Backend] = PeerPool(
             Watcher(self.kv, "svc", clock=self.clock), node_id=node_id, make=self.make, close=self.close,
-            logger=LOG, rng=random.Random(seed))
+            logger=LOG, rng=random.Random(seed), own_deployment="ServiceReplica", retire_s=retire_s)
 
     def make(self, url: str) -> Backend:
         self.made.append(url)
@@ -42,7 +43,11 @@ class Harness:
         self.closed.append(backend.url)
 
     def refresh(self) -> None:
-        asyncio.run(self.pool.refresh())
+        async def go() -> None:
+            await self.pool.refresh()
+            await asyncio.gather(*self.pool._retiring)
+
+        asyncio.run(go())
 
 
 def test_refresh_adds_a_backend_per_announced_replica():
@@ -137,3 +142,35 @@ def test_started_pool_follows_the_registry():
 
     asyncio.run(asyncio.wait_for(scenario(), 5))
     assert h.closed == ["http://127.0.0.1:9001"]
+
+
+def test_a_replica_that_left_is_chosen_no_more_but_its_requests_keep_their_connections():
+    h = Harness(retire_s=3600.0)
+    gone = announce(h.kv, replica="r1", port=9001)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await h.pool.refresh()
+        h.kv.delete(gone)
+        await h.pool.refresh()
+        own = Backend("own")
+        chosen = {h.pool.choose(own).url for _ in range(50)}
+        closed_while_running = list(h.closed)
+        await h.pool.aclose()  # the replica stops: now it is closed
+        return sorted(chosen), closed_while_running
+
+    chosen, closed_while_running = asyncio.run(scenario())
+    assert chosen == ["own"] and closed_while_running == [] and h.closed == ["http://127.0.0.1:9001"]
+
+
+def test_each_replica_of_every_group_is_equally_likely_with_several_ingress_replicas():
+    """2 ingress replicas (HAProxy gives each half) and 1 other: each of the 3 should serve a third."""
+    h = Harness(seed=99)
+    announce(h.kv, replica="i1", port=8001, deployment="ServiceReplica")
+    announce(h.kv, replica="i2", port=8002, deployment="ServiceReplica")
+    announce(h.kv, replica="w1", port=9001)
+    h.refresh()
+    assert list(h.pool.backends) == ["http://127.0.0.1:9001"] and h.pool.ingress_replicas == 2
+    own = Backend("own")
+    picks = Counter(h.pool.choose(own).url for _ in range(3000))
+    # this replica keeps 2/3 of its half: 1/3 of all; the other group's replica gets 1/3 of all from each half
+    assert abs(picks["own"] / 3000 - 2 / 3) < 0.03
