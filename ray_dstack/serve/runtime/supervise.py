@@ -243,11 +243,11 @@ def _init(argv: list[str], connector: str | None, own_proc: bool = False) -> int
     for signum in TERMINATING:  # before the child exists: a signal in between would be lost on PID 1
         signal.signal(signum, on_signal)
     try:
-        # Not subprocess.Popen: a Popen object that is dropped reaps its child if it already exited (its
-        # __del__ polls), and on a busy node the shell may exit before that (`exit 7` at once): the loop below
-        # would then never see it and report 1 instead of the shell's code.
-        # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec (Popen resets them too).
-        child = os.posix_spawnp(argv[0], argv, os.environ, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        # The Popen object is kept until the loop below has reaped the shell: a dropped Popen reaps its child in
+        # __del__ if it already exited, and on a busy node the shell may exit that soon (`exit 7` at once); the
+        # loop would then never see it and report 1 instead of the shell's code.
+        shell = subprocess.Popen(argv)
+        child = shell.pid
         if connector:
             serve_connector(connector)
         while True:  # reap every orphan of the namespace until the service's shell exits
