@@ -99,7 +99,6 @@ class ServiceReplica:
         self.limits = ReplicaLimits(spec, logger)
         self.created = created
         self.own = self._backend(f"http://127.0.0.1:{runtime.port}", network_backend=runtime.network_backend)
-        self.client, self.forwarder, self.endpoint = self.own.client, self.own.forwarder, self.own.endpoint
         # Groups without a router: the other groups' replicas take this service's traffic too (serve/groups/peers.py).
         self.peers = group.start_peers(self._backend, ModelServerBackend.aclose)
         # The other groups scale on the requests this group takes (serve/scaling/service_counters.py).
@@ -208,6 +207,6 @@ class ServiceReplica:
         runtime = getattr(self, "runtime", None)
         if runtime is not None:
             await runtime.stop()
-        client = getattr(self, "client", None)
-        if client is not None:
-            await client.aclose()
+        own = getattr(self, "own", None)
+        if own is not None:
+            await own.aclose()

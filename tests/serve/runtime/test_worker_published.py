@@ -10,7 +10,6 @@ import shutil
 import socket
 
 import httpx
-import pytest
 
 from ray_dstack.plan import build_plan
 from ray_dstack.serve.runtime import dstack_env, netns, python_env, runtime_for, workspace
@@ -77,8 +76,8 @@ def test_the_mappings_on_the_command_lines():
     assert loopback[loopback.index("-p") + 1] == "127.0.0.1:41000:8000" and loopback.count("-p") == 1
 
 
-@pytest.mark.skipif(not shutil.which("pasta"), reason="needs pasta (Debian package passt), as CI installs it")
 def test_a_workers_namespace_answers_at_the_nodes_address(tmp_path, monkeypatch):
+    assert shutil.which("pasta"), "pasta (Debian package passt) is missing: .ci/run installs it"
     address = node_address()
     assert address, "this machine has no address besides loopback"
     monkeypatch.setenv(python_env.ENV_ROOT_ENV, str(tmp_path / "envs"))
