@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from ray_dstack.config.errors import ConfigError, Problem
+from ray_dstack.config.models.container import UNION_TAGS
 from ray_dstack.config.models.groups import spelled_loc
 from ray_dstack.config.models.service import PROBLEM_SEP, ServiceConfig, ignored_warning
 
@@ -126,11 +127,17 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg
 
 
+def _without_union_tags(loc: Loc) -> Loc:
+    """`volumes[0].instance.path` → `volumes[0].path`: pydantic names the member of a tagged union it tried."""
+    return tuple(part for i, part in enumerate(loc)
+                 if not (part in UNION_TAGS and i > 0 and isinstance(loc[i - 1], int)))
+
+
 def _problems_from_validation(exc: ValidationError, lines: Mapping[Loc, int], data: Any = None) -> list[Problem]:
     """One problem per error (and per `PROBLEM_SEP` part), its path spelled the way the file `data` spells it."""
     problems: list[Problem] = []
     for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
+        loc = _without_union_tags(tuple(err["loc"]))
         for text in _message({**err, "loc": spelled_loc(data, loc)}).split(PROBLEM_SEP):
             sub_loc = loc
             if text.startswith("@") and ":" in text:

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 
 from ray_dstack.config.models.common import CoreModel, IntRange
+from ray_dstack.config.models.container import (
+    FileMapping,
+    Mount,
+    RepoConfig,
+    check_shell,
+    check_user,
+    parse_off_duration,
+)
 from ray_dstack.config.models.endpoint import ModelConfig, PortMapping
 from ray_dstack.config.models.groups import (
     DEFAULT_GROUP_NAME,
@@ -26,6 +34,7 @@ from ray_dstack.config.models.groups import (
 )
 from ray_dstack.config.models.resources import ResourcesSpec
 from ray_dstack.config.models.scaling import ScalingConfig
+from ray_dstack.config.models.schedule import ScheduleConfig
 from ray_dstack.config.models.traffic import ProbeConfig, RateLimit, check_rate_limits
 from ray_dstack.config.models.validation import (
     PROBLEM_SEP,
@@ -53,8 +62,6 @@ IGNORED_FIELDS: dict[str, str] = {
     "reservation": "Capacity reservation to use",
     "spot_policy": "`spot`, `on-demand` or `auto`",
     "retry": "Retry policy for failed provisioning/runs",
-    "max_duration": "Maximum run duration",
-    "stop_duration": "Graceful stop timeout",
     "max_price": "Maximum hourly price",
     "creation_policy": "`reuse` or `reuse-or-create` fleets",
     "idle_duration": "Idle time before an instance is terminated",
@@ -65,23 +72,13 @@ IGNORED_FIELDS: dict[str, str] = {
     "utilization_policy": "Minimum GPU utilization policy",
     "gateway": "dstack gateway to publish through",
     "https": "Serve over HTTPS through the gateway",
-    "strip_prefix": "Strip the service path prefix (gateway)",
-    "volumes": "Volumes to mount",
-    "privileged": "Run the container privileged",
-    "user": "User to run as",
-    "shell": "Shell used to run `commands`",
     "nvcc": "Install the CUDA compiler",
-    "single_branch": "Clone only one git branch",
-    "repos": "Repositories to mount",
-    "files": "Files to upload",
-    "docker": "Docker-in-Docker",
     "priority": "Run priority",
 }
 
 GROUP_RESOURCES_IGNORED = (
     "top-level `resources` is ignored when `replicas`/`groups` lists groups: each group has its own"
 )
-GROUP_NOT_HONOURED = ("docker", "privileged")  # group-level; a later issue implements them
 
 _PLACEHOLDER = object()
 _INTERPOLATION_RE = re.compile(r"\$\{\{\s*env\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -105,8 +102,10 @@ class ServiceConfig(CoreModel):
     entrypoint: Optional[str] = Field(
         None, description="Replaces the image's entrypoint (shell words); `commands` become its arguments"
     )
-    home_dir: str = Field("/root", description="Home directory inside the container")
-    working_dir: Optional[str] = Field(None, description="Working directory of the commands")
+    home_dir: str = Field("/root", description="Deprecated in dstack (no effect); not honoured on Ray")
+    working_dir: Optional[str] = Field(
+        None, description="Working directory of the commands: absolute, or relative to the replica's own directory "
+        "(a container: to `/`); default: the replica's own directory (a container: the image's WORKDIR)")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before `commands` (legacy)")
     commands: list[str] = Field(default_factory=list, description="Shell lines run in order in one shell")
     env: dict[str, str] = Field(
@@ -137,6 +136,34 @@ class ServiceConfig(CoreModel):
     )
     rate_limits: list[RateLimit] = Field(default_factory=list, description="Per-client request rate limits")
 
+    # dstack's container and service fields, honoured on Ray (ray_dstack/plan/container_fields.py).
+    volumes: list[Mount] = Field(
+        default_factory=list,
+        description="`/node/path:/path` (a node directory) or `name:/path` (a named volume: a directory under the "
+        "cluster's volume root), mounted for the commands")
+    files: list[FileMapping] = Field(
+        default_factory=list,
+        description="`local[:path]`: uploaded through Ray's package store at deploy, copied into every replica")
+    repos: list[RepoConfig] = Field(
+        default_factory=list, description="At most one: a local directory (uploaded) or a git URL (cloned by each replica)")
+    single_branch: Optional[bool] = Field(None, description="Clone only the checked-out branch (default: yes)")
+    user: Optional[str] = Field(None, description="`name_or_uid[:group_or_gid]` the commands run as")
+    shell: Optional[str] = Field(
+        None, description="`sh`, `bash` or an absolute path; default /bin/bash (/bin/sh with `image`)")
+    privileged: bool = Field(False, description="Run the container privileged (replicas with `image`)")
+    docker: Optional[bool] = Field(
+        None, description="The commands get a working Docker daemon (excludes `image`, `python`, `nvcc`)")
+    dstack: bool = Field(
+        False, description="The commands are told the Ray cluster's address (no credentials: pass them in `env`)")
+    strip_prefix: bool = Field(True, description="`false`: the service sees the full `/<service>/...` path")
+    stop_duration: Union[Literal["off"], int, None] = Field(
+        None, description="How long a stopping replica may finish its requests (`off`: no limit; default 5m)")
+    schedule: Optional[ScheduleConfig] = Field(
+        None, description="`{cron: ...}` (UTC; day-of-week 0 = Monday): the service starts with 0 replicas and "
+        "scales up at the next cron time; never stopped by it")
+    max_duration: Union[Literal["off"], int, None] = Field(
+        None, description="The service stops this long after it started (with `schedule`: until the next start)")
+
     # dstack-backend-only fields (see IGNORED_FIELDS).
     backends: Any = Field(None, description=IGNORED_FIELDS["backends"] + " (ignored on Ray)")
     regions: Any = Field(None, description=IGNORED_FIELDS["regions"] + " (ignored on Ray)")
@@ -145,8 +172,6 @@ class ServiceConfig(CoreModel):
     reservation: Any = Field(None, description=IGNORED_FIELDS["reservation"] + " (ignored on Ray)")
     spot_policy: Any = Field(None, description=IGNORED_FIELDS["spot_policy"] + " (ignored on Ray)")
     retry: Any = Field(None, description=IGNORED_FIELDS["retry"] + " (ignored on Ray)")
-    max_duration: Any = Field(None, description=IGNORED_FIELDS["max_duration"] + " (ignored on Ray)")
-    stop_duration: Any = Field(None, description=IGNORED_FIELDS["stop_duration"] + " (ignored on Ray)")
     max_price: Any = Field(None, description=IGNORED_FIELDS["max_price"] + " (ignored on Ray)")
     creation_policy: Any = Field(None, description=IGNORED_FIELDS["creation_policy"] + " (ignored on Ray)")
     idle_duration: Any = Field(None, description=IGNORED_FIELDS["idle_duration"] + " (ignored on Ray)")
@@ -157,16 +182,7 @@ class ServiceConfig(CoreModel):
     utilization_policy: Any = Field(None, description=IGNORED_FIELDS["utilization_policy"] + " (ignored on Ray)")
     gateway: Any = Field(None, description=IGNORED_FIELDS["gateway"] + " (ignored on Ray)")
     https: Any = Field(None, description=IGNORED_FIELDS["https"] + " (ignored on Ray)")
-    strip_prefix: Any = Field(None, description=IGNORED_FIELDS["strip_prefix"] + " (ignored on Ray)")
-    volumes: Any = Field(None, description=IGNORED_FIELDS["volumes"] + " (ignored on Ray)")
-    privileged: Any = Field(None, description=IGNORED_FIELDS["privileged"] + " (ignored on Ray)")
-    user: Any = Field(None, description=IGNORED_FIELDS["user"] + " (ignored on Ray)")
-    shell: Any = Field(None, description=IGNORED_FIELDS["shell"] + " (ignored on Ray)")
     nvcc: Any = Field(None, description=IGNORED_FIELDS["nvcc"] + " (ignored on Ray)")
-    single_branch: Any = Field(None, description=IGNORED_FIELDS["single_branch"] + " (ignored on Ray)")
-    repos: Any = Field(None, description=IGNORED_FIELDS["repos"] + " (ignored on Ray)")
-    files: Any = Field(None, description=IGNORED_FIELDS["files"] + " (ignored on Ray)")
-    docker: Any = Field(None, description=IGNORED_FIELDS["docker"] + " (ignored on Ray)")
     priority: Any = Field(None, description=IGNORED_FIELDS["priority"] + " (ignored on Ray)")
 
     # The key the file listed the groups under: `groups`, or `replicas` (0.21.2); None without groups.
@@ -235,6 +251,33 @@ class ServiceConfig(CoreModel):
                 raise ValueError("`entrypoint` is empty")
         return value
 
+    @field_validator("volumes", "files", "repos", mode="before")
+    @classmethod
+    def _null_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("repos")
+    @classmethod
+    def _one_repo(cls, value: list[RepoConfig]) -> list[RepoConfig]:
+        if len(value) > 1:
+            raise ValueError("A maximum of one repo is currently supported")
+        return value
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _check_user(cls, value: Any) -> Any:
+        return check_user(str(value)) if isinstance(value, int) and not isinstance(value, bool) else check_user(value)
+
+    @field_validator("shell")
+    @classmethod
+    def _check_shell(cls, value: Optional[str]) -> Optional[str]:
+        return check_shell(value)
+
+    @field_validator("stop_duration", "max_duration", mode="before")
+    @classmethod
+    def _parse_off_duration(cls, value: Any) -> Any:
+        return parse_off_duration(value)
+
     @field_validator("python", mode="before")
     @classmethod
     def _parse_python(cls, value: Any) -> Any:
@@ -299,10 +342,16 @@ class ServiceConfig(CoreModel):
         problems: list[str] = []
         if self.python is not None and self.image is not None:
             problems.append(at("python", "`image` and `python` are mutually exclusive"))
+        if self.docker:
+            for other in ("image", "python", "nvcc"):
+                if getattr(self, other):
+                    problems.append(at("docker", f"`{other}` and `docker` are mutually exclusive fields"))
         if self.groups is not None:
             problems.extend(check_service_groups(self))
         else:
             problems.extend(self._check_replicas())
+        if self.schedule is not None and all((g.replicas.min or 0) == 0 for g in self.replica_groups):
+            problems.append(at("schedule", "Scheduled services with autoscaling to zero are not supported"))
         if self.registry_auth is not None:
             problems.extend(self._interpolate_registry_auth())
         if problems:
@@ -382,9 +431,6 @@ class ServiceConfig(CoreModel):
             for field in ("spot_policy", "reservation", "nvcc"):
                 if getattr(group, field) is not None:
                     warnings.append(ignored_warning(self.group_path(index, field), field))
-            for field in GROUP_NOT_HONOURED:
-                if getattr(group, field) is True:
-                    warnings.append(f"`{self.group_path(index, field)}` is not honoured yet on Ray")
         return warnings
 
 
