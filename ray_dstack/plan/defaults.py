@@ -26,9 +26,10 @@ DEFAULT_MEMORY_BYTES: int | None = None
 # retries into it) to a few seconds; a check is one cheap request to the backend.
 HEALTH_CHECK_PERIOD_S = 1.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
-# Drain: a replica being removed gets no new requests and waits up to this long (`deploy --drain-timeout`)
-# for its in-flight requests and streams before its process is stopped; it checks every WAIT_LOOP seconds.
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+# Drain: a replica being removed gets no new requests and waits up to this long (`stop_duration`, or
+# `deploy --drain-timeout`) for its in-flight requests and streams before its process is stopped; it checks
+# every WAIT_LOOP seconds. dstack's `stop_duration` default, 5m: it only matters while requests are in flight.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 300.0
 GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.5
 
 # Autoscaling: dstack's delays are enforced by our policy (written by the autoscaling package), so Serve's

@@ -19,7 +19,7 @@ from ray_dstack.spec import container_command
 from ray_dstack import spec as rt
 from ray_dstack.config import ConfigError, LoadedService, Problem, ServiceConfig
 from ray_dstack.config.units import format_memory
-from ray_dstack.plan import defaults, replica_group
+from ray_dstack.plan import container_fields, defaults, replica_group
 from ray_dstack.plan.replica_group import GroupPlan
 from ray_dstack.plan.traffic import UVICORN_TRUST_NONE, probe_specs, rate_limit_specs, traffic_lines
 
@@ -80,6 +80,8 @@ class ServicePlan:
         ready_timeout_s: float | None = None,
         trusted_proxies: list[str] | None = None,
         registry_auth_key: str | None = None,
+        uploads: list[rt.UploadSpec] | None = None,
+        deployed_at: float | None = None,
     ) -> ServicePlan:
         """This plan with what `deploy` learns only once it has read the cluster and the Hub: the token's
         digest (a redeploy keeps the running one), the creation time to keep, `--request-timeout`, `--drain-timeout`, and a tgi
@@ -93,6 +95,8 @@ class ServicePlan:
             update["ready_timeout_s"] = ready_timeout_s
         if trusted_proxies is not None:  # `deploy --trusted-proxies`: whose X-Forwarded-For rate limits believe
             update["trusted_proxies"] = list(trusted_proxies)
+        if uploads is not None:  # `files` and a local `repos` entry, packed and uploaded by `deploy`
+            update["uploads"] = list(uploads)
         if registry_auth_key is not None and self.registry_auth is not None:
             # `deploy` put the credentials in Ray's internal KV under this key (never in the Serve config).
             update["registry_auth"] = self.registry_auth.model_copy(update={"kv_key": registry_auth_key})
@@ -108,6 +112,10 @@ class ServicePlan:
                 del own["registry_auth"]  # a group without an image pulls nothing
             if drain_timeout_s is not None:  # `--drain-timeout`: how long a removed replica may finish its requests
                 deployment = {**deployment, "graceful_shutdown_timeout_s": drain_timeout_s}
+            # `schedule`/`max_duration` count from `deployed_at` (deploy: the running service's start while it is
+            # on, else now), else from the first deploy.
+            deployment = _with_deployed_at(deployment, deployed_at if deployed_at is not None
+                                           else created if created is not None else self.created)
             return group_spec.model_copy(update=own), deployment
 
         spec, deployment = finish(self.spec, self.deployment)
@@ -209,27 +217,42 @@ class ServicePlan:
         lines.append("Ray request per replica: " + ", ".join(request))
         if requirements:
             lines.append("Not enforced by Ray: " + ", ".join(f"{k} {v}" for k, v in requirements.items()))
-        if "autoscaling_config" in deployment:
+        if spec.scaling is not None:
             s = spec.scaling
-            assert s is not None
             lines.append(
                 f"replicas: {s.min_replicas}..{s.max_replicas}, autoscaling at {s.target:g} rps per replica "
                 f"(window {s.window_s:g}s, up delay {s.scale_up_delay_s:g}s, down delay {s.scale_down_delay_s:g}s)"
             )
         else:
-            lines.append(f"replicas: {deployment['num_replicas']}")
+            count = deployment.get("num_replicas")
+            if count is None:  # a fixed count kept at 0 outside `schedule`/`max_duration` windows by the policy
+                count = deployment["autoscaling_config"]["policy"]["policy_kwargs"]["fixed_replicas"]
+            lines.append(f"replicas: {count}")
         if spec.group is not None and spec.group.role == "worker":
             lines.append(f"reached only through the {spec.group.router} router"
                          + (", which is told this group's ready replicas (POST/DELETE /workers)"
                             if spec.group.router == "sglang" else "; each replica gets $DSTACK_ROUTER_INTERNAL_IP"))
         lines.extend(container_lines(spec, self.container_runtime))
+        lines.extend(container_fields.lines(spec))
         return lines
+
+
+def _with_deployed_at(deployment: dict[str, Any], created: float | None) -> dict[str, Any]:
+    """The policy's `lifetime` with the time `schedule`/`max_duration` count from."""
+    kwargs = ((deployment.get("autoscaling_config") or {}).get("policy") or {}).get("policy_kwargs") or {}
+    if "lifetime" not in kwargs or created is None:
+        return deployment
+    deployment = copy.deepcopy(deployment)
+    deployment["autoscaling_config"]["policy"]["policy_kwargs"]["lifetime"]["deployed_at"] = float(created)
+    return deployment
 
 
 def _spec_args(spec: rt.ServiceSpec) -> dict[str, Any]:
     """A replica spec as the Serve config carries it. A service without groups has no `group` key: its args stay
     what they were before groups existed, so upgrading ray-dstack does not restart running services."""
-    return spec.model_dump(mode="json", exclude={"group"} if spec.group is None else None)
+    unused = {name for name in rt.OPTIONAL_SPEC_FIELDS
+              if getattr(spec, name) == rt.ServiceSpec.model_fields[name].get_default(call_default_factory=True)}
+    return spec.model_dump(mode="json", exclude=unused | ({"group"} if spec.group is None else set()))
 
 
 def _port_how(spec: rt.ServiceSpec) -> str:
@@ -365,6 +388,9 @@ def _plan_group(
         registry_auth=registry_auth,
         shm_size_bytes=int(res.shm_size * 1024**3) if image and res.shm_size else None,
         group=group_part,
+        **container_fields.spec_fields(
+            config, privileged=bool(group.privileged if group.privileged is not None else config.privileged),
+            docker=bool(group.docker if group.docker is not None else config.docker)),
     )
 
     if router and group_part is not None and group_part.router == "sglang" and image is None and any(
@@ -386,7 +412,9 @@ def _plan_group(
     deployment = replica_group.deployment_options(
         deployment_name, request.options, scaling, group.replicas.min or 0, one_per_node=one_per_node,
         # dstack scales every group on the service's request rate; only the ingress group sees requests.
-        service_counters_of=name if grouped and index != ingress else None)
+        service_counters_of=name if grouped and index != ingress else None,
+        stop_timeout_s=container_fields.stop_timeout_s(config),
+        lifetime=container_fields.lifetime(spec, deployed_at=None))
     if res.shm_size is not None and image is None:
         warnings.append("`resources.shm_size` is not enforced by Ray (the node's /dev/shm is used)")
     return GroupPlan(

@@ -122,25 +122,34 @@ def group_spec(config: ServiceConfig, index: int, *, ingress_index: int) -> rt.G
 
 def deployment_options(
     name: str, opts: dict[str, Any], scaling: rt.ScalingSpec | None, replicas: int, *, one_per_node: bool,
-    service_counters_of: str | None = None,
+    service_counters_of: str | None = None, stop_timeout_s: float = defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    lifetime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`service_counters_of`: a group that takes no request from Serve scales on this service's counters."""
+    """`service_counters_of`: a group that takes no request from Serve scales on this service's counters.
+    `lifetime` (`schedule`, `max_duration`): the policy keeps the group at 0 replicas outside its windows, so
+    Serve's own minimum is 0 and the group's count (or minimum) travels to the policy."""
     deployment: dict[str, Any] = {
         "name": name,
         "ray_actor_options": opts,
         "max_ongoing_requests": defaults.MAX_ONGOING_REQUESTS,
         "health_check_period_s": defaults.HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": defaults.HEALTH_CHECK_TIMEOUT_S,
-        "graceful_shutdown_timeout_s": defaults.GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": stop_timeout_s,
         "graceful_shutdown_wait_loop_s": defaults.GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
     }
     if one_per_node:
         # Without a namespace per replica two replicas on one node would both bind `port`.
         deployment["max_replicas_per_node"] = 1
+    if scaling is None and lifetime is not None:  # a fixed count, on only inside the windows
+        scaling = rt.ScalingSpec(target=1.0, min_replicas=replicas, max_replicas=max(replicas, 1))
+        fixed: dict[str, Any] = {"fixed_replicas": replicas}
+    else:
+        fixed = {}
     if scaling is not None:
+        scheduled = lifetime is not None and bool(lifetime.get("crons"))
         deployment["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "initial_replicas": scaling.min_replicas,
+            "min_replicas": 0 if lifetime is not None else scaling.min_replicas,
+            "initial_replicas": 0 if scheduled else scaling.min_replicas,
             "max_replicas": scaling.max_replicas,
             "upscale_delay_s": defaults.SERVE_UPSCALE_DELAY_S,
             "downscale_delay_s": defaults.SERVE_DOWNSCALE_DELAY_S,
@@ -156,6 +165,8 @@ def deployment_options(
                     "scale_down_delay_s": scaling.scale_down_delay_s,
                     **({"service_counters_prefix": f"{rt.SERVICE_COUNTERS_PREFIX}{service_counters_of}/",
                         "kv_namespace": rt.KV_NAMESPACE.decode()} if service_counters_of else {}),
+                    **fixed,
+                    **({"lifetime": lifetime, "min_replicas": scaling.min_replicas} if lifetime is not None else {}),
                 },
             },
         }

@@ -40,6 +40,9 @@ REGISTRY_AUTH_KEY_PREFIX = "registry-auth/"
 # A grouped service's request counters, `<prefix><service>/<replica>`, written by its ingress replicas
 # (serve/scaling/service_counters.py) for the other groups' autoscaling policy.
 SERVICE_COUNTERS_PREFIX = "requests/"
+# Named volumes are directories under this root on each node (serve/runtime/filesystem.py; `plan` names it).
+VOLUME_ROOT_ENV = "RAY_DSTACK_VOLUME_ROOT"
+DEFAULT_VOLUME_ROOT = "/var/lib/ray-dstack/volumes"
 # Commands that mention this variable get a free port chosen per replica, so replicas can share a node.
 PORT_ENV_VAR = "RAY_DSTACK_PORT"
 
@@ -125,6 +128,46 @@ class RegistryAuthRef(_Spec):
     kv_key: str = Field(description="Internal-KV key (namespace `ray-dstack`) of `{username, password}`")
 
 
+class MountSpec(_Spec):
+    """One of `volumes` (dstack's `core/models/volumes.py`): a directory of the node that appears at `path` for
+    the commands (a bind mount: `-v` for a container, the replica's own mount namespace for a process)."""
+
+    kind: Literal["instance", "volume"] = Field(
+        description="`instance`: `instance_path` on the node; `volume`: a named (network) volume, on Ray the "
+        "directory `<volume root>/<name>` of the node (the root: $RAY_DSTACK_VOLUME_ROOT on the node)")
+    instance_path: str | None = Field(None, description="Absolute path on the node (`instance`)")
+    names: list[str] = Field(
+        default_factory=list,
+        description="Volume names (`volume`), `${{ dstack.job_num }}`/`${{ dstack.node_rank }}` already "
+        "interpolated; of several, the first that exists on the node is used, else the first is created")
+    path: str = Field(description="Absolute path where the commands see it")
+    optional: bool = Field(False, description="`instance`: run without it where the node cannot mount it")
+
+
+class UploadSpec(_Spec):
+    """One of `files` (or a local `repos` entry): packed at deploy time into Ray's package store, unpacked into
+    each replica before its commands start."""
+
+    uri: str = Field(description="The archive in Ray's package store: `gcs://_ray_pkg_<sha256>.zip`")
+    path: str = Field(description="Where it lands: relative to the working directory, or absolute")
+    source: str = Field(description="The local path as the configuration wrote it (for `plan`/`status`)")
+    size: int = Field(ge=0, description="Bytes of the archive")
+    is_file: bool = Field(False, description="The archive holds one file (`path` is that file, not a directory)")
+    repo: bool = Field(False, description="A local `repos` entry (`if_exists` applies) rather than `files`")
+    if_exists: Literal["error", "skip"] = Field("error", description="`repos`: when `path` already has files")
+
+
+class GitRepoSpec(_Spec):
+    """A `repos` entry with `url`: each replica clones it before its commands start."""
+
+    url: str = Field(description="Git URL (https, ssh, file or a local path the node can read)")
+    branch: str | None = Field(None, description="Branch to check out; default: the remote's default branch")
+    hash: str | None = Field(None, description="Commit to check out")
+    path: str = Field(".", description="Where to clone: relative to the working directory, or absolute")
+    if_exists: Literal["error", "skip"] = Field("error", description="When `path` already has files")
+    single_branch: bool = Field(True, description="Clone only the checked-out branch")
+
+
 RouterType = Literal["sglang", "dynamo"]
 GROUP_DEPLOYMENT_PREFIX = REPLICA_DEPLOYMENT_NAME + "-"
 # The paths a router group takes from clients (dstack's `proxy/lib/const.py`): the router's admin API
@@ -179,6 +222,12 @@ class GroupSpec(_Spec):
     groups: list[str] = Field(default_factory=list, description="Every group of the service, in file order")
 
 
+# Fields a Serve config carries only when they differ from their default: the config of a service that does not
+# use them stays what it was before they existed, so upgrading ray-dstack does not restart it.
+OPTIONAL_SPEC_FIELDS = ("volumes", "uploads", "git_repo", "shell", "user", "privileged", "docker", "dstack_api",
+                        "strip_prefix", "max_duration_s", "schedule")
+
+
 class ServiceSpec(_Spec):
     """What one replica of a service needs at run time."""
 
@@ -215,6 +264,23 @@ class ServiceSpec(_Spec):
     scaling: ScalingSpec | None = None
     ready_timeout_s: float = Field(900.0, description="How long a replica may take to become ready")
     request_timeout_s: float = Field(600.0, description="Upstream read timeout for one request")
+
+    # dstack's container fields (spec §4), honoured by both runtimes.
+    volumes: list[MountSpec] = Field(default_factory=list, description="Node directories mounted for the commands")
+    uploads: list[UploadSpec] = Field(default_factory=list, description="`files` and local `repos`, by reference")
+    git_repo: GitRepoSpec | None = Field(None, description="A `repos` entry cloned by each replica")
+    shell: str | None = Field(
+        None, description="Absolute path of the shell running `commands`; None: /bin/bash (/bin/sh with `image`)")
+    user: str | None = Field(None, description="`name_or_uid[:group_or_gid]` the commands run as")
+    privileged: bool = Field(False, description="Run the container privileged")
+    docker: bool = Field(False, description="The commands get a working Docker daemon (dstack's `docker: true`)")
+    dstack_api: bool = Field(
+        False, description="`dstack: true`: the commands are told the cluster's dashboard address")
+    strip_prefix: bool = Field(True, description="The service sees paths without `/<service>`")
+    max_duration_s: float | None = Field(
+        None, gt=0, description="`max_duration`: a replica stops its service this long after it started")
+    schedule: list[str] = Field(
+        default_factory=list, description="`schedule.cron` (UTC, dstack's day-of-week numbering): starts the service")
 
     replicas: int = Field(1, ge=0, description="Replicas at deploy time: each enforces 1/N of `rate_limits`")
     group: GroupSpec | None = Field(None, description="The replica group (services with `groups` only)")
