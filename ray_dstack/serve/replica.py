@@ -138,7 +138,11 @@ class ServiceReplica:
         # `/v1/...` sent here by HAProxy (serve/haproxy_v1.py), which removes the header from clients' requests.
         via_v1 = V1_ROUTE_HEADER in request.headers and path.startswith("/v1/")
         backend = self._choose()
-        if backend.endpoint is not None and (via_v1 or is_openai_route(path)):
+        if not self.spec.strip_prefix and not via_v1:
+            # dstack's `strip_prefix: false`: the service gets the path as sent, `/<service>/...`, unchanged
+            # (its OpenAI routes too: only `/v1` by model goes through the model endpoint).
+            response = await backend.forwarder.forward(request, request.scope.get("root_path", "") + path)
+        elif backend.endpoint is not None and (via_v1 or is_openai_route(path)):
             body = await request.body()
             answer = await backend.endpoint.handle(path, body, request.headers, method=request.method)
             if via_v1 and not answer.is_stream and answer.status != 503 and errors.retryable(answer.status, answer.body):

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ray_dstack.spec.container_command import (  # noqa: F401
+    DEFAULT_SHELL,
     RUNTIME_ENV,
     RUNTIMES,
     ContainerRun,
@@ -36,6 +37,8 @@ from ray_dstack.spec.container_command import (  # noqa: F401
     gpu_flags,
     runtime_kind,
     shell_script,
+    volume_arg,
+    working_dir_of,
 )
 from ray_dstack.errors import RayDstackError
 
@@ -202,6 +205,129 @@ def scrub(text: str, secret: str | None) -> str:
     if secret:
         text = text.replace(secret, REDACTED)
     return text
+
+
+# --- what the image says: its working directory, its users ----------------------------------------------
+
+
+def image_working_dir(runtime: Runtime, image: str) -> str:
+    """The image's WORKDIR (`/` when it sets none), where dstack resolves relative paths without `working_dir`."""
+    proc = subprocess.run([runtime.path, "image", "inspect", "--format", "{{.Config.WorkingDir}}", image],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise ContainerError(f"inspecting image {image} on node {node_name()} failed: "
+                             f"{pull_reason(proc.stderr.splitlines())}")
+    return proc.stdout.strip() or "/"
+
+
+def image_file(runtime: Runtime, image: str, path: str, flags: Sequence[str] = ()) -> str | None:
+    """A small text file of the image (`/etc/passwd`), None if it has none: from a container created (never
+    started) for it; `cp ... -` writes a tar stream (both runtimes)."""
+    import io
+    import tarfile
+    import uuid
+
+    name = f"ray-dstack-inspect-{uuid.uuid4().hex[:12]}"
+    # The entrypoint never runs; it spares an image without a command the "no command" refusal.
+    created = subprocess.run([runtime.path, "create", "--name", name, "--pull", "never", *flags, "--entrypoint",
+                              "/", image], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if created.returncode != 0:
+        raise ContainerError(f"reading {path} of image {image} on node {node_name()} failed: "
+                             f"{pull_reason(created.stderr.splitlines())}")
+    try:
+        copied = subprocess.run([runtime.path, "cp", f"{name}:{path}", "-"], capture_output=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        subprocess.run([runtime.path, "rm", "-f", name], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    if copied.returncode != 0:
+        return None
+    with tarfile.open(fileobj=io.BytesIO(copied.stdout)) as tar:
+        member = next((m for m in tar.getmembers() if m.isfile()), None)
+        data = tar.extractfile(member) if member else None
+        return data.read().decode(errors="replace") if data else None
+
+
+def _entries(text: str | None) -> list[list[str]]:
+    return [line.split(":") for line in (text or "").splitlines() if line and not line.startswith("#")]
+
+
+def resolve_user(user: str, passwd: str | None, group: str | None, image: str) -> tuple[int, int]:
+    """`name_or_uid[:group_or_gid]` as the runtime resolves it in the image: a name through its /etc/passwd
+    (and /etc/group); a uid without a group gets its passwd entry's group, else 0 (Docker's and podman's
+    rule). A name the image does not know → ContainerError naming `user`."""
+    who, _, grp = user.partition(":")
+    users = {e[0]: e for e in _entries(passwd) if len(e) >= 4}
+    by_uid = {e[2]: e for e in users.values()}
+    if who.isdigit():
+        uid, entry = int(who), by_uid.get(who)
+    elif who in users and users[who][2].isdigit():
+        entry = users[who]
+        uid = int(entry[2])
+    else:
+        raise ContainerError(f"user {user!r}: image {image} has no user {who!r} in its /etc/passwd "
+                             "(expected a name it knows or a numeric uid)")
+    if not grp:
+        return uid, int(entry[3]) if entry and entry[3].isdigit() else 0
+    if grp.isdigit():
+        return uid, int(grp)
+    groups = {e[0]: e for e in _entries(group) if len(e) >= 3}
+    if grp not in groups or not groups[grp][2].isdigit():
+        raise ContainerError(f"user {user!r}: image {image} has no group {grp!r} in its /etc/group "
+                             "(expected a name it knows or a numeric gid)")
+    return uid, int(groups[grp][2])
+
+
+def image_user_ids(runtime: Runtime, image: str, user: str, flags: Sequence[str] = ()) -> tuple[int, int]:
+    """The uid and gid `--user USER` runs as in `image` (the owner of the files the replica puts in place)."""
+    who, _, grp = user.partition(":")
+    if who.isdigit() and grp.isdigit():
+        return int(who), int(grp)
+    passwd = image_file(runtime, image, "/etc/passwd", flags)
+    group = image_file(runtime, image, "/etc/group", flags) if grp and not grp.isdigit() else None
+    return resolve_user(user, passwd, group, image)
+
+
+# --- failures whose fix is a setting of the node ---------------------------------------------------------
+
+ULIMIT_FLAGS = "--ulimit nofile=1024:1024 --ulimit nproc=1000:1000"
+_NODE_SETTINGS = (
+    # runc: "error setting rlimit type 7: operation not permitted"; crun: "setrlimit `RLIMIT_NOFILE`: Operation
+    # not permitted". The runtime raises the container's limits to its defaults, which a node without
+    # CAP_SYS_RESOURCE (a container or VM of its own) may not do; limits below the node's own are allowed.
+    (re.compile(r"rlimit.*operation not permitted", re.I),
+     "the container runtime may not set the container's resource limits on node {node} (no CAP_SYS_RESOURCE "
+     "there): set {env}=\"{flags}\" (limits no higher than the node's own) in the environment of the Ray "
+     "nodes (before `ray start`), then deploy again"),
+    (re.compile(r"cgroups in hybrid mode not supported", re.I),
+     "crun does not run containers on node {node}'s hybrid cgroup layout: install runc and set "
+     "{env}=\"--runtime runc\" (with the node's other flags) in the environment of the Ray nodes, then deploy "
+     "again"),
+)
+
+
+def _without_ulimits(flags: Sequence[str]) -> list[str]:
+    kept, skip = [], False
+    for word in flags:
+        if skip:
+            skip = False
+        elif word == "--ulimit":
+            skip = True
+        elif not word.startswith("--ulimit="):
+            kept.append(word)
+    return kept
+
+
+def node_setting_hint(lines: Sequence[str], environ: Mapping[str, str] | None = None) -> str | None:
+    """What to set on the node when the runtime's own output shows a failure only the node's settings fix
+    (`RAY_DSTACK_CONTAINER_FLAGS`), else None."""
+    environ = os.environ if environ is None else environ
+    current = (environ.get(FLAGS_ENV) or "").strip()
+    flags = shlex.join([*_without_ulimits(extra_flags(environ)), *shlex.split(ULIMIT_FLAGS)])
+    for pattern, hint in _NODE_SETTINGS:
+        if any(pattern.search(line) for line in lines):
+            text = hint.format(node=node_name(), env=FLAGS_ENV, flags=flags)
+            return text + (f" (it is {FLAGS_ENV}={current!r} there now)" if current else "")
+    return None
 
 
 # --- containers whose replica is gone -------------------------------------------------------------------

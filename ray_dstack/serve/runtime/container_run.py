@@ -78,6 +78,9 @@ def main(argv: list[str]) -> int:
             break
         except InterruptedError:
             continue
+    # Its last `inspect` may still be running: let it end first, so nothing of this run touches the runtime after
+    # the final `rm`.
+    watcher.join()
     if args.secret_dir:
         shutil.rmtree(args.secret_dir, ignore_errors=True)
     if not removing.is_set():

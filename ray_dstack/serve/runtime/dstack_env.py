@@ -10,6 +10,9 @@ merged last and wins over `env`, as in dstack.
 from __future__ import annotations
 
 ROUTER_IP_ENV = "DSTACK_ROUTER_INTERNAL_IP"
+# `dstack: true`: where `ray-dstack` and `ray job` inside the service find the cluster it runs on. Not RAY_ADDRESS:
+# `ray.init()` reads it as a GCS address and refuses an http URL, which would break a service that uses Ray.
+CLUSTER_ADDRESS_ENVS = ("RAY_DSTACK_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 
 def node_ip() -> str:
@@ -34,6 +37,33 @@ def assigned_gpus() -> int:
     except Exception:  # noqa: BLE001
         pass
     return 0
+
+
+def dashboard_url() -> str | None:
+    """The dashboard of the cluster this replica runs in, as its head published it in the GCS (None outside Ray).
+    With a dashboard bound to the head's loopback (a local `ray start --head`) it answers on the head node only."""
+    try:
+        import ray
+        from ray._private import ray_constants
+        from ray.experimental import internal_kv
+
+        if not ray.is_initialized():
+            return None
+        raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                           namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    except Exception:  # noqa: BLE001 - no GCS to ask: the service is not told an address
+        return None
+    if not raw:
+        return None
+    address = raw.decode()
+    return address if "://" in address else f"http://{address}"
+
+
+def cluster_env(enabled: bool) -> dict[str, str]:
+    """dstack's `dstack: true`: the commands can reach the cluster they run on. dstack gives no credentials
+    (a token must come through `env`); neither does this."""
+    url = dashboard_url() if enabled else None
+    return {key: url for key in CLUSTER_ADDRESS_ENVS} if url else {}
 
 
 def dstack_env(service: str, *, gpus: int, ip: str, working_dir: str | None) -> dict[str, str]:

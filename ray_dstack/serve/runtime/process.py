@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import httpx
 
@@ -32,6 +32,13 @@ TAIL_LINES = 200
 
 class ServiceProcessError(RayDstackError):
     """The service's commands exited, or never started answering."""
+
+
+def default_shell() -> str:
+    """dstack's shell without an image: /bin/bash, or /bin/sh where bash is missing."""
+    if os.access("/bin/bash", os.X_OK):
+        return "/bin/bash"
+    return shutil.which("bash") or "/bin/sh"
 
 
 def shell_script(commands: list[str]) -> str:
@@ -56,6 +63,10 @@ class ServiceProcess:
         command: list[str] | None = None,
         connector: NamespaceConnector | None = None,
         own_proc: bool = False,
+        shell: str | None = None,
+        wrapper: Sequence[str] = (),
+        init_user: str | None = None,
+        extra_cleanup: Sequence[str] = (),
     ) -> None:
         """`port`: where the service is reached from the replica; `service_port`: the port it listens on
         inside (differs behind pasta: `namespace` is pasta's argv prefix). `path`: PATH of the commands.
@@ -63,7 +74,11 @@ class ServiceProcess:
         supervisor instead of the shell (a container: ray_dstack/serve/runtime/container_prepare.py). `connector`: the
         namespace's init hands out connections to the service (ray_dstack/serve/transport/netns_connect.py); readiness
         is then its port accepting inside the namespace. `own_proc`: `namespace` runs pasta in a private mount
-        namespace, where the supervisor mounts the PID namespace's own /proc (ray_dstack/serve/runtime/netns.py)."""
+        namespace, where the supervisor mounts the PID namespace's own /proc (ray_dstack/serve/runtime/netns.py).
+        `shell`: runs the commands (default: default_shell()). `wrapper`: an argv prefix the command runs under
+        when there is no `namespace` (a mount namespace and runtime/enter.py). `init_user`: `UID:GID[:G,...]` the
+        namespace's init runs the commands as (the supervisor gives pasta's user namespace an identity map for
+        it). `extra_cleanup`: more paths the supervisor removes."""
         self.command = command
         self.commands = commands
         self.port = port
@@ -73,6 +88,10 @@ class ServiceProcess:
         self.path = path
         self.namespace = namespace
         self.cleanup_dir = cleanup_dir
+        self.extra_cleanup = list(extra_cleanup)
+        self.shell = shell
+        self.wrapper = list(wrapper)
+        self.init_user = init_user if namespace is not None else None
         self.connector = connector if namespace is not None else None
         self.own_proc = own_proc and namespace is not None
         # pasta accepts on the host port before the service listens inside: only an HTTP answer counts.
@@ -102,7 +121,7 @@ class ServiceProcess:
         return "\n".join(list(self.tail)[-n:])
 
     async def start(self) -> None:
-        shell = shutil.which("bash") or "/bin/sh"
+        shell = self.shell or default_shell()
         env = {**os.environ, **self.env, PORT_ENV_VAR: str(self.service_port)}
         if self.path is not None:  # the service's Python environment (ray_dstack/serve/runtime/python_env.py)
             env["PATH"] = self.path
@@ -119,6 +138,8 @@ class ServiceProcess:
         supervise = [sys.executable, "-m", "ray_dstack.serve.runtime.supervise"]
         command = self.command or [shell, "-c", shell_script(self.commands)]
         cleanup = ["--cleanup", self.cleanup_dir] if self.cleanup_dir else []
+        for path in self.extra_cleanup:
+            cleanup += ["--cleanup", path]
         if self.namespace is not None:
             init = [*supervise, "--init"]
             if self.own_proc:
@@ -127,7 +148,12 @@ class ServiceProcess:
             if self.connector is not None:
                 init += ["--connector", self.connector.path]
                 cleanup += ["--cleanup", self.connector.path]
+            if self.init_user is not None:
+                init += ["--user", self.init_user]
+                cleanup.append("--map-ids")
             command = [*self.namespace, *init, "--", *command]
+        else:
+            command = [*self.wrapper, *command]
         self._proc = await asyncio.create_subprocess_exec(
             *supervise,
             *cleanup,

@@ -72,6 +72,8 @@ def _kv_put(k: str, value: bytes) -> None:
 def _node_id() -> str:
     import ray
 
+    if not ray.is_initialized():  # get_runtime_context() would start a local Ray outside a worker
+        raise RuntimeError("not in a Ray worker: no node id")
     return ray.get_runtime_context().get_node_id()
 
 

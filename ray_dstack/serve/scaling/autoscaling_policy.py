@@ -70,6 +70,23 @@ then lets the 1 → 0 step through on the next tick without waiting another `sca
 
 The policy runs inside Serve's controller and keeps its measurement in `policy_state` only; the RPS that
 `ray-dstack status` shows comes from each replica's own gauge (`serve/metrics.py`, `record_replica_rps`).
+
+`schedule` and `max_duration` (policy_kwargs `lifetime`)
+-------------------------------------------------------
+dstack: a service with `schedule` is created with no replicas and starts at the next cron time (UTC,
+day-of-week 0 = Monday) after it was submitted; the schedule never stops it. `max_duration` stops it that long
+after it started; with a schedule it then waits for the next cron time after the stop and starts again.
+`lifetime = {"deployed_at": unix s, "crons": [...], "max_duration_s": s | None}` says all of it, so
+`active_window(lifetime, now)` is a pure function of the time (no state to lose on a controller restart).
+Outside a window the policy answers 0; inside it the usual answer: `fixed_replicas` (a service without
+`scaling`) or dstack's RPS rule floored at `min_replicas` (Serve's own minimum is 0 so that 0 can happen).
+
+Outside a window a request can still start one replica: Serve's wrapper (`_apply_autoscaling_config`,
+`_get_cold_start_scale_up_replicas`) returns `max(1, target)` without calling the policy whenever 0 replicas
+run and requests wait at a proxy or handle (`total_num_requests > 0`). Once that replica runs, the wrapper calls
+the policy again, which answers 0, and Serve stops it at once (`downscale_to_zero_delay_s: 0`); the request it
+was started for may or may not be served by then. The policy cannot prevent the start: the replica itself
+would have to refuse to run its commands outside a window.
 """
 
 from __future__ import annotations
@@ -256,24 +273,40 @@ def _in_flight(ctx: AutoscalingContext) -> float:
 def evaluate(
     ctx: AutoscalingContext,
     *,
-    target_rps: float,
+    target_rps: float = 1.0,
     window_s: float = 60.0,
     scale_up_delay_s: float = 300.0,
     scale_down_delay_s: float = 600.0,
     counters: tuple[dict, dict] | None = None,
+    lifetime: dict[str, Any] | Lifetime | None = None,
+    fixed_replicas: int | None = None,
+    min_replicas: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One autoscaling tick: `(desired replicas, new policy_state)` from a Serve `AutoscalingContext`.
-    `counters`: the service-wide counters (service_counters()) for a group that takes no request from Serve."""
+    `counters`: the service-wide counters (service_counters()) for a group that takes no request from Serve.
+    `lifetime`: 0 outside the service's windows (`schedule`, `max_duration`); inside, `fixed_replicas` if given,
+    else the RPS rule with at least `min_replicas` (the service's own minimum: Serve's is 0 then)."""
     policy_state = dict(ctx.policy_state or {})
     state = dict(policy_state.get(STATE_KEY) or {})
     now = ctx.current_time if ctx.current_time is not None else time.time()
     state.setdefault("registered_at", now)
     state["window_s"] = window_s
+    active, next_change = True, None
+    if lifetime is not None:
+        clock = lifetime if isinstance(lifetime, Lifetime) else Lifetime(lifetime, now=state["registered_at"])
+        active, next_change = clock.active(now)
+        state["lifetime"] = {"active": active, "next_change": next_change}
+    if fixed_replicas is not None:
+        desired = int(fixed_replicas) if active else 0
+        state.update(desired=desired, target_num_replicas=int(ctx.target_num_replicas))
+        policy_state[STATE_KEY] = state
+        return desired, policy_state
 
     rps = _measure(ctx, state, window_s=window_s, now=now, counters=counters)
     current = int(ctx.target_num_replicas)
-    min_replicas = int(ctx.capacity_adjusted_min_replicas)
+    min_replicas = max(int(ctx.capacity_adjusted_min_replicas), int(min_replicas or 0))
     max_replicas = int(ctx.capacity_adjusted_max_replicas)
+    min_replicas = min(min_replicas, max_replicas)
     events = [t for t in (state["registered_at"], ctx.last_scale_up_time, ctx.last_scale_down_time) if t is not None]
     last_scale_time = max(events) if events else None
     common = dict(target=target_rps, min_replicas=min_replicas, max_replicas=max_replicas, now=now)
@@ -293,10 +326,91 @@ def evaluate(
     # from zero with requests waiting, wake up at once (Serve's wrapper usually already did).
     if desired == 0 and _in_flight(ctx) > 0:
         desired = min(max(1, min_replicas), max_replicas)
+    if not active:  # outside the windows nothing runs, requests waiting or not
+        desired = 0
 
     state.update(rps=rps, desired=desired, target_num_replicas=current)
     policy_state[STATE_KEY] = state
     return desired, policy_state
+
+
+# --- schedule and max_duration -------------------------------------------------------------------------------
+
+
+def _triggers(crons: list[str]) -> list[Any]:
+    from apscheduler.triggers.cron import CronTrigger
+
+    return [CronTrigger.from_crontab(c, timezone="UTC") for c in crons]
+
+
+def _fire_after(triggers: list[Any], after: float) -> float | None:
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.fromtimestamp(after, tz=timezone.utc) + timedelta(microseconds=1)  # strictly after
+    times = [t for t in (trigger.get_next_fire_time(None, now) for trigger in triggers) if t is not None]
+    return min(times).timestamp() if times else None
+
+
+def next_fire(crons: list[str], after: float) -> float | None:
+    """The earliest fire time of `crons` (UTC) strictly after `after` (unix s): config/models/schedule.py's
+    `next_start` on floats (this module may not import it)."""
+    return _fire_after(_triggers(crons), after)
+
+
+def lifetime_window(lifetime: dict[str, Any], now: float, *, resume: float | None = None
+                    ) -> tuple[float | None, float | None, float | None]:
+    """`(start, end, next_start)` of the service's latest window that started at or before `now`: `start` None
+    before the first one; `end` None when `max_duration` is unlimited; `next_start` the next cron time after
+    `end` (before the first window: the first start). `resume`: a window start known from an earlier call,
+    to replay the windows from there instead of from `deployed_at` (each costs a cron evaluation, ~25 µs:
+    a year of hourly windows ~0.2 s, once per policy instance)."""
+    deployed = lifetime.get("deployed_at")
+    deployed = now if deployed is None else float(deployed)
+    crons = list(lifetime.get("crons") or [])
+    duration = lifetime.get("max_duration_s")
+    duration = float(duration) if duration else None
+    if not crons:  # started by the deploy (a deploying clock a little ahead does not delay it)
+        start = min(deployed, now)
+        return start, (deployed + duration if duration else None), None
+    triggers = _triggers(crons)
+    start = resume if resume is not None else _fire_after(triggers, deployed)
+    if start is None or now < start:
+        return None, None, start
+    while duration is not None:
+        end = start + duration
+        following = _fire_after(triggers, end)
+        if following is None or following > now:
+            return start, end, following
+        start = following
+    return start, None, None
+
+
+def active_window(lifetime: dict[str, Any], now: float) -> tuple[bool, float | None]:
+    """`(active, next_change)`: whether the service runs at `now`, and when that changes (None: never)."""
+    start, end, following = lifetime_window(lifetime, now)
+    active = start is not None and (end is None or now < end)
+    return active, (end if active else following)
+
+
+class Lifetime:
+    """`active_window` for one policy instance: computed again only when its answer changes, each time resuming
+    from the window found last (Serve asks every ~0.1 s). `deployed_at` None: since this object was made."""
+
+    def __init__(self, lifetime: dict[str, Any], now: float | None = None) -> None:
+        self.lifetime = dict(lifetime)
+        if self.lifetime.get("deployed_at") is None:
+            self.lifetime["deployed_at"] = time.time() if now is None else now
+        self._start: float | None = None
+        self._answer: tuple[bool, float | None] | None = None
+
+    def active(self, now: float) -> tuple[bool, float | None]:
+        if self._answer is not None and (self._answer[1] is None or now < self._answer[1]):
+            return self._answer
+        start, end, following = lifetime_window(self.lifetime, now, resume=self._start)
+        self._start = start
+        active = start is not None and (end is None or now < end)
+        self._answer = (active, end if active else following)
+        return self._answer
 
 
 class RpsPolicy:
@@ -304,16 +418,24 @@ class RpsPolicy:
 
     def __init__(
         self,
-        target_rps: float,
+        target_rps: float | None = None,
         window_s: float = 60.0,
         scale_up_delay_s: float = 300.0,
         scale_down_delay_s: float = 600.0,
         service_counters_prefix: str | None = None,
         kv_namespace: str | None = None,
+        lifetime: dict[str, Any] | None = None,
+        fixed_replicas: int | None = None,
+        min_replicas: int | None = None,
     ) -> None:
         """`service_counters_prefix`/`kv_namespace`: scale on the service's request rate as its ingress replicas
-        publish it (a replica group behind a router: dstack scales every group on the service's RPS)."""
-        if not target_rps > 0:
+        publish it (a replica group behind a router: dstack scales every group on the service's RPS).
+        `lifetime`, `fixed_replicas`, `min_replicas`: see evaluate()."""
+        if fixed_replicas is not None:
+            if int(fixed_replicas) < 0:
+                raise ValueError(f"fixed_replicas must be >= 0, got {fixed_replicas!r}")
+            target_rps = 1.0 if target_rps is None else target_rps  # unused: no RPS rule
+        if target_rps is None or not target_rps > 0:
             raise ValueError(f"target_rps must be > 0, got {target_rps!r}")
         if not window_s > 0:
             raise ValueError(f"window_s must be > 0, got {window_s!r}")
@@ -325,11 +447,14 @@ class RpsPolicy:
         self.scale_down_delay_s = float(scale_down_delay_s)
         self.service_counters_prefix = service_counters_prefix
         self.kv_namespace = kv_namespace
+        self.lifetime = Lifetime(lifetime) if lifetime is not None else None
+        self.fixed_replicas = None if fixed_replicas is None else int(fixed_replicas)
+        self.min_replicas = None if min_replicas is None else int(min_replicas)
         self._counters: tuple[float, tuple[dict, dict]] | None = None  # (when read, counters)
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         counters = None
-        if self.service_counters_prefix is not None:
+        if self.service_counters_prefix is not None and self.fixed_replicas is None:
             # Serve calls this on its controller's loop every ~0.1 s: read the GCS at most once per
             # COUNTERS_READ_S (the ingress replicas publish once a second anyway).
             now = time.monotonic()
@@ -347,6 +472,9 @@ class RpsPolicy:
             scale_up_delay_s=self.scale_up_delay_s,
             scale_down_delay_s=self.scale_down_delay_s,
             counters=counters,
+            lifetime=self.lifetime,
+            fixed_replicas=self.fixed_replicas,
+            min_replicas=self.min_replicas,
         )
 
 

@@ -122,3 +122,11 @@ def test_process_replica_user_env_over_dstack_and_router_ip_over_user_env(node_d
     text = service(out, f"$DSTACK_NODE_RANK ${ROUTER_IP_ENV}").replace(f"  - OUT={out}\n", f"  - OUT={out}\n{extra}")
     replica_env(text, router_ip="10.0.0.9")
     assert out.read_text() == "7 10.0.0.9\n"
+
+
+def test_the_cluster_address_only_with_dstack_true_and_only_inside_ray():
+    from ray_dstack.serve.runtime.dstack_env import CLUSTER_ADDRESS_ENVS, cluster_env
+
+    assert CLUSTER_ADDRESS_ENVS == ("RAY_DSTACK_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    assert cluster_env(False) == {}
+    assert cluster_env(True) == {}  # outside a Ray worker there is no cluster to name (e2e: the real address)
