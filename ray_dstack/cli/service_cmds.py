@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_dstack.cli import output, status_cmds
-from ray_dstack.cli.plan_cmd import parse_env_args
+from ray_dstack.cli.plan_cmd import add_upload_limit, parse_env_args
 from ray_dstack.cli.status_cmds import probe_line, replicas_text
 from ray_dstack.deploy import apps
 from ray_dstack.deploy.dashboard import DashboardClient
@@ -19,6 +19,7 @@ from ray_dstack.deploy.local import connect
 from ray_dstack.deploy.model_settings import resolve_model_settings
 from ray_dstack.deploy.rollout import wait_for_service
 from ray_dstack.deploy.router_state import add_router_states
+from ray_dstack.deploy.uploads import format_size, pack_uploads, upload_limit
 from ray_dstack.errors import RayDstackError, UsageError
 from ray_dstack.spec import GATEWAY_ROUTE_PREFIX, token_digest
 
@@ -84,6 +85,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.drain_timeout is not None and not args.drain_timeout >= 0:
         raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout:g}")
     loaded = load_service(args.file, env_overrides=parse_env_args(args.env), name=args.name)
+    # `files` and a local `repos` entry, packed before anything reaches the cluster (missing or too big: exit 2).
+    packed = pack_uploads(loaded, upload_limit(args.upload_limit))
     # Plan before touching the cluster: a config the plan rejects never reaches it.
     # Namespaces per replica as this machine sees them (pasta on PATH, or $RAY_DSTACK_NETWORK_NAMESPACES): a
     # node without pasta then fails its replica with what to install, never two replicas on one port.
@@ -107,10 +110,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if loaded.config.auth:
             token, digest, generated = resolve_token(args.token, existing)
         store, auth_key = hand_over_registry_auth(client.address, name, loaded.config, plan.registry_auth)
+        packages, previous_uploads = hand_over_uploads(client, name, packed, existing)
         plan = plan.finalized(
+            uploads=[p.spec for p in packed],  # by reference: each replica unpacks them from Ray's package store
             registry_auth_key=auth_key,
             token_sha256=digest,
             created=apps.created_time(existing) or int(time.time()),
+            deployed_at=apps.lifetime_start(existing, time.time()),  # `schedule`/`max_duration` count from it
             request_timeout_s=args.request_timeout,  # upstream read timeout of the replicas (504 past it)
             drain_timeout_s=args.drain_timeout,  # how long a replica being removed finishes its requests
             # A probe that never passes fails the replica (with its last answer) before `--timeout` runs out.
@@ -126,6 +132,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         pulls = watch_pulls(client.address, name) if plan.pulls_images and not args.detach else None
         client.put_applications(new_config)
         if args.detach:
+            # The record keeps both versions' packages: if the new one never comes up, Serve keeps the running
+            # replicas, and a restart of one still finds its files. The next deploy or `delete` collects them.
             output.out.print(f"Submitted {name}; watch it with `ray-dstack status {name}`")
             return 0
         try:
@@ -147,12 +155,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             rollback(client, name, existing)
             if store is not None:  # the previous version (if any) keeps its own entry
                 store.delete(auth_key)
+            finish_uploads(packages, name, packed, previous_uploads, ok=False)
             raise RayDstackError(
                 f"service {name!r} did not become ready: {result.reason}\n"
                 + ("The previous version keeps serving." if existing else "Nothing was left deployed.")
             )
         if store is not None:  # older versions' credentials: no replica of them is left
             store.forget(name, keep=auth_key)
+        finish_uploads(packages, name, packed, previous_uploads, ok=True)
         details = client.serve_details()
         summary = apps.service_summary(name, details["applications"][name], apps.http_base_url(details, client.address))
         add_router_states(client, summary)  # what the router group lists by now
@@ -173,6 +183,49 @@ def hand_over_registry_auth(address: str, name: str, config, ref) -> tuple[Any, 
     key = new_key(name)
     store.put(key, config.registry_auth.username, config.registry_auth.password.get_secret_value())
     return store, key
+
+
+def hand_over_uploads(client: DashboardClient, name: str, packed: list, existing: dict[str, Any] | None
+                      ) -> tuple[Any, list[str]]:
+    """Upload what `files`/`repos` packed (what the cluster lacks) and record it for the service
+    (ray_dstack/deploy/package_store.py). Returns (store, the running version's URIs), or (None, []) when neither
+    version has uploads. Without new uploads an unreachable GCS only means the old packages stay: a note."""
+    had_uploads = any(spec.uploads for spec in _specs(existing))
+    if not packed and not had_uploads:
+        return None, []
+    from ray_dstack.deploy.package_store import PackageStore
+
+    try:
+        packages = PackageStore(client)
+    except RayDstackError as exc:
+        if packed:
+            raise
+        output.err.print(f"  (the previous version's `files` stay in the cluster's GCS: {exc})", markup=False)
+        return None, []
+    previous = packages.begin(name, packed)
+    for item in packed:
+        output.err.print(f"  {item.spec.source} → {item.spec.path}: {format_size(item.spec.size)}, {item.spec.uri}",
+                         markup=False)
+    return packages, previous
+
+
+def finish_uploads(packages, name: str, packed: list, previous: list[str], *, ok: bool) -> None:
+    """The deploy's outcome for the package records: keep the new version's (ok) or the running version's."""
+    if packages is None:
+        return
+    try:
+        if ok:
+            packages.commit(name, packed, previous)
+        else:
+            packages.abort(name, packed, previous)
+    except Exception as exc:  # noqa: BLE001 - the deploy's outcome stands; the next deploy/delete cleans up
+        output.err.print(f"  (cleaning up uploaded `files` failed: {type(exc).__name__}: {exc})", markup=False)
+
+
+def _specs(app_config: dict[str, Any] | None) -> list:
+    if not apps.is_service(app_config):
+        return []
+    return apps.group_specs(app_config) or [apps.service_spec(app_config)]
 
 
 def watch_pulls(address: str, name: str):
@@ -259,6 +312,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
             from ray_dstack.deploy.registry_auth import CredentialStore
 
             CredentialStore(client.address).forget(args.name)
+        if any(spec.uploads for spec in specs):  # its packages, unless another service uses the same
+            forget_uploads(client, args.name)
         if any(spec.image is not None for spec in specs):  # pull progress replicas started after the deploy left
             from ray_dstack.deploy.pull_watch import PullWatch
 
@@ -272,6 +327,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     output.out.print(f"Deleted {args.name}")
     return 0
+
+
+def forget_uploads(client: DashboardClient, name: str) -> None:
+    from ray_dstack.deploy.package_store import PackageStore
+
+    try:
+        PackageStore(client).forget(name)
+    except RayDstackError as exc:
+        output.err.print(f"(the service's `files` stay in the cluster's GCS: {exc})", markup=False)
 
 
 # --- registration -------------------------------------------------------------------------------------
@@ -310,6 +374,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--http-port", type=int, default=apps.DEFAULT_HTTP_PORT, help="Serve HTTP port if Serve is not running yet")
     p.add_argument("--http-host", help="Serve HTTP host if Serve is not running yet")
+    add_upload_limit(p)
     p.set_defaults(func=cmd_deploy)
 
     status_cmds.register_status(sub, _address)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from ray_dstack.cli import output
@@ -33,6 +35,12 @@ def _summaries(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         except ClusterError:
             nodes = None
         summaries = apps.service_summaries(details, client.address, nodes)
+        configs = apps.app_configs(details)
+        now = time.time()
+        for summary in summaries:  # `schedule`/`max_duration`: when it runs, from its policy's kwargs
+            lifetime = lifetime_summary(configs.get(summary["name"]), now)
+            if lifetime is not None:
+                summary["lifetime"] = lifetime
         for summary in summaries:  # each replica's probes, from its log (ray_dstack/deploy/probe_state.py)
             add_probe_states(client, summary)
             add_router_states(client, summary)  # the router group's worker list (deploy/router_state.py)
@@ -97,6 +105,8 @@ def print_summary(s: dict[str, Any], *, detailed: bool) -> None:
         env = s["environment"]
         net = ", a network namespace per replica" if env.get("network_namespace") else ""
         con.print(f"  python: {env['python']} (environment {env['env']} on each node{net})", markup=False)
+    if s.get("lifetime"):
+        con.print(f"  {lifetime_line(s['lifetime'])}", markup=False)
     if s.get("message"):
         con.print(f"  message: {s['message']}", markup=False)
     if s.get("groups"):
@@ -106,6 +116,56 @@ def print_summary(s: dict[str, Any], *, detailed: bool) -> None:
     elif detailed:
         for line in replica_lines(s["replicas"]["items"], probes=bool(s.get("probes"))):
             con.print("  " + line, markup=False)
+
+
+def _utc(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def lifetime_summary(app_config: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """When a service with `schedule`/`max_duration` runs, as its policy decides it (the same pure function):
+    `state` `scheduled` (not started yet), `running` or `stopped` (by max_duration), with UTC times."""
+    from ray_dstack.serve.scaling.autoscaling_policy import next_fire, lifetime_window
+
+    lifetime = apps.policy_lifetime(app_config)
+    if lifetime is None:
+        return None
+    start, end, following = lifetime_window(lifetime, now)
+    state = "scheduled" if start is None else "running" if end is None or now < end else "stopped"
+    crons = list(lifetime.get("crons") or [])
+    if state == "running" and end is not None and crons:
+        following = next_fire(crons, end)  # where it will start again after this window
+    return {
+        "state": state,
+        "crons": crons,
+        "max_duration_s": lifetime.get("max_duration_s"),
+        "started_at": _utc(start),
+        "stops_at": _utc(end) if state == "running" else None,
+        "stopped_at": _utc(end) if state == "stopped" else None,
+        "next_start": _utc(following),
+    }
+
+
+def lifetime_line(lt: dict[str, Any]) -> str:
+    """`scheduled: starts at …` / `running since …, max_duration stops it at …` / `stopped by max_duration at …,
+    next start …` (times in UTC)."""
+    def text(iso: str | None) -> str:
+        return iso.replace("T", " ").replace("Z", " UTC") if iso else "never"
+
+    if lt["state"] == "scheduled":
+        line = f"scheduled: starts at {text(lt['next_start'])}"
+    elif lt["state"] == "running":
+        line = f"running since {text(lt['started_at'])}"
+        if lt.get("stops_at"):
+            line += f", max_duration stops it at {text(lt['stops_at'])}"
+            if lt["crons"]:
+                line += f", next start {text(lt['next_start'])}"
+    else:
+        line = f"stopped by max_duration at {text(lt['stopped_at'])}"
+        line += f", next start {text(lt['next_start'])}" if lt["crons"] else " (no schedule: it stays at 0 replicas)"
+    return line + (f" (schedule: {', '.join(lt['crons'])})" if lt["crons"] else "")
 
 
 def scaling_line(sc: dict[str, Any]) -> str:

@@ -46,6 +46,32 @@ def is_service(app_config: dict[str, Any] | None) -> bool:
     return bool(app_config) and app_config.get("import_path") == SERVICE_IMPORT_PATH
 
 
+def policy_lifetime(app_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `lifetime` kwargs (`schedule`, `max_duration`) of a service's autoscaling policy (the ingress
+    deployment's first; every group of a service carries the same)."""
+    deployments = sorted((app_config or {}).get("deployments") or [],
+                         key=lambda d: d.get("name") != REPLICA_DEPLOYMENT_NAME)
+    for deployment in deployments:
+        policy = (deployment.get("autoscaling_config") or {}).get("policy") or {}
+        lifetime = (policy.get("policy_kwargs") or {}).get("lifetime")
+        if isinstance(lifetime, dict):
+            return lifetime
+    return None
+
+
+def lifetime_start(app_config: dict[str, Any] | None, now: float) -> float:
+    """What a (re)deployed service's `schedule`/`max_duration` count from: the running service's own start while it
+    is on (a redeploy changes it in place, as dstack updates an active run), else `now` (a new service, or one
+    `max_duration` stopped, starts afresh, as dstack's next `apply` submits a new run)."""
+    from ray_dstack.serve.scaling.autoscaling_policy import active_window
+
+    lifetime = policy_lifetime(app_config)
+    if lifetime is None or lifetime.get("deployed_at") is None:
+        return now
+    active, _ = active_window(lifetime, now)
+    return float(lifetime["deployed_at"]) if active else now
+
+
 def created_time(app_config: dict[str, Any] | None) -> int | None:
     """The `created` time a running service was first deployed with (kept across redeploys), if any."""
     if not is_service(app_config):

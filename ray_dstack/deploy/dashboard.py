@@ -105,6 +105,18 @@ class DashboardClient:
         if resp.status_code != 200:
             raise ClusterError(f"Serve rejected the configuration ({resp.status_code}): {resp.text.strip()}")
 
+    def put_package(self, uri: str, data: bytes) -> None:
+        """Store a zip in Ray's package store (the GCS's internal KV, key `uri`), as `ray job submit
+        --working-dir` does. Never GET it to test existence: that pins it with a temporary reference, and the GCS
+        deletes a package whose references drop back to 0 (ray_dstack/deploy/package_store.py)."""
+        protocol, sep, name = uri.partition("://")
+        if not sep or not name or "/" in name:
+            raise ValueError(f"not a package URI: {uri!r}")
+        resp = self._request("PUT", f"/api/packages/{protocol}/{name}", content=data, timeout=300.0)
+        if resp.status_code != 200:
+            raise ClusterError(f"uploading {uri} ({len(data)} bytes) failed ({resp.status_code}): "
+                               f"{resp.text.strip()[-500:]}")
+
     def nodes(self) -> list[dict[str, Any]]:
         resp = self._request("GET", "/api/v0/nodes", params={"detail": "true", "limit": 1000})
         if resp.status_code != 200:
