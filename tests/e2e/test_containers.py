@@ -11,7 +11,6 @@ The runtime flags podman needs on this machine reach the replicas through RAY_DS
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import REPO, CliCluster, free_port, ray_stop, wait_until, write_service
+from conftest import CliCluster, free_port, ray_stop, wait_until, write_service
 from tests.support import images
 
 pytestmark = pytest.mark.slow
@@ -57,14 +56,7 @@ def registry():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, registry):
     base = tmp_path_factory.mktemp("containers")
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update({
-        "RAY_DSTACK_HOME": str(base / "home"),
-        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        "RAY_DSTACK_CONTAINER_RUNTIME": "podman",
-        "RAY_DSTACK_CONTAINER_FLAGS": images.RUN_FLAGS_HERE,
-    })
+    env = images.cluster_env(base)
     ray_stop(env)
     c = CliCluster(env=env, http_port=free_port(), home=base / "home")
     c.base = base

@@ -33,6 +33,21 @@ STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
 TOOLS = ("podman", "runc", "docker-registry", "htpasswd", BUSYBOX)
 
 
+def cluster_env(base: Path, **extra: str) -> dict[str, str]:
+    """The environment of a local cluster for container tests (its replicas get this machine's podman flags),
+    the home under `base`, plus `extra`."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update({
+        "RAY_DSTACK_HOME": str(base / "home"),
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        "RAY_DSTACK_CONTAINER_RUNTIME": "podman",
+        "RAY_DSTACK_CONTAINER_FLAGS": RUN_FLAGS_HERE,
+        **extra,
+    })
+    return env
+
+
 def missing_tools() -> list[str]:
     return [t for t in TOOLS if not (shutil.which(t) or os.path.exists(t))]
 
