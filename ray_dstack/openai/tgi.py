@@ -30,7 +30,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from httpx_sse import EventSource, SSEError
 from text_generation.types import Response, StreamResponse
 
 from ray_dstack.openai import errors, tgi_mapping
@@ -45,6 +44,7 @@ from ray_dstack.openai.protocol import (
     now,
     random_id,
 )
+from ray_dstack.openai.sse import SSEDataReader, sse_data
 from ray_dstack.openai.streams import SSE_DONE, ByteStream, close_quietly
 from ray_dstack.openai.tgi_mapping import ModelLike, final_text, map_finish_reason
 
@@ -286,35 +286,39 @@ class TGIAdapter:
         raise errors.upstream_bad_response("The TGI backend ended the stream without its final event")
 
 
+def _is_event_stream(response: httpx.Response) -> bool:
+    return "text/event-stream" in response.headers.get("content-type", "").partition(";")[0]
+
+
 async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON objects of TGI's server-sent events, until `data: [DONE]` or the end of the body.
 
-    httpx-sse does the SSE framing (multi-line `data:`, comments, `\r\n`, events split across reads); an answer
-    that is not `text/event-stream`, or an event that is not a JSON object, is a bad upstream response.
+    ray_dstack/openai/sse.py does the SSE framing (multi-line `data:`, comments, CR/LF, events split across
+    reads) on the bytes, with no per-line objects (one event per token: bench/RESULTS.md); an answer that is not
+    `text/event-stream`, or an event that is not a JSON object, is a bad upstream response.
     """
-    events = EventSource(response).aiter_sse()
-    try:
-        async for sse in events:
-            if not sse.data:  # no data (a lone `event:`/`id:`/`retry:`): the SSE spec dispatches nothing
-                continue
-            if sse.data.strip() == "[DONE]":
-                return
-            yield tgi_mapping.loads_event(sse.data)
-    except SSEError as exc:
-        raise errors.upstream_bad_response(f"The TGI backend's stream is not server-sent events: {exc}") from exc
-    finally:
-        await events.aclose()
+    if not _is_event_stream(response):
+        content_type = response.headers.get("content-type", "").partition(";")[0]
+        raise errors.upstream_bad_response(
+            f"The TGI backend's stream is not server-sent events: expected Content-Type text/event-stream, "
+            f"got {content_type!r}")
+    async for data in sse_data(response.aiter_bytes()):
+        if not data:  # an event with an empty `data`: nothing to parse
+            continue
+        if data.strip() == b"[DONE]":
+            return
+        yield tgi_mapping.loads_event(data)
 
 
 async def _error_event_payload(response: httpx.Response) -> Any:
     """The JSON of the first event of an error answered as server-sent events (TGI may do that), else None."""
-    events = EventSource(response).aiter_sse()
-    try:
-        async for sse in events:
-            if sse.data:
-                return json.loads(sse.data)
-    except (SSEError, ValueError):
+    if not _is_event_stream(response):
         return None
-    finally:
-        await events.aclose()
+    reader = SSEDataReader()
+    for data in reader.feed(response.content):
+        if data:
+            try:
+                return json.loads(data)
+            except ValueError:
+                return None
     return None

@@ -280,15 +280,20 @@ def parse_response(payload: Any) -> Response:
         raise errors.upstream_bad_response(f"Unexpected answer from the TGI backend: {json.dumps(payload)[:500]}") from exc
 
 
-def loads_event(data: str) -> dict[str, Any]:
+def loads_event(data: bytes | str) -> dict[str, Any]:
     """The JSON object of one server-sent event's `data`."""
     try:
         obj = json.loads(data)
     except ValueError as exc:
-        raise errors.upstream_bad_response(f"Invalid event from the TGI backend: {data[:200]}") from exc
+        raise errors.upstream_bad_response(f"Invalid event from the TGI backend: {_shown(data)}") from exc
     if not isinstance(obj, dict):
-        raise errors.upstream_bad_response(f"Invalid event from the TGI backend: {data[:200]}")
+        raise errors.upstream_bad_response(f"Invalid event from the TGI backend: {_shown(data)}")
     return obj
+
+
+def _shown(data: bytes | str) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
+    return text[:200]
 
 
 def parse_stream_event(raw: dict[str, Any], status: int) -> StreamResponse:

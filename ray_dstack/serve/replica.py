@@ -15,7 +15,7 @@ import time
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
@@ -27,6 +27,7 @@ from ray_dstack.serve.scaling.metrics import observed_service_call, record_repli
 from ray_dstack.serve.scaling.request_counter import RequestCounter
 from ray_dstack.serve.scaling.service_counters import CounterPublisher
 from ray_dstack.serve.transport.client import model_server_client
+from ray_dstack.serve.transport.coalesce import Coalesced
 from ray_dstack.serve.transport.forward import Forwarder, upstream_path
 from ray_dstack.spec import SPEC_ENV_VAR, V1_ROUTE_HEADER, ServiceSpec
 
@@ -152,6 +153,9 @@ class ServiceReplica:
             response = to_starlette(answer)
         else:
             response = await backend.forwarder.forward(request, path)
+        if isinstance(response, StreamingResponse):
+            # What the model server wrote while the relay was busy leaves in one write (transport/coalesce.py).
+            response.body_iterator = Coalesced(response.body_iterator)
         self.requests.record(response.status_code)
         return response
 
@@ -175,10 +179,12 @@ class ServiceReplica:
         if not resp.is_stream:
             yield resp.body
             return
+        body = Coalesced(resp.body)  # one handle message per batch the stream's reader has read
         try:
-            async for chunk in resp.body:
+            async for chunk in body:
                 yield chunk
         finally:
+            await body.aclose()
             await resp.aclose()
 
     async def check_health(self) -> None:
