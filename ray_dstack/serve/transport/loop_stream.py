@@ -51,7 +51,10 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
         self.buffered += len(data)
-        if self.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
+        # Nobody is reading now (a relay holding its tokens back, serve/transport/coalesce.py): what comes next
+        # waits in the socket and arrives with one recv() when the reader has taken this, not one per segment.
+        if not self.read_paused and self.transport is not None and (
+                self.buffered > HIGH_WATER or self.reader is None):
             self.read_paused = True
             self.transport.pause_reading()
         _wake(self.reader)
