@@ -15,6 +15,7 @@ import time
 
 import httpx
 from starlette.requests import Request
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from ray_dstack.openai import errors
@@ -155,7 +156,9 @@ class ServiceReplica:
             response = await backend.forwarder.forward(request, path)
         if isinstance(response, StreamingResponse):
             # What the model server wrote while the relay was busy leaves in one write (transport/coalesce.py).
-            response.body_iterator = Coalesced(response.body_iterator)
+            response.body_iterator = body = Coalesced(response.body_iterator)
+            if response.background is not None:  # the body's closer: the reader task is the one inside the body
+                response.background = BackgroundTask(body.aclose)
         self.requests.record(response.status_code)
         return response
 

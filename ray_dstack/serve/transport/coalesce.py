@@ -11,8 +11,9 @@ Two things keep that cost bounded:
 - a write budget per process (`WriteBudget`, `RAY_DSTACK_RELAY_WRITES_PER_S`, default 4,000): with S streams
   relayed at once, a stream writes at most every S / budget seconds (at most 50 ms; under 1 ms counts as none).
   A token arriving sooner waits, and leaves with those that arrive meanwhile (they wait in the socket, so the
-  reader too wakes once per write). The first chunk of a stream and the end of a stream are never held back; a
-  stream slower than its interval (64 streams at 50 tokens/s, the bench's standard point, against 16 ms) sees
+  reader too wakes once per write; what reaches the socket during a hold may leave with the next write, so a
+  token waits at most two intervals). The first chunk of a stream is never held back; a stream slower than its
+  interval (64 streams at 50 tokens/s, the bench's standard point, against 16 ms) sees
   every token go out as it comes. So the cost per token falls as load rises.
 
 Semantics of the source are kept: an exception it raises reaches the consumer after the data read before it;
@@ -70,7 +71,7 @@ class _Buffer:
     """What the reader and the relay share (the reader holds this, not the `Coalesced`, so dropping the
     `Coalesced` can stop the reader)."""
 
-    __slots__ = ("chunks", "size", "waiting", "room", "error", "finished", "holding")
+    __slots__ = ("chunks", "size", "waiting", "room", "error", "finished", "holding", "stopped")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -80,6 +81,7 @@ class _Buffer:
         self.error: BaseException | None = None
         self.finished = False
         self.holding = False  # the relay holds back a write: the reader lets data wait in the socket meanwhile
+        self.stopped = False  # the relay cancelled the reader (any other cancellation is the source's error)
 
 
 class Coalesced(AsyncIterator[bytes]):
@@ -134,7 +136,7 @@ class Coalesced(AsyncIterator[bytes]):
         except BaseException as exc:
             if not isinstance(exc, StopAsyncIteration):
                 # Cancelled (the client went away): nobody will ask again, so the reader stops now.
-                self._reader.cancel()
+                self._stop_reader()
                 self._uncount()
             raise
         self._last_write = loop.time()
@@ -155,12 +157,17 @@ class Coalesced(AsyncIterator[bytes]):
             if self._reader is None:
                 await _close(self._source)
                 return
-            if not self._reader.done():
-                self._reader.cancel()
+            self._stop_reader()
             try:
                 await self._reader
             except BaseException:  # noqa: BLE001 - the reader's own cancellation, or an error already handed on
                 pass
+            await _close(self._source)  # a reader cancelled before its first step never reached its cleanup
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._buffer.stopped = True
+            self._reader.cancel()
 
     def _uncount(self) -> None:
         if self._counted:
@@ -172,6 +179,7 @@ class Coalesced(AsyncIterator[bytes]):
         self._uncount()
         reader = self._reader
         if reader is not None and not reader.done():
+            self._buffer.stopped = True
             try:
                 reader.get_loop().call_soon_threadsafe(reader.cancel)
             except RuntimeError:  # the loop is closed: so is everything it ran
@@ -192,7 +200,10 @@ async def _read(source: AsyncIterator[bytes], buffer: _Buffer, high_water: int) 
                     await buffer.room
                 finally:
                     buffer.room = None
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
+        if not buffer.stopped:  # not the relay's doing: the source's own failure, for the consumer to see
+            buffer.error = exc
+            return
         # Cancelled while waiting for room, the source sits at a `yield`: close it (its cleanup runs).
         await _close(source)
         raise

@@ -200,6 +200,7 @@ class LoopStream(httpcore.AsyncNetworkStream):
         if p.read_paused:  # the TLS transport takes over reading: the plain one must not stay paused
             p.read_paused = False
             self._transport.resume_reading()
+        p.transport = None  # no pause during the handshake: data it delivers must not pause the plain transport
         try:
             async with asyncio.timeout(timeout):
                 transport = await loop.start_tls(self._transport, self._protocol, ssl_context,

@@ -187,7 +187,7 @@ def test_a_relay_dropped_without_aclose_stops_its_reader(run):
     assert run(main()) == (True, True)
 
 
-def test_a_busy_relay_holds_tokens_for_its_interval_but_never_the_first_or_the_end(run):
+def test_a_busy_relay_holds_tokens_for_its_interval_but_never_the_first(run):
     budget = WriteBudget(writes_per_s=20)  # one stream: a write every 50 ms at most
 
     async def main():
@@ -252,3 +252,22 @@ def test_a_cancelled_relay_leaves_the_budget(run):
         return budget.streams
 
     assert run(main()) == 0
+
+
+def test_a_cancellation_inside_the_source_is_an_error_not_a_clean_end(run):
+    async def main():
+        async def source():
+            yield b"a"
+            waiter = asyncio.get_running_loop().create_future()
+            waiter.cancel()  # e.g. a library's own timeout cancelling what the source awaits
+            await waiter
+            yield b"never"
+
+        relay = Coalesced(source())
+        got = []
+        with pytest.raises(asyncio.CancelledError):
+            async for chunk in relay:
+                got.append(chunk)
+        return got
+
+    assert run(main()) == [b"a"]
