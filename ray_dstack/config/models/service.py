@@ -221,7 +221,7 @@ class ServiceConfig(CoreModel):
             raise ValueError(PROBLEM_SEP.join(problems))
         return value
 
-    @field_validator("probes", "rate_limits", mode="before")
+    @field_validator("probes", "rate_limits", "volumes", "files", "repos", mode="before")
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         return [] if value is None else value
@@ -250,11 +250,6 @@ class ServiceConfig(CoreModel):
             if not words:
                 raise ValueError("`entrypoint` is empty")
         return value
-
-    @field_validator("volumes", "files", "repos", mode="before")
-    @classmethod
-    def _null_list(cls, value: Any) -> Any:
-        return [] if value is None else value
 
     @field_validator("repos")
     @classmethod
