@@ -321,8 +321,8 @@ class _ChunkTemplate:
         return self.prefix + _encode_string(value).encode() + self.suffix
 
 
-def _is_event_stream(response: httpx.Response) -> bool:
-    return "text/event-stream" in response.headers.get("content-type", "").partition(";")[0]
+def _media_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").partition(";")[0]
 
 
 async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
@@ -332,8 +332,8 @@ async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any]
     reads) on the bytes, with no per-line objects (one event per token: bench/RESULTS.md); an answer that is not
     `text/event-stream`, or an event that is not a JSON object, is a bad upstream response.
     """
-    if not _is_event_stream(response):
-        content_type = response.headers.get("content-type", "").partition(";")[0]
+    content_type = _media_type(response)
+    if "text/event-stream" not in content_type:
         raise errors.upstream_bad_response(
             f"The TGI backend's stream is not server-sent events: expected Content-Type text/event-stream, "
             f"got {content_type!r}")
@@ -347,7 +347,7 @@ async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any]
 
 async def _error_event_payload(response: httpx.Response) -> Any:
     """The JSON of the first event of an error answered as server-sent events (TGI may do that), else None."""
-    if not _is_event_stream(response):
+    if "text/event-stream" not in _media_type(response):
         return None
     reader = SSEDataReader()
     for data in reader.feed(response.content):

@@ -187,8 +187,7 @@ class ServiceReplica:
             async for chunk in body:
                 yield chunk
         finally:
-            await body.aclose()
-            await resp.aclose()
+            await body.aclose()  # closes resp.body too
 
     async def check_health(self) -> None:
         await self.runtime.check_health()  # the process answers; probes have not failed 3 times in a row

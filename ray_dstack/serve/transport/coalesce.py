@@ -30,6 +30,8 @@ from collections.abc import AsyncIterator
 
 import anyio
 
+from ray_dstack.openai.streams import close_quietly
+
 # Unread bytes at which the reader waits for the relay to take them (a slow client, HAProxy's buffers full).
 HIGH_WATER = 1 << 16
 # The writes per second a replica process spends on streams before it holds tokens back: each stream then writes
@@ -215,12 +217,7 @@ async def _read(source: AsyncIterator[bytes], buffer: _Buffer, high_water: int) 
 
 
 async def _close(source: AsyncIterator[bytes]) -> None:
-    closer = getattr(source, "aclose", None)
-    if closer is not None:
-        try:
-            await closer()
-        except Exception:  # noqa: BLE001 - closing never masks how the stream ended
-            pass
+    await close_quietly(getattr(source, "aclose", None))
 
 
 def _wake(waiter: asyncio.Future | None) -> None:
