@@ -17,6 +17,7 @@ import ssl
 import httpcore
 import httpx
 
+from ray_dstack.serve.transport.bulk_http11 import BulkConnectionPool
 from ray_dstack.serve.transport.loop_stream import LoopBackend
 
 SHARDS = 16
@@ -57,7 +58,7 @@ def plain_transport(limits: httpx.Limits,
     All of them share one TLS context (`tls_context`)."""
     context = tls_context()
     transport = httpx.AsyncHTTPTransport(verify=context, limits=limits)
-    transport._pool = httpcore.AsyncConnectionPool(
+    transport._pool = BulkConnectionPool(
         ssl_context=context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,

@@ -15,6 +15,7 @@ import uvloop
 
 from ray_dstack.serve.transport.loop_stream import HIGH_WATER, LoopBackend, LoopStream
 from ray_dstack.serve.transport.client import model_server_client, plain_transport
+from tests.support.raw_http import STREAM_HEAD, chunk, port_of, read_request, serve
 
 LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
@@ -24,47 +25,9 @@ def run(request):
     return LOOPS[request.param]
 
 
-async def serve(handler):
-    """A raw TCP server on loopback running `handler(reader, writer)` per connection; (server, base URL, seen)."""
-    seen = {"connections": 0, "disconnects": 0}
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen["connections"] += 1
-        try:
-            await handler(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            seen["disconnects"] += 1
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
 async def open_stream(url: str) -> LoopStream:
     """A `LoopStream` to the test server at `url`, opened as the replica's pools open theirs."""
     return await LoopBackend().connect_tcp("127.0.0.1", port_of(url), timeout=5.0)
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return await reader.readexactly(length) if length else b""
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
 def test_the_replicas_pools_open_connections_with_the_loop_backend():
