@@ -13,8 +13,6 @@ at the very start is skipped; an unfinished event at the end of the stream is dr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -67,11 +65,3 @@ class SSEDataReader:
             # a comment (`:...`), another field, or a line that is not a field: nothing for `data`
         self._rest = buf[pos:]
         return events
-
-
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each event of a byte stream, as they complete."""
-    reader = SSEDataReader()
-    async for chunk in chunks:
-        for data in reader.feed(chunk):
-            yield data

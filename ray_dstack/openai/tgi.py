@@ -8,9 +8,11 @@ Streaming: one `chat.completion.chunk` per generated token (special tokens skipp
 the start of a stop string is held back until it is known not to be one, then sent with the next chunk),
 the first chunk carries `delta.role = "assistant"`, the last TGI event's token is kept (minus the stop string
 that ended generation), then a chunk with `finish_reason`, then (with `stream_options.include_usage`) a
-chunk with `usage` and empty `choices`, then `data: [DONE]`. An upstream error before the first token is
-raised as `OpenAIError` by `open_chat_stream` (so the HTTP layer answers a real status); an error later is
-sent as a final `data: {"error": {...}}` event followed by `data: [DONE]`.
+chunk with `usage` and empty `choices`, then `data: [DONE]`. The chunks of the tokens one read of TGI's body
+brings leave together, as one piece (at engine speed a read holds ~16 tokens). An upstream error before the
+first token is raised as `OpenAIError` by `open_chat_stream` (so the HTTP layer answers a real status); an
+error later is sent as a final `data: {"error": {...}}` event (after the chunks before it) followed by
+`data: [DONE]`.
 
 Why not `text_generation.AsyncClient` for the HTTP part (its types and error parser *are* used):
 its `generate`/`generate_stream` open a new aiohttp `ClientSession` (a new connection pool, a new TCP
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 from json.encoder import encode_basestring as _encode_string  # json.dumps(str, ensure_ascii=False)
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -45,7 +47,7 @@ from ray_dstack.openai.protocol import (
     now,
     random_id,
 )
-from ray_dstack.openai.sse import SSEDataReader, sse_data
+from ray_dstack.openai.sse import SSEDataReader
 from ray_dstack.openai.streams import SSE_DONE, ByteStream, close_quietly
 from ray_dstack.openai.tgi_mapping import ModelLike, final_text, map_finish_reason
 
@@ -54,22 +56,40 @@ if TYPE_CHECKING:
 
 
 class _Upstream:
-    """An open TGI SSE stream whose first event has been read."""
+    """An open TGI SSE stream whose first event has been read (and parsed: a bad one fails before the answer)."""
 
-    def __init__(self, response: httpx.Response, events: AsyncGenerator[dict[str, Any], None], first: StreamResponse, first_raw: dict[str, Any]):
+    def __init__(self, response: httpx.Response, events: AsyncGenerator[list[dict[str, Any]], None],
+                 first: StreamResponse, first_batch: list[dict[str, Any]]):
         self.response = response
-        self.events = events
-        self.first = first
-        self.first_raw = first_raw
+        self.events = events  # the events of each read of the body
+        self.first = first  # `first_batch[0]`, parsed
+        self.first_batch = first_batch
 
     async def aclose(self) -> None:
         await close_quietly(self.events.aclose)
         await close_quietly(self.response.aclose)
 
-    async def __aiter__(self) -> AsyncIterator[tuple[StreamResponse, dict[str, Any]]]:
-        yield self.first, self.first_raw
-        async for raw in self.events:
-            yield tgi_mapping.parse_stream_event(raw, self.response.status_code), raw
+    async def batches(self) -> AsyncIterator[list[tuple[StreamResponse, dict[str, Any]]]]:
+        """The token events, a list per read of the body: everything per token after this is plain function
+        calls, one async step per read (at engine speed a read holds ~16 tokens: bench/RESULTS.md)."""
+        status = self.response.status_code
+        batch: list[dict[str, Any]] | None = self.first_batch
+        parsed = [(self.first, batch[0])]
+        rest = batch[1:]
+        while True:
+            for raw in rest:
+                try:
+                    parsed.append((tgi_mapping.parse_stream_event(raw, status), raw))
+                except Exception:
+                    if parsed:  # the tokens before the bad event still go out
+                        yield parsed
+                    raise
+            if parsed:
+                yield parsed
+            batch = await anext(self.events, None)
+            if batch is None:
+                return
+            parsed, rest = [], batch
 
 
 class TGIAdapter:
@@ -165,11 +185,11 @@ class TGIAdapter:
                     payload = await _error_event_payload(response)
                 raise tgi_mapping.tgi_error(response.status_code, payload) if payload is not None else \
                     errors.from_upstream_status(response.status_code, content)
-            events = _sse_events(response)
-            raw = await anext(events, None)
-            if raw is None:
+            events = _sse_batches(response)
+            batch = await anext(events, None)
+            if batch is None:
                 raise errors.upstream_bad_response("The TGI backend closed the stream before the first token")
-            first = tgi_mapping.parse_stream_event(raw, response.status_code)
+            first = tgi_mapping.parse_stream_event(batch[0], response.status_code)
         except BaseException as exc:
             if events is not None:
                 await close_quietly(events.aclose)
@@ -177,11 +197,11 @@ class TGIAdapter:
             if isinstance(exc, httpx.HTTPError):
                 raise to_openai_error(exc) from exc
             raise
-        return _Upstream(response, events, first, raw)
+        return _Upstream(response, events, first, batch)
 
     # --- SSE producers -------------------------------------------------------------------------------------
 
-    async def _chat_chunks(self, req: ChatCompletionRequest, upstream: _Upstream, stops: list[str]) -> AsyncGenerator[bytes, None]:
+    def _chat_chunks(self, req: ChatCompletionRequest, upstream: _Upstream, stops: list[str]) -> AsyncGenerator[bytes, None]:
         cid, created, model = random_id("chatcmpl-"), now(), req.model
         role_sent = False
 
@@ -205,27 +225,20 @@ class TGIAdapter:
             "choices": [{"index": 0, "delta": {"content": _SLOT}, "logprobs": None, "finish_reason": None}],
             **({"usage": None} if req.include_usage else {})})
 
-        try:
-            async for text, lps, final in self._token_texts(upstream, stops, req.logprobs):
-                if final is not None:
-                    if text or lps:
-                        yield chunk({"content": text}, logprobs=lps if req.logprobs else None)
-                    finish, usage = final
-                    yield chunk({}, finish)
-                    if req.include_usage:
-                        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": usage.model_dump()}
-                        yield b"data: " + json.dumps(obj).encode() + b"\n\n"
-                    yield SSE_DONE
-                    return
-                yield chunk({"content": text}, logprobs=lps if req.logprobs else None)
-        except Exception as exc:  # mid-stream failure: a final error event, then a clean end
-            yield errors.sse_error_event(exc)
-            yield SSE_DONE
-        finally:
-            await upstream.aclose()
+        def final_chunks(text: str, lps: list[TokenLogprob], finish: str, usage: UsageInfo) -> list[bytes]:
+            out = [chunk({"content": text}, logprobs=lps if req.logprobs else None)] if text or lps else []
+            out.append(chunk({}, finish))
+            if req.include_usage:
+                obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [], "usage": usage.model_dump()}
+                out.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            return out
 
-    async def _completion_chunks(self, req: CompletionRequest, prompt: str, upstream: _Upstream, stops: list[str]) -> AsyncGenerator[bytes, None]:
+        return _chunks_per_read(upstream, _TokenTexts(stops, req.logprobs), [],
+                                lambda text, lps: chunk({"content": text}, logprobs=lps if req.logprobs else None),
+                                final_chunks)
+
+    def _completion_chunks(self, req: CompletionRequest, prompt: str, upstream: _Upstream, stops: list[str]) -> AsyncGenerator[bytes, None]:
         cid, created, model = random_id("cmpl-"), now(), req.model
 
         def chunk(text: str, finish: str | None = None, lps: list[Any] | None = None) -> bytes:
@@ -246,58 +259,96 @@ class TGIAdapter:
             "choices": [{"index": 0, "text": _SLOT, "logprobs": None, "finish_reason": None}],
             **({"usage": None} if req.include_usage else {})})
 
-        try:
-            if req.echo:
-                yield chunk(prompt)
-            async for text, lps, final in self._token_texts(upstream, stops, req.logprobs is not None, legacy=True):
-                if final is not None:
-                    if text:
-                        yield chunk(text, lps=lps)
-                    finish, usage = final
-                    yield chunk("", finish)
-                    if req.include_usage:
-                        obj = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [], "usage": usage.model_dump()}
-                        yield b"data: " + json.dumps(obj).encode() + b"\n\n"
-                    yield SSE_DONE
-                    return
-                yield chunk(text, lps=lps)
-        except Exception as exc:
-            yield errors.sse_error_event(exc)
-            yield SSE_DONE
-        finally:
-            await upstream.aclose()
+        def final_chunks(text: str, lps: list[Any], finish: str, usage: UsageInfo) -> list[bytes]:
+            out = [chunk(text, lps=lps)] if text else []
+            out.append(chunk("", finish))
+            if req.include_usage:
+                obj = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": usage.model_dump()}
+                out.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            return out
 
-    async def _token_texts(self, upstream: _Upstream, stops: list[str], want_logprobs: bool | None, legacy: bool = False):
-        """Yield `(text, logprobs, final)` per token to send; `final` = (finish_reason, usage) on the last one.
+        return _chunks_per_read(upstream, _TokenTexts(stops, req.logprobs is not None, legacy=True),
+                                [chunk(prompt)] if req.echo else [], lambda text, lps: chunk(text, lps=lps),
+                                final_chunks)
 
-        Text that may be the beginning of a stop string is held back and sent with a later token, so that a
-        stop string spanning several tokens never reaches the client.
-        """
-        pending = ""
-        pending_lps: list[Any] = []
-        async for ev, raw in upstream:
-            tok = ev.token
-            if not tok.special:
-                pending += tok.text
-                if want_logprobs:
-                    if legacy:
-                        top = {t.text: t.logprob for t in (ev.top_tokens or [])} or None
-                        pending_lps.append((tok.text, tok.logprob, top))
-                    else:
-                        pending_lps.append(tgi_mapping.chat_logprob(tok, ev.top_tokens))
-            if ev.details is not None or ev.generated_text is not None:
-                reason = ev.details.finish_reason if ev.details is not None else "length"
-                text = final_text(pending, reason, stops)
-                generated = ev.details.generated_tokens if ev.details is not None else 0
-                input_length = (raw.get("details") or {}).get("input_length") or 0
-                yield text, pending_lps, (map_finish_reason(reason), UsageInfo.of(int(input_length), generated))
+
+async def _chunks_per_read(upstream: _Upstream, texts: "_TokenTexts", head: list[bytes],
+                           token_chunk: Callable[[str, list[Any]], bytes],
+                           final_chunks: Callable[[str, list[Any], str, UsageInfo], list[bytes]],
+                           ) -> AsyncGenerator[bytes, None]:
+    """A stream's OpenAI chunks, one piece per read of the TGI body (one write downstream): `head` first, a chunk
+    per token `texts` lets out, the final chunks, `[DONE]`. A failure mid-stream ends it with an error event
+    after the chunks before it, then `[DONE]`; the upstream is closed however the stream ends."""
+    out = head
+    try:
+        async for batch in upstream.batches():
+            for ev, raw in batch:
+                step = texts.step(ev, raw)
+                if step is None:
+                    continue
+                text, lps, final = step
+                if final is None:
+                    out.append(token_chunk(text, lps))
+                    continue
+                out += final_chunks(text, lps, *final)
+                out.append(SSE_DONE)
+                yield b"".join(out)
                 return
-            hold = tgi_mapping.held_back_len(pending, stops)
-            send = pending[: len(pending) - hold]
-            if send or (pending_lps and not hold):
-                yield send, pending_lps, None
-                pending, pending_lps = pending[len(pending) - hold:], []
+            if out:
+                data, out = b"".join(out), []
+                yield data
+        texts.ended()
+    except Exception as exc:  # mid-stream failure: a final error event, then a clean end
+        out += (errors.sse_error_event(exc), SSE_DONE)
+        yield b"".join(out)
+    finally:
+        await upstream.aclose()
+
+
+class _TokenTexts:
+    """What to send for each TGI token event: `step` returns `(text, logprobs, final)`, or None while the text is
+    held back; `final` = (finish_reason, usage) on the last event.
+
+    Text that may be the beginning of a stop string is held back and sent with a later token, so that a stop
+    string spanning several tokens never reaches the client.
+    """
+
+    def __init__(self, stops: list[str], want_logprobs: bool | None, legacy: bool = False) -> None:
+        self.stops = stops
+        self.want_logprobs = want_logprobs
+        self.legacy = legacy
+        self.pending = ""
+        self.pending_lps: list[Any] = []
+
+    def step(self, ev: StreamResponse, raw: dict[str, Any]):
+        tok = ev.token
+        if not tok.special:
+            self.pending += tok.text
+            if self.want_logprobs:
+                if self.legacy:
+                    top = {t.text: t.logprob for t in (ev.top_tokens or [])} or None
+                    self.pending_lps.append((tok.text, tok.logprob, top))
+                else:
+                    self.pending_lps.append(tgi_mapping.chat_logprob(tok, ev.top_tokens))
+        if ev.details is not None or ev.generated_text is not None:
+            reason = ev.details.finish_reason if ev.details is not None else "length"
+            text = final_text(self.pending, reason, self.stops)
+            generated = ev.details.generated_tokens if ev.details is not None else 0
+            input_length = (raw.get("details") or {}).get("input_length") or 0
+            return text, self.pending_lps, (map_finish_reason(reason), UsageInfo.of(int(input_length), generated))
+        pending = self.pending
+        hold = tgi_mapping.held_back_len(pending, self.stops)
+        send = pending[: len(pending) - hold]
+        if send or (self.pending_lps and not hold):
+            lps = self.pending_lps
+            self.pending, self.pending_lps = pending[len(pending) - hold:], []
+            return send, lps, None
+        return None
+
+    @staticmethod
+    def ended() -> None:
+        """The stream ended before its final event."""
         raise errors.upstream_bad_response("The TGI backend ended the stream without its final event")
 
 
@@ -325,24 +376,38 @@ def _media_type(response: httpx.Response) -> str:
     return response.headers.get("content-type", "").partition(";")[0]
 
 
-async def _sse_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
-    """The JSON objects of TGI's server-sent events, until `data: [DONE]` or the end of the body.
+async def _sse_batches(response: httpx.Response) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The JSON objects of TGI's server-sent events, a list per read of the body (never empty), until
+    `data: [DONE]` or the end of the body.
 
     ray_dstack/openai/sse.py does the SSE framing (multi-line `data:`, comments, CR/LF, events split across
     reads) on the bytes, with no per-line objects (one event per token: bench/RESULTS.md); an answer that is not
-    `text/event-stream`, or an event that is not a JSON object, is a bad upstream response.
+    `text/event-stream`, or an event that is not a JSON object, is a bad upstream response (raised after the
+    events before it).
     """
     content_type = _media_type(response)
     if "text/event-stream" not in content_type:
         raise errors.upstream_bad_response(
             f"The TGI backend's stream is not server-sent events: expected Content-Type text/event-stream, "
             f"got {content_type!r}")
-    async for data in sse_data(response.aiter_bytes()):
-        if not data:  # an event with an empty `data`: nothing to parse
-            continue
-        if data.strip() == b"[DONE]":
-            return
-        yield tgi_mapping.loads_event(data)
+    reader = SSEDataReader()
+    async for piece in response.aiter_bytes():
+        batch = []
+        for data in reader.feed(piece):
+            if not data:  # an event with an empty `data`: nothing to parse
+                continue
+            if data.strip() == b"[DONE]":
+                if batch:
+                    yield batch
+                return
+            try:
+                batch.append(tgi_mapping.loads_event(data))
+            except Exception:
+                if batch:
+                    yield batch
+                raise
+        if batch:
+            yield batch
 
 
 async def _error_event_payload(response: httpx.Response) -> Any:

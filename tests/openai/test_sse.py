@@ -4,13 +4,12 @@ cases the specification spells out."""
 
 from __future__ import annotations
 
-import asyncio
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
-from ray_dstack.openai.sse import SSEDataReader, sse_data
+from ray_dstack.openai.sse import SSEDataReader
 
 
 def reference(stream: bytes) -> list[str]:
@@ -93,14 +92,3 @@ def test_a_bom_split_across_pieces_is_skipped():
     reader = SSEDataReader()
     assert reader.feed(b"\xef") == []
     assert reader.feed(b"\xbb\xbfdata: x\n\n") == [b"x"]
-
-
-def test_sse_data_reads_an_async_byte_stream():
-    async def pieces():
-        for p in (b"data: 1\n", b"\ndata: 2\n\nda", b"ta: 3\n\n"):
-            yield p
-
-    async def main():
-        return [d async for d in sse_data(pieces())]
-
-    assert asyncio.run(main()) == [b"1", b"2", b"3"]

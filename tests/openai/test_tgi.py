@@ -373,6 +373,53 @@ def test_sse_framing_crlf_comments_multiline_data_and_split_reads():
     assert evs[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
 
 
+def sse(ev: dict) -> bytes:
+    return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+
+def test_the_tokens_of_one_read_go_out_as_one_piece():
+    """At engine speed a read of the backend holds many tokens: the adapter answers each read with one piece
+    (one write downstream), in order, the final event's chunks and [DONE] with the read that brings them."""
+    words = [f" w{i}" for i in range(8)]
+    pieces = [b"".join(sse(token_event(i, w)) for i, w in enumerate(words)),
+              sse(token_event(8, " end", last=True)) + b"data: [DONE]\n\n"]
+    for opener, text_of in (
+            (lambda a: a.open_chat_stream(chat_req("x", stream=True)), lambda c: c["choices"][0]["delta"].get("content")),
+            (lambda a: a.open_completions_stream(comp_req("x", stream=True)), lambda c: c["choices"][0]["text"])):
+        async def go(a, opener=opener):
+            return await collect(await opener(a))
+
+        frames = call_raw(raw_backend(200, "text/event-stream", pieces), go)
+        assert len(frames) == 2
+        first, second = events(frames[:1]), events(frames[1:])
+        assert [text_of(c) for c in first] == words
+        assert [text_of(c) for c in second[:-2]] == [" end"] and second[-2]["choices"][0]["finish_reason"] == "length"
+        assert second[-1] == "[DONE]"
+
+
+def test_a_bad_event_inside_a_read_sends_the_tokens_before_it_then_the_error():
+    pieces = [sse(token_event(0, "a")) + sse(token_event(1, "b")) + b"data: {not json\n\n" + sse(token_event(2, "c")),
+              sse(token_event(3, "d", last=True))]
+
+    async def go(a):
+        return await collect(await a.open_chat_stream(chat_req("x", stream=True)))
+
+    evs = events(call_raw(raw_backend(200, "text/event-stream", pieces), go))
+    assert [c["choices"][0]["delta"].get("content") for c in evs[:-2]] == ["a", "b"]
+    assert "Invalid event from the TGI backend" in evs[-2]["error"]["message"] and evs[-1] == "[DONE]"
+
+
+def test_a_stream_that_ends_without_its_final_event_ends_with_an_error_event():
+    pieces = [sse(token_event(0, "a")), sse(token_event(1, "b"))]
+
+    async def go(a):
+        return await collect(await a.open_chat_stream(chat_req("x", stream=True)))
+
+    evs = events(call_raw(raw_backend(200, "text/event-stream", pieces), go))
+    assert [c["choices"][0]["delta"].get("content") for c in evs[:-2]] == ["a", "b"]
+    assert "without its final event" in evs[-2]["error"]["message"] and evs[-1] == "[DONE]"
+
+
 def test_error_answered_as_an_sse_event_keeps_its_status():
     body = b'data:{"error":"Request failed during generation: boom","error_type":"generation"}\n\n'
     with pytest.raises(OpenAIError) as ei:
