@@ -4,7 +4,8 @@ Everything else is httpcore's (and h11's): the request, the response head, `Cont
 bodies, keep-alive, upgrades. Once a response's head says its body is chunked, the body's bytes (what h11 had
 buffered past the head, then each network read) go through `ChunkedDecoder` instead of h11's event per chunk;
 at the body's end the connection returns to the pool as httpcore would return it (a fresh h11 state, as
-`start_next_cycle` leaves it). A response the client stops reading early closes its connection, as before.
+`start_next_cycle` leaves it), also when its reader stops at the last event and never asks for the end. A
+response closed before its body's last byte arrived closes its connection, as before.
 
 This reaches into httpcore 1.0's connection classes (`pyproject.toml` pins `httpcore<1.1`);
 tests/serve/transport/test_bulk_http11.py checks that the replica's client uses them and that a connection is
@@ -31,16 +32,12 @@ class BulkHTTP11Connection(AsyncHTTP11Connection):
         super().__init__(*args, **kwargs)
         self._chunked: ChunkedDecoder | None = None  # the response being read has a chunked body
         self._body_start = b""  # its bytes that arrived with the head
-        self._body_read = False  # ... and it was read to its end: the connection can serve the next request
-        self._keep_alive = True
 
     async def _receive_response_headers(self, request: httpcore.Request):
-        self._chunked, self._body_read = None, False
+        self._chunked = None
         http_version, status, reason, headers, trailing = await super()._receive_response_headers(request)
         if _has_chunked_body(request, status, headers):
             self._chunked, self._body_start = ChunkedDecoder(), trailing
-            self._keep_alive = http_version == b"HTTP/1.1" and not (
-                _asks_close(headers) or _asks_close(request.headers))
         return http_version, status, reason, headers, trailing
 
     async def _receive_response_body(self, request: httpcore.Request) -> AsyncIterator[bytes]:
@@ -68,16 +65,17 @@ class BulkHTTP11Connection(AsyncHTTP11Connection):
             if not data:
                 raise httpcore.RemoteProtocolError(
                     "peer closed connection without sending complete message body (incomplete chunked read)")
-        self._body_read = True
 
     async def _response_closed(self) -> None:
         if self._chunked is None:
             await super()._response_closed()
             return
         async with self._state_lock:
-            reusable = (self._body_read and self._keep_alive and not self._chunked.after_end
-                        and self._h11_state.our_state is h11.DONE)
-            self._chunked = None
+            # Reusable: the body's last byte was read (its reader may stop at the last event, before asking for
+            # the end), nothing came after it, and h11 saw the request through with keep-alive (a `Connection:
+            # close` either way, or an HTTP/1.0 answer, turns h11's DONE into MUST_CLOSE).
+            decoder, self._chunked = self._chunked, None
+            reusable = decoder.done and not decoder.after_end and self._h11_state.our_state is h11.DONE
             if not reusable:
                 await self.aclose()
                 return
@@ -110,6 +108,11 @@ class BulkHTTPConnection(AsyncHTTPConnection):
 class BulkConnectionPool(httpcore.AsyncConnectionPool):
     """httpcore's pool (no proxy, HTTP/1.1) of `BulkHTTPConnection`s."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self._proxy is not None or self._http2:
+            raise ValueError("BulkConnectionPool opens plain HTTP/1.1 connections: no proxy, no HTTP/2")
+
     def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
         return BulkHTTPConnection(
             origin=origin,
@@ -134,7 +137,3 @@ def _has_chunked_body(request: httpcore.Request, status: int, headers: list[tupl
         return False
     return any(name.lower() == b"transfer-encoding" for name, _ in headers)
 
-
-def _asks_close(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(name.lower() == b"connection" and b"close" in (t.strip().lower() for t in value.split(b","))
-               for name, value in headers)

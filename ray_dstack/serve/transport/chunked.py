@@ -4,9 +4,10 @@ A model server streaming tokens writes one chunk per token. h11 (under httpcore,
 on as an event of its own, through its state machine and httpcore's and httpx's stream layers: ~8 µs of CPU per
 token on the replica, more than all the rest of the relay (bench/RESULTS.md, "Relay tokens at engine speed").
 This decoder takes whatever one `recv()` brought (16 tokens at 64 streams × 1,000 tokens/s) and returns all the
-chunk data in it as one piece, so everything above it runs once per read. The syntax it accepts is h11's: a size
-of 1-20 hex digits, extensions after `;` (ignored), optional blanks, CRLF; data; CRLF; and after the `0` chunk,
-trailer lines (ignored) up to an empty line.
+chunk data in it as one piece, so everything above it runs once per read. The chunks' syntax is h11's: a size of
+1-20 hex digits, extensions after `;` (ignored), optional blanks, CRLF; data; CRLF. After the `0` chunk come
+trailer lines up to an empty line, ignored (httpcore drops trailers too); unlike h11, which also takes a bare LF
+there and parses each field, a trailer line must end in CRLF, as RFC 9112 writes it.
 """
 
 from __future__ import annotations

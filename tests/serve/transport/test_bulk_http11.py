@@ -182,3 +182,27 @@ def test_a_gap_between_chunks_longer_than_the_read_timeout_is_a_read_timeout(run
                         got.append(piece)
         return got
     assert run(main()) == [b"one"]
+
+
+def test_a_reader_that_stops_at_the_last_event_still_leaves_the_connection_reusable(run):
+    """The TGI adapter stops at `[DONE]` without asking for the body's end: when the end came in the same read,
+    the connection is whole and serves the next request."""
+    body = chunk(b"data: 1\n\n") + chunk(b"data: [DONE]\n\n") + END
+
+    async def main():
+        server, url, seen = await serve(answering(body, body))
+        async with server, model_server_client(url, 5.0) as client:
+            client._transport.pools = client._transport.pools[:1]
+            client._transport._next = iter(client._transport.pools * 2)
+            for _ in range(2):
+                async with client.stream("GET", "/") as response:
+                    async for piece in response.aiter_raw():
+                        if b"[DONE]" in piece:
+                            break
+        assert seen["connections"] == 1
+    run(main())
+
+
+def test_the_pool_refuses_what_it_does_not_open():
+    with pytest.raises(ValueError, match="no proxy, no HTTP/2"):
+        BulkConnectionPool(http2=True)
