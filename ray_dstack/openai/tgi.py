@@ -49,7 +49,7 @@ from ray_dstack.openai.protocol import (
 )
 from ray_dstack.openai.sse import SSEDataReader
 from ray_dstack.openai.streams import SSE_DONE, ByteStream, close_quietly
-from ray_dstack.openai.tgi_mapping import ModelLike, final_text, map_finish_reason
+from ray_dstack.openai.tgi_mapping import ModelLike, PlainTokenEvent, final_text, map_finish_reason
 
 if TYPE_CHECKING:
     from ray_dstack.openai.templates import ChatTemplate
@@ -59,7 +59,7 @@ class _Upstream:
     """An open TGI SSE stream whose first event has been read (and parsed: a bad one fails before the answer)."""
 
     def __init__(self, response: httpx.Response, events: AsyncGenerator[list[dict[str, Any]], None],
-                 first: StreamResponse, first_batch: list[dict[str, Any]]):
+                 first: StreamResponse | PlainTokenEvent, first_batch: list[dict[str, Any]]):
         self.response = response
         self.events = events  # the events of each read of the body
         self.first = first  # `first_batch[0]`, parsed
@@ -69,13 +69,12 @@ class _Upstream:
         await close_quietly(self.events.aclose)
         await close_quietly(self.response.aclose)
 
-    async def batches(self) -> AsyncIterator[list[tuple[StreamResponse, dict[str, Any]]]]:
+    async def batches(self) -> AsyncIterator[list[tuple[StreamResponse | PlainTokenEvent, dict[str, Any]]]]:
         """The token events, a list per read of the body: everything per token after this is plain function
         calls, one async step per read (at engine speed a read holds ~16 tokens: bench/RESULTS.md)."""
         status = self.response.status_code
-        batch: list[dict[str, Any]] | None = self.first_batch
-        parsed = [(self.first, batch[0])]
-        rest = batch[1:]
+        parsed: list[tuple[StreamResponse | PlainTokenEvent, dict[str, Any]]] = [(self.first, self.first_batch[0])]
+        rest = self.first_batch[1:]
         while True:
             for raw in rest:
                 try:
@@ -126,8 +125,7 @@ class TGIAdapter:
         prompt = tgi_mapping.chat_prompt(req, self.model, self.template)
         params = tgi_mapping.chat_parameters(req, self.model, stream=True)
         upstream = await self._open_stream(prompt, params)
-        gen = self._chat_chunks(req, upstream, params.get("stop", []))
-        return ByteStream(gen, upstream.aclose)
+        return await _owning(upstream, lambda: self._chat_chunks(req, upstream, params.get("stop", [])))
 
     chat_stream = open_chat_stream
 
@@ -145,8 +143,7 @@ class TGIAdapter:
             raise invalid_request("Streaming supports a single prompt", param="prompt")
         params = tgi_mapping.completion_parameters(req, self.model, stream=True)
         upstream = await self._open_stream(prompts[0], params)
-        gen = self._completion_chunks(req, prompts[0], upstream, params.get("stop", []))
-        return ByteStream(gen, upstream.aclose)
+        return await _owning(upstream, lambda: self._completion_chunks(req, prompts[0], upstream, params.get("stop", [])))
 
     completions_stream = open_completions_stream
 
@@ -229,9 +226,7 @@ class TGIAdapter:
             out = [chunk({"content": text}, logprobs=lps if req.logprobs else None)] if text or lps else []
             out.append(chunk({}, finish))
             if req.include_usage:
-                obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage.model_dump()}
-                out.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                out.append(_usage_chunk(cid, "chat.completion.chunk", created, model, usage))
             return out
 
         return _chunks_per_read(upstream, _TokenTexts(stops, req.logprobs), [],
@@ -263,14 +258,27 @@ class TGIAdapter:
             out = [chunk(text, lps=lps)] if text else []
             out.append(chunk("", finish))
             if req.include_usage:
-                obj = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": usage.model_dump()}
-                out.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                out.append(_usage_chunk(cid, "text_completion", created, model, usage))
             return out
 
         return _chunks_per_read(upstream, _TokenTexts(stops, req.logprobs is not None, legacy=True),
                                 [chunk(prompt)] if req.echo else [], lambda text, lps: chunk(text, lps=lps),
                                 final_chunks)
+
+
+def _usage_chunk(cid: str, object_: str, created: int, model: str, usage: UsageInfo) -> bytes:
+    """`stream_options.include_usage`'s last chunk: no choices, the stream's usage."""
+    obj = {"id": cid, "object": object_, "created": created, "model": model, "choices": [], "usage": usage.model_dump()}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def _owning(upstream: _Upstream, chunks: Callable[[], AsyncGenerator[bytes, None]]) -> ByteStream:
+    """The stream of `chunks()`, which owns `upstream` (closed however it ends, or now if building it fails)."""
+    try:
+        return ByteStream(chunks(), upstream.aclose)
+    except BaseException:
+        await upstream.aclose()
+        raise
 
 
 async def _chunks_per_read(upstream: _Upstream, texts: "_TokenTexts", head: list[bytes],
@@ -298,7 +306,7 @@ async def _chunks_per_read(upstream: _Upstream, texts: "_TokenTexts", head: list
             if out:
                 data, out = b"".join(out), []
                 yield data
-        texts.ended()
+        raise errors.upstream_bad_response("The TGI backend ended the stream without its final event")
     except Exception as exc:  # mid-stream failure: a final error event, then a clean end
         out += (errors.sse_error_event(exc), SSE_DONE)
         yield b"".join(out)
@@ -321,7 +329,7 @@ class _TokenTexts:
         self.pending = ""
         self.pending_lps: list[Any] = []
 
-    def step(self, ev: StreamResponse, raw: dict[str, Any]):
+    def step(self, ev: StreamResponse | PlainTokenEvent, raw: dict[str, Any]):
         tok = ev.token
         if not tok.special:
             self.pending += tok.text
@@ -345,11 +353,6 @@ class _TokenTexts:
             self.pending, self.pending_lps = pending[len(pending) - hold:], []
             return send, lps, None
         return None
-
-    @staticmethod
-    def ended() -> None:
-        """The stream ended before its final event."""
-        raise errors.upstream_bad_response("The TGI backend ended the stream without its final event")
 
 
 _SLOT = "\x00ray-dstack-slot\x00"  # the text slot in a template (the last one: a `model` may hold it too)

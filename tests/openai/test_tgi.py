@@ -8,6 +8,10 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from text_generation.types import StreamResponse
 from tests.support.gateway_backends import (
     EOS,
     Control,
@@ -22,7 +26,7 @@ from ray_dstack.openai.errors import OpenAIError
 from ray_dstack.openai.protocol import ChatCompletionRequest, CompletionRequest
 from ray_dstack.openai.templates import ChatTemplate
 from ray_dstack.openai.tgi import TGIAdapter
-from ray_dstack.openai.tgi_mapping import trim_stop
+from ray_dstack.openai.tgi_mapping import PlainTokenEvent, loads_event, parse_stream_event, plain_token_event, trim_stop
 from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.spec import ModelSpec
 
@@ -557,3 +561,46 @@ def test_completions_stream(tgi):
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == generate("a b a b", max_new_tokens=3).text
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+# --- a token event read without pydantic ---------------------------------------------------------------------
+
+json_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 0), st.text(max_size=3),
+                        st.just([]), st.just({}))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.fixed_dictionaries({}, optional={"id": json_values, "text": json_values, "logprob": json_values,
+                                            "special": json_values, "extra": json_values}),
+       st.fixed_dictionaries({}, optional={"top_tokens": json_values, "generated_text": json_values,
+                                            "details": json_values, "index": json_values}))
+def test_a_plain_token_event_holds_what_pydantic_would(token, rest):
+    raw = {"token": token, **rest}
+    plain = plain_token_event(raw)
+    try:
+        parsed = StreamResponse(**raw)
+    except ValidationError:
+        assert plain is None  # pydantic refuses it: so does the fast path (and pydantic's error is raised)
+        return
+    if plain is None:
+        return  # pydantic reads it (a coerced value, top tokens, details or a final text)
+    assert parsed.top_tokens is None and parsed.generated_text is None and parsed.details is None
+    for field in ("id", "text", "logprob", "special"):
+        value, expected = getattr(plain.token, field), getattr(parsed.token, field)
+        assert value == expected and type(value) is type(expected)
+    assert plain.top_tokens is None and plain.generated_text is None and plain.details is None
+
+
+def test_the_common_token_event_takes_the_fast_path():
+    raw = json.loads(sse(token_event(3, " the"))[len(b"data: "):])
+    assert isinstance(parse_stream_event(raw, 200), PlainTokenEvent)
+    assert not isinstance(parse_stream_event(json.loads(json.dumps(token_event(3, "x", last=True))), 200),
+                          PlainTokenEvent)
+
+
+def test_an_event_orjson_refuses_is_read_by_json():
+    assert loads_event(b'{"token": {"logprob": NaN}}')["token"]["logprob"] != 0  # NaN: json reads it
+    with pytest.raises(OpenAIError, match="Invalid event"):
+        loads_event(b"{not json")
+    with pytest.raises(OpenAIError, match="Invalid event"):
+        loads_event(b"[1, 2]")
