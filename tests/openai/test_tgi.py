@@ -401,27 +401,20 @@ def test_the_tokens_of_one_read_go_out_as_one_piece():
         assert second[-1] == "[DONE]"
 
 
-def test_a_bad_event_inside_a_read_sends_the_tokens_before_it_then_the_error():
-    pieces = [sse(token_event(0, "a")) + sse(token_event(1, "b")) + b"data: {not json\n\n" + sse(token_event(2, "c")),
-              sse(token_event(3, "d", last=True))]
-
+@pytest.mark.parametrize("pieces, message", [
+    # a bad event inside a read: the tokens before it go out, then the error
+    ([sse(token_event(0, "a")) + sse(token_event(1, "b")) + b"data: {not json\n\n" + sse(token_event(2, "c")),
+      sse(token_event(3, "d", last=True))], "Invalid event from the TGI backend"),
+    # a body that ends with no final event
+    ([sse(token_event(0, "a")), sse(token_event(1, "b"))], "without its final event"),
+])
+def test_a_stream_cut_short_sends_its_tokens_then_an_error_event(pieces, message):
     async def go(a):
         return await collect(await a.open_chat_stream(chat_req("x", stream=True)))
 
     evs = events(call_raw(raw_backend(200, "text/event-stream", pieces), go))
     assert [c["choices"][0]["delta"].get("content") for c in evs[:-2]] == ["a", "b"]
-    assert "Invalid event from the TGI backend" in evs[-2]["error"]["message"] and evs[-1] == "[DONE]"
-
-
-def test_a_stream_that_ends_without_its_final_event_ends_with_an_error_event():
-    pieces = [sse(token_event(0, "a")), sse(token_event(1, "b"))]
-
-    async def go(a):
-        return await collect(await a.open_chat_stream(chat_req("x", stream=True)))
-
-    evs = events(call_raw(raw_backend(200, "text/event-stream", pieces), go))
-    assert [c["choices"][0]["delta"].get("content") for c in evs[:-2]] == ["a", "b"]
-    assert "without its final event" in evs[-2]["error"]["message"] and evs[-1] == "[DONE]"
+    assert message in evs[-2]["error"]["message"] and evs[-1] == "[DONE]"
 
 
 def test_error_answered_as_an_sse_event_keeps_its_status():
