@@ -53,8 +53,10 @@ def plain_transport(limits: httpx.Limits,
                     network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncHTTPTransport:
     """httpx's transport (plain HTTP/1.1), its connections opened by `network_backend` (a replica's namespace:
     ray_dstack/serve/transport/netns_connect.py) or else by `LoopBackend` (ray_dstack/serve/transport/loop_stream.py: reads without
-    anyio's per-read cancel scope). httpx does not take a backend, so its pool is replaced by an identical one
-    that uses it; tests/serve/transport/test_netns_connect.py and test_loop_stream.py check it is used.
+    anyio's per-read cancel scope). httpx does not take a backend, so its pool is replaced by httpcore's with that
+    backend, `BulkConnectionPool` (ray_dstack/serve/transport/bulk_http11.py: chunked bodies read a read at a
+    time, not a chunk at a time); tests/serve/transport/test_netns_connect.py, test_loop_stream.py and
+    test_bulk_http11.py check both are used.
     All of them share one TLS context (`tls_context`)."""
     context = tls_context()
     transport = httpx.AsyncHTTPTransport(verify=context, limits=limits)
