@@ -6,6 +6,7 @@ Serve allows: Serve's proxy → this replica → the child process on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.serve.groups.roles import GroupRole, router_allows
 from ray_dstack.serve.http import to_starlette
+from ray_dstack.serve.ingress import engine_path, engine_registration
+from ray_dstack.serve.ingress.engine_registration import EngineRegistration, EngineRequests, ineligible
 from ray_dstack.serve.ingress.replica_limits import ReplicaLimits
 from ray_dstack.serve.runtime import runtime_for
 from ray_dstack.serve.scaling.metrics import observed_service_call, record_replica_rps
@@ -87,6 +90,12 @@ class ServiceReplica:
         self.runtime = runtime = runtime_for(spec, replica_tag=tag, logger=logger)
         # Its part in a service with replica groups (a router, or a worker behind one): serve/groups/.
         self.group = group = GroupRole(spec, replica_tag=tag, logger=logger)
+        # The engine path (serve/ingress/engine_registration.py): HAProxy sends passthrough requests to the engine.
+        self.engine_path_off = ineligible(spec)
+        if self.engine_path_off is None and hasattr(runtime, "private_port"):
+            runtime.private_port = True
+        self.engine: EngineRegistration | None = None
+        self.engine_requests: EngineRequests | None = None
         try:
             await group.before_prepare(runtime)
             await runtime.prepare()
@@ -103,11 +112,32 @@ class ServiceReplica:
         self.own = self._backend(f"http://127.0.0.1:{runtime.port}", network_backend=runtime.network_backend)
         # Groups without a router: the other groups' replicas take this service's traffic too (serve/groups/peers.py).
         self.peers = group.start_peers(self._backend, ModelServerBackend.aclose)
+        await self._offer_engine()
         # The other groups scale on the requests this group takes (serve/scaling/service_counters.py).
         self.counters = None
         if spec.group is not None and group.is_ingress and len(spec.group.groups) > 1:
             self.counters = CounterPublisher(self.requests, service=spec.name, replica=tag, logger=logger)
             self.counters.start()
+
+    async def _offer_engine(self) -> None:
+        """Registers the engine with this node's HAProxy when the engine path applies (its port is private)."""
+        connector = getattr(self.runtime, "connector", None)
+        if not getattr(self.runtime, "port_is_private", False) or connector is None:
+            if self.engine_path_off is None:
+                self.engine_path_off = "the namespace connector is not available"
+            return
+        try:
+            server = engine_registration.server_name()
+            self.engine = await asyncio.to_thread(
+                EngineRegistration.create, self.spec, connector_path=connector.path, port=self.spec.port,
+                server=server, directory=engine_registration.haproxy_dir() / engine_path.ENGINE_DIR_NAME)
+        except Exception as exc:  # noqa: BLE001 - the replica path still serves every request
+            self.engine_path_off = f"registration failed: {exc}"
+            logger.warning("engine path off for this replica: %s", self.engine_path_off)
+            return
+        self.engine_requests = EngineRequests(self.requests, server=server,
+                                              admin_socket=engine_registration.haproxy_admin_socket(), logger=logger)
+        self.engine_requests.start()
 
     def _backend(self, url: str, network_backend=None) -> ModelServerBackend:
         """One model server's connection pool, for plain forwarding and the OpenAI routes."""
@@ -204,12 +234,25 @@ class ServiceReplica:
             "started_at": self.started_at,
             **self.runtime.describe(),
             **self.group.describe(),
+            "data_path": "engine" if self.engine is not None else "replica",
+            "engine_path_off": self.engine_path_off,
         }
 
     async def __del__(self) -> None:
         group = getattr(self, "group", None)
         if group is not None:  # first: the router stops sending this replica requests
             await group.aclose()
+        engine = getattr(self, "engine", None)
+        if engine is not None:  # the next HAProxy reload leaves the engine out; in-flight requests finish first
+            await asyncio.to_thread(engine.close)
+            # Its own idle connections to the engine (relay and probes) are not HAProxy's requests.
+            if getattr(self, "own", None) is not None:
+                await self.own.aclose()
+            await self.runtime.stop_probes()
+            await engine_registration.drain(engine, logger)
+        engine_requests = getattr(self, "engine_requests", None)
+        if engine_requests is not None:
+            await engine_requests.aclose()
         counters = getattr(self, "counters", None)
         if counters is not None:
             await counters.aclose()

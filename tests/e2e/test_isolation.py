@@ -48,6 +48,7 @@ def cluster(tmp_path_factory):
         "RAY_DSTACK_WORK_ROOT": str(base / "work"),
         "RAY_DSTACK_PYTHON_DIRS": str(pythons),
         "RAY_DSTACK_NETWORK_NAMESPACES": "auto",
+        "RAY_DSTACK_ENGINE_PATH": "on",  # the model service below (the others publish no model)
     })
     ray_stop(env)
     c = CliCluster(env=env, http_port=free_port(), home=base / "home")
@@ -192,6 +193,109 @@ def test_seed_autoscaling_shape_scales_past_one_replica_on_one_node(cluster, tmp
                        timeout=90, what="back to 1 replica")
     cluster.run("delete", "auto", check=True)
     cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
+
+
+ENGINE_TOKEN = "engine-path-token-0123"
+# An OpenAI-shaped engine that answers with what it received (path, Authorization), on port 8000 in its namespace.
+ECHO_ENGINE = """
+type: service
+name: eng
+port: 8000
+replicas: 2..3
+scaling:
+  metric: rps
+  target: 1000
+commands:
+  - |
+    cat > engine.py <<'EOF'
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            out = json.dumps({"path": self.path, "authorization": self.headers.get("authorization")}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+        do_GET = do_POST
+        def log_message(self, *a):
+            pass
+    ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+    EOF
+  - exec python engine.py
+model:
+  name: echo-model
+  format: openai
+"""
+
+
+def _node(cluster) -> str:
+    return cluster.status("eng")["replicas"]["items"][0]["node_id"]
+
+
+def _engine_responses(cluster) -> int | None:
+    from ray_dstack.serve.ingress import v1_routes
+    from ray_dstack.serve.ingress.engine_registration import engine_responses, haproxy_admin_socket
+
+    stat = v1_routes.HAProxyAdmin(haproxy_admin_socket(_node(cluster))).command("show stat")
+    rows = [line.split(",") for line in stat.splitlines() if line.split(",")[0].endswith("eng--engine")]
+    servers = [row[1] for row in rows if row[1] not in ("FRONTEND", "BACKEND")]
+    if len(servers) != 2:
+        return None
+    return sum(engine_responses(stat, "--engine", server) or 0 for server in servers)
+
+
+def test_the_engine_path_skips_the_replica_and_its_port_is_reachable_only_through_haproxy(cluster, tmp_path):
+    from ray_dstack.serve.ingress.engine_path import ENGINE_DIR_NAME
+    from ray_dstack.serve.ingress.engine_registration import haproxy_dir
+
+    path = write_service(tmp_path, "eng", ECHO_ENGINE)
+    proc = cluster.run("deploy", str(path), "--token", ENGINE_TOKEN, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # Both replicas' engines are in HAProxy's engine backend (after Serve's reload that lists them).
+    cluster.wait_until(lambda: _engine_responses(cluster) is not None, timeout=60, interval=0.5,
+                       what="the engine backend with both engines")
+    before = _engine_responses(cluster)
+    auth = {"authorization": f"Bearer {ENGINE_TOKEN}"}
+    body = {"model": "echo-model", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=cluster.http, timeout=10, trust_env=False) as client:
+        for _ in range(20):
+            r = client.post("/eng/v1/chat/completions", json=body, headers=auth)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"path": "/v1/chat/completions", "authorization": None}  # the token stays out
+        r = client.post("/v1/completions", json={**body, "model": "echo-model"}, headers=auth)  # `/v1` by model
+        assert r.json() == {"path": "/v1/completions", "authorization": None}
+        # HAProxy sent them to the engines itself: its engine servers answered every one.
+        assert _engine_responses(cluster) - before == 21
+        # What the replica decides stays the replica's: a missing token, another model, the model list.
+        r = client.post("/eng/v1/chat/completions", json=body)
+        assert r.status_code == 401 and "error" in r.json()
+        r = client.post("/eng/v1/chat/completions", json={**body, "model": "other"}, headers=auth)
+        assert r.status_code == 404 and "other" in r.text
+        r = client.get("/eng/v1/models", headers=auth)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "echo-model"
+        assert _engine_responses(cluster) - before == 21
+        # The engine path's requests count for `scaling: {metric: rps}` (HAProxy's counts, read by the replicas).
+        for _ in range(40):
+            client.post("/eng/v1/chat/completions", json=body, headers=auth)
+        cluster.wait_until(lambda: (cluster.status("eng").get("scaling") or {}).get("measured_rps") or 0,
+                           timeout=60, interval=1.0, what="the engine path's requests in the measured RPS")
+    # No port of the node reaches an engine: pasta maps none (`-t none`), so only HAProxy (entering the
+    # namespace) and the replica (through its namespace's init) reach port 8000.
+    pastas = [pid for pid, what in our_processes().items() if what == "pasta"]
+    assert len(pastas) == 2
+    for pid in pastas:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"-t") + 1] == b"none", argv
+    entries = haproxy_dir(_node(cluster)) / ENGINE_DIR_NAME
+    assert len(list(entries.glob("*.json"))) == 2
+    cluster.run("delete", "eng", check=True)
+    cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
+    assert list(entries.glob("*.json")) == []
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("ray-dstack-")]
 
 
 def test_ray_stop_on_the_node_leaves_no_namespace_behind(cluster, tmp_path):

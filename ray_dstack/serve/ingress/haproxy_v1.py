@@ -34,6 +34,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ray_dstack.serve.ingress import engine_path
+
 # Serve starts this program on every haproxy (re)load and waits for it: it imports nothing heavy (no pydantic), so
 # these two are spelled out here; tests/serve/ingress/test_haproxy_v1.py checks they equal ray_dstack.spec's.
 V1_ROUTE_HEADER = "x-ray-dstack-v1"
@@ -215,6 +217,26 @@ def _checks(binary: str, config_path: str) -> str | None:
     return None if out.returncode == 0 else (out.stdout + out.stderr).strip()[-2000:]
 
 
+def _checks_text(binary: str, config_path: str, text: str) -> str | None:
+    candidate = config_path + ".ray-dstack-check"
+    Path(candidate).write_text(text)
+    try:
+        return _checks(binary, candidate)
+    finally:
+        Path(candidate).unlink(missing_ok=True)
+
+
+def with_engine_path(config: str, directory: Path) -> str:
+    """The configuration with the engine path (engine_path.py) for the engines this node's replicas registered.
+    Only as root: HAProxy enters the engines' network namespaces (`server ... namespace`)."""
+    if os.geteuid() != 0:
+        return config
+    entries = engine_path.read_entries(directory / engine_path.ENGINE_DIR_NAME)
+    if not entries:
+        return config
+    return engine_path.inject(config, engine_path.routes_for(config, entries), v1_route_header=V1_ROUTE_HEADER)
+
+
 def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | None:
     """Rewrite Serve's configuration in place with the rules, and the node's map for it; returns (admin socket,
     map path, routes) for the map-sync process, or None when the configuration is kept as Serve wrote it.
@@ -234,15 +256,15 @@ def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | 
             write_atomically(map_path, map_text(routable(read_table(str(directory / TABLE_FILE_NAME)), routes)))
             if ours == config:
                 return (socket_path, map_path, routes) if socket_path else None
-            candidate = config_path + ".ray-dstack-check"
-            Path(candidate).write_text(ours)
-            try:
-                complaint = _checks(binary, candidate)
-            finally:
-                Path(candidate).unlink(missing_ok=True)
+            with_engines = with_engine_path(ours, directory)
+            complaint = _checks_text(binary, config_path, with_engines)
+            if complaint is not None and with_engines != ours:
+                print(f"ray-dstack-haproxy: the engine path is left out, haproxy -c refused it: {complaint}",
+                      file=sys.stderr, flush=True)
+                with_engines, complaint = ours, _checks_text(binary, config_path, ours)
             if complaint is not None:
                 raise ConfigShapeError(f"haproxy -c refused the configuration with the rules: {complaint}")
-            Path(config_path).write_text(ours)
+            Path(config_path).write_text(with_engines)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     return (socket_path, map_path, routes) if socket_path else None

@@ -103,10 +103,14 @@ class ReplicaRuntime(ABC):
         if problem:
             raise ServiceProcessError(problem)
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop_probes(self) -> None:
+        """Stop probing (and close the probes' connections to the service)."""
         if self.probes is not None:
             await self.probes.aclose()
             self.probes = None
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.stop_probes()
         if self.process is not None:
             await self.process.stop(grace_s=grace_s)
         self.release()

@@ -220,6 +220,10 @@ class NamespaceRuntime(ProcessRuntime):
     """A fixed `port` in a network namespace of the replica's own (pasta), so replicas share a node."""
 
     kind = "network namespace"
+    # Set before prepare(): no host port maps to the service's port when the connector reaches it (the engine
+    # path, ray_dstack/serve/ingress/engine_registration.py). `connector`: the one prepare() made.
+    private_port = False
+    connector: NamespaceConnector | None = None
 
     def _network(self) -> tuple[int, int]:
         if netns.pasta_path() is None:
@@ -236,7 +240,14 @@ class NamespaceRuntime(ProcessRuntime):
         own_proc = netns.own_proc()  # one answer for pasta's command line and the supervisor's
         node_address = dstack_env.node_ip() if self.spec.reached_from_other_nodes else None
         return netns.pasta_argv(pasta, port, self.spec.port, private_mounts=own_proc or mounts,
-                                node_address=node_address), own_proc
+                                node_address=node_address,
+                                map_host_port=not (self.private_port and self.connector is not None)), own_proc
 
     def _connector(self, workspace_dir: Path) -> NamespaceConnector | None:
-        return connector_for(workspace_dir, self.spec.port, self.logger.warning)
+        self.connector = connector_for(workspace_dir, self.spec.port, self.logger.warning)
+        return self.connector
+
+    @property
+    def port_is_private(self) -> bool:
+        """Whether the service's port is reachable only inside the namespace (no host port maps to it)."""
+        return self.private_port and self.connector is not None

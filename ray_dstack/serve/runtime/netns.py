@@ -63,12 +63,14 @@ def own_proc(uid: int | None = None) -> bool:
 
 
 def pasta_argv(pasta: str, host_port: int, port: int, *, uid: int | None = None,
-               private_mounts: bool | None = None, node_address: str | None = None) -> list[str]:
+               private_mounts: bool | None = None, node_address: str | None = None,
+               map_host_port: bool = True) -> list[str]:
     """The argv prefix that runs a command in its own namespaces with host port `host_port` → `port`.
     `private_mounts` (default: `own_proc(uid)`): pasta runs in a private mount namespace, for the own /proc.
     `node_address`: map `host_port` on every address of the node, that one included, not only on loopback (a
     router's worker, reached from other nodes; such connections arrive on the namespace's interface, so the
-    service must listen on 0.0.0.0)."""
+    service must listen on 0.0.0.0). `map_host_port=False`: no port of the node reaches the namespace (the
+    engine path, ray_dstack/serve/ingress/engine_registration.py: HAProxy and the replica connect inside it)."""
     root = (os.geteuid() if uid is None else uid) == 0
     argv = [pasta]
     if own_proc(uid) if private_mounts is None else private_mounts:
@@ -78,7 +80,8 @@ def pasta_argv(pasta: str, host_port: int, port: int, *, uid: int | None = None,
     return argv + [
         "--config-net", "--foreground", "--quiet", "--log-file", "/dev/null",
         # pasta refuses the same host port on two addresses: a worker's port is mapped on all of them.
-        "-t", f"{host_port}:{port}" if node_address and node_address != "127.0.0.1" else f"127.0.0.1/{host_port}:{port}",
+        "-t", ("none" if not map_host_port else f"{host_port}:{port}" if node_address and node_address != "127.0.0.1"
+               else f"127.0.0.1/{host_port}:{port}"),
         "-T", "none", "-U", "none", "-u", "none",
         "--",
     ]

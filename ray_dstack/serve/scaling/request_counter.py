@@ -90,6 +90,19 @@ class RequestCounter:
             self._total += 1
         return True
 
+    def record_many(self, count: int) -> None:
+        """Count `count` requests answered in this second (counted elsewhere: HAProxy's, for the engine path)."""
+        if count <= 0:
+            return
+        second = math.floor(self._clock())
+        slot = second % self._n
+        with self._lock:
+            if self._seconds[slot] != second:
+                self._seconds[slot] = second
+                self._counts[slot] = 0
+            self._counts[slot] += count
+            self._total += count
+
     def requests_in_window(self) -> int:
         """Requests counted in the last `ceil(window_s)` 1-second frames, the current one included."""
         now = math.floor(self._clock())

@@ -1,0 +1,279 @@
+"""The engine path: HAProxy sends a passthrough request straight to the engine, with no Python in between.
+
+[3.3]'s second design (bench/RESULTS.md, "Relay tokens at engine speed"). A `format: openai` service's replica
+relays most requests untouched: it checks the token, checks `model`, removes `Authorization`, strips the route
+prefix, and copies bytes both ways. For those requests the replica's Python (Serve's uvicorn, its direct-ingress
+wrapper, the relay) costs ~1.1 ms of CPU per answer, where HAProxy alone costs ~0.05 (measured: bench/RESULTS.md).
+So this module writes HAProxy rules that send exactly those requests to the engine itself:
+
+- **Only what the replica would pass through unchanged** takes the engine path: `POST` to the service's
+  `/v1/chat/completions` or `/v1/completions` (or `/v1/...` by model, rewritten by haproxy_v1.py before these
+  rules), one `Authorization` header, `Bearer ` + a token whose SHA-256 is the service's (HAProxy's `sha2`
+  converter: the token itself is in no configuration), and a body whose `model` is the service's model.
+  Everything else (a wrong or missing token, another model, `GET /v1/models`, a body too large to buffer, a
+  route with a longer prefix under this one) goes to Serve's backend as before, and the replica gives the
+  answer it gives today. The rules only ever *narrow* what skips the replica: where HAProxy cannot decide
+  exactly as the replica would, the request takes the replica path.
+- **The engine backend follows Serve's.** One `server` per engine, named as Serve names the replica that owns
+  it, with `track <backend>/<server>`: a replica Serve's health check marks down, or one drained or removed,
+  takes its engine out with it.
+- **The engine's port is reachable from nowhere but HAProxy.** The engine listens inside its replica's own
+  network namespace, which has no port mapped to the host: HAProxy connects inside it (`server ... namespace
+  <name>`, the namespace bound at /run/netns/<name>), as root. A process on the node cannot reach the engine
+  around the token check.
+- **A node's HAProxy reaches only its own node's engines.** With `share = (local, total)` below `1`, that
+  fraction of the eligible requests takes the engine path (`rand`) and the rest goes to Serve's backend,
+  which spreads them over every replica as today, so remote replicas keep their share.
+
+This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
+(haproxy_v1.py) runs it on every reload.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "# ray-dstack: the engine path"
+ENGINE_BACKEND_SUFFIX = "--engine"
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+TOKEN_VAR = "txn.ray_dstack_token"
+BODY_WAIT_S = 10  # as haproxy_v1.BODY_WAIT_S: a slower body takes the replica path
+# What HAProxy's configuration syntax carries with no quoting: application names, prefixes, namespaces.
+_PLAIN = re.compile(r"[A-Za-z0-9._/-]+")
+# A model name inside double quotes: no quote, backslash, `%`, `#`, control or non-ASCII character.
+_QUOTABLE = re.compile(r"[\x20-\x7e]+")
+_UNQUOTABLE = set('"\\%#$\'')
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class EngineServer:
+    """One replica's engine, as this node's HAProxy reaches it."""
+
+    name: str  # the replica's server name in Serve's backend (tracked, and named so in HAProxy's stats)
+    netns: str  # the network namespace's name under /run/netns
+    port: int  # the engine's port inside that namespace
+
+
+@dataclass(frozen=True)
+class EngineRoute:
+    """A service whose eligible requests skip its replicas, on one node's HAProxy."""
+
+    backend: str  # Serve's backend for the application (its `is_<backend>` ACL, its servers)
+    prefix: str  # the application's route prefix, `/svc`
+    model: str  # the `model` a request must name
+    token_sha256: str | None  # the service token's SHA-256 (hex); None: the service has `auth: false`
+    servers: tuple[EngineServer, ...]  # this node's engines of the service
+    upstream_prefix: str = "/v1"  # where the engine serves its OpenAI routes (`model.prefix`)
+    share: tuple[int, int] = (1, 1)  # (this node's replicas, all replicas): the part that takes the engine path
+    shadowed_by: tuple[str, ...] = ()  # backends whose prefix lies under this one's: their requests are theirs
+
+    @property
+    def engine_backend(self) -> str:
+        return self.backend + ENGINE_BACKEND_SUFFIX
+
+    def problem(self) -> str | None:
+        """Why these rules cannot be written for this route (it then keeps the replica path), or None."""
+        for what, value in (("backend", self.backend), ("prefix", self.prefix),
+                            ("model prefix", self.upstream_prefix), *(("backend", b) for b in self.shadowed_by)):
+            if not _PLAIN.fullmatch(value):
+                return f"{what} {value!r} has characters the rules do not quote"
+        if not self.prefix.startswith("/") or self.prefix == "/" or self.prefix.endswith("/"):
+            return f"prefix {self.prefix!r} is not `/<name>`"
+        if not self.upstream_prefix.startswith("/"):
+            return f"model prefix {self.upstream_prefix!r} does not start with `/`"
+        if not _QUOTABLE.fullmatch(self.model) or _UNQUOTABLE & set(self.model):
+            return f"model {self.model!r} has characters the rules do not quote"
+        if self.token_sha256 is not None and not _SHA256.fullmatch(self.token_sha256):
+            return "the token digest is not a SHA-256 in lower-case hex"
+        if not self.servers:
+            return "no engine on this node"
+        for server in self.servers:
+            if not (_PLAIN.fullmatch(server.name) and _PLAIN.fullmatch(server.netns) and 0 < server.port < 65536):
+                return f"engine server {server!r} cannot be written"
+        local, total = self.share
+        if not 0 < local <= total:
+            return f"share {self.share!r} is not (local, total) with 0 < local <= total"
+        return None
+
+
+def frontend_rules(routes: list[EngineRoute]) -> list[str]:
+    """Lines for Serve's `frontend http_frontend`, before its first `use_backend` (Serve's `is_<backend>` ACLs
+    are declared above that line); routes with a `problem()` get none."""
+    routes = [r for r in routes if r.problem() is None]
+    if not routes:
+        return []
+    lines = [
+        f"    {MARKER} (ray_dstack/serve/ingress/engine_path.py)",
+        "    acl ray_dstack_one_auth req.fhdr_cnt(authorization) eq 1",
+        "    acl ray_dstack_bearer req.fhdr(authorization) -m beg -i \"bearer \"",
+        # `bytes(7)`: the token as sent after "Bearer ", nothing trimmed, so it matches only a header the
+        # replica also accepts (the replica strips spaces around the token: those requests take its path).
+        f"    http-request set-var({TOKEN_VAR}) req.fhdr(authorization),bytes(7),sha2(256),hex,lower"
+        " if ray_dstack_one_auth ray_dstack_bearer",
+    ]
+    for i, route in enumerate(routes):
+        acl = f"ray_dstack_engine_{i}"
+        paths = " ".join(route.prefix + r for r in ROUTES)
+        lines.append(f"    acl {acl} path {paths}")
+        lines.append(f"    http-request wait-for-body time {BODY_WAIT_S}s if {acl} METH_POST")
+        conditions = [f"is_{route.backend}", acl, "METH_POST",
+                      f"{{ req.body,json_query('$.model') -m str \"{route.model}\" }}"]
+        if route.token_sha256 is not None:
+            conditions.append(f"{{ var({TOKEN_VAR}) -m str {route.token_sha256} }}")
+        conditions += [f"!is_{b}" for b in route.shadowed_by]
+        conditions.append(f"{{ nbsrv({route.engine_backend}) gt 0 }}")
+        local, total = route.share
+        if local < total:
+            conditions.append(f"{{ rand({total}) lt {local} }}")
+        lines.append(f"    use_backend {route.engine_backend} if {' '.join(conditions)}")
+    return lines
+
+
+def backend_sections(routes: list[EngineRoute], *, v1_route_header: str) -> list[str]:
+    """One backend per route with no `problem()`: its engines, tracking Serve's servers of the same name.
+    `v1_route_header`: the header haproxy_v1.py's `/v1` rewrite adds, which no engine needs to see."""
+    lines: list[str] = []
+    for route in routes:
+        if route.problem() is not None:
+            continue
+        lines += [
+            f"backend {route.engine_backend}",
+            f"    {MARKER}: {route.backend}'s engines on this node",
+            "    balance leastconn",
+            "    http-reuse always",
+            "    http-request del-header authorization",
+            f"    http-request del-header {v1_route_header}",
+            f"    http-request set-path %[path,regsub(^{route.prefix.replace('.', '[.]')}/v1/,{route.upstream_prefix}/)]",
+            # OpenAI answers every request with an `x-request-id`, as the replica does (openai/endpoint.py).
+            "    http-response set-header x-request-id req_%[uuid,regsub(-,,g)] if !{ res.hdr_cnt(x-request-id) gt 0 }",
+        ]
+        lines += [f"    server {s.name} 127.0.0.1:{s.port} namespace {s.netns} track {route.backend}/{s.name}"
+                  for s in route.servers]
+    return lines
+
+
+def inject(config: str, routes: list[EngineRoute], *, v1_route_header: str) -> str:
+    """Serve's configuration (haproxy_v1's rules already in it, or not) with the engine path added: the rules
+    before the frontend's first `use_backend`, the backends at the end. Unchanged without an eligible route."""
+    rules = frontend_rules(routes)
+    if not rules or MARKER in config:
+        return config
+    out: list[str] = []
+    section = ""
+    added = False
+    for line in config.split("\n"):
+        if line and not line[0].isspace():
+            section = line.strip()
+        if section == "frontend http_frontend" and not added and line.strip().startswith("use_backend "):
+            out += rules
+            added = True
+        out.append(line)
+    if not added:
+        return config  # not the shape these rules are written for: every request keeps the replica path
+    text = "\n".join(out).rstrip("\n")
+    return text + "\n" + "\n".join(backend_sections(routes, v1_route_header=v1_route_header)) + "\n"
+
+
+# --- what the replicas on this node register, and the routes it gives in one configuration -----------------
+
+ENGINE_DIR_NAME = "ray-dstack-engines"  # beside Serve's haproxy.cfg: one file per local engine
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a replica on this node writes for the wrapper (engine_registration.py): its engine and its route."""
+
+    server: str
+    prefix: str
+    model: str
+    token_sha256: str | None
+    upstream_prefix: str
+    netns: str
+    port: int
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Entry | None":
+        try:
+            data = json.loads(text)
+            entry = cls(**{f: data[f] for f in cls.__dataclass_fields__})
+        except (ValueError, TypeError, KeyError):
+            return None
+        types_ok = all(isinstance(getattr(entry, f), str) for f in ("server", "prefix", "model", "upstream_prefix",
+                                                                    "netns"))
+        ok = types_ok and isinstance(entry.port, int) and isinstance(entry.token_sha256, (str, type(None)))
+        return entry if ok else None
+
+
+def entry_path(directory: str | Path, server: str) -> Path:
+    return Path(directory) / f"{server}.json"
+
+
+def read_entries(directory: str | Path) -> list[Entry]:
+    """The entries under `directory` whose namespace still exists (a replica that died leaves its file)."""
+    found = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            entry = Entry.from_json(path.read_text())
+        except OSError:
+            continue
+        if entry is not None and Path(NETNS_DIR, entry.netns).exists():
+            found.append(entry)
+    return found
+
+
+NETNS_DIR = "/run/netns"
+_ACL = re.compile(r"^\s+acl is_(\S+) path (\S+)\s*$")
+_SERVER = re.compile(r"^\s+server (\S+) ")
+
+
+def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
+    """The engine routes of this node's entries in Serve's configuration: an entry counts when its server is in
+    the backend whose exact-path ACL is the entry's prefix (a replica Serve no longer lists, or another
+    application at that prefix now, gets nothing)."""
+    prefix_of: dict[str, str] = {}  # backend → its route prefix (`acl is_<backend> path <prefix>`)
+    servers: dict[str, list[str]] = {}
+    backend = None
+    for line in config.split("\n"):
+        if line and not line[0].isspace():
+            words = line.split()
+            backend = words[1] if len(words) > 1 and words[0] == "backend" else None
+            continue
+        acl = _ACL.match(line)
+        if acl:
+            prefix_of[acl.group(1)] = acl.group(2)
+        server = _SERVER.match(line)
+        if backend is not None and server and " backup" not in line:  # Serve's fallback to its proxy: not a replica
+            servers.setdefault(backend, []).append(server.group(1))
+    by_prefix = {prefix: b for b, prefix in prefix_of.items()}
+    routes = []
+    for prefix, group in _group(entries).items():
+        b = by_prefix.get(prefix)
+        if b is None or not servers.get(b):
+            continue
+        local = [e for e in group if e.server in servers[b]]
+        if not local:
+            continue
+        first = local[0]
+        if any((e.model, e.token_sha256, e.upstream_prefix) != (first.model, first.token_sha256, first.upstream_prefix)
+               for e in local):
+            continue  # replicas of two versions of the service during a rollout: the replicas decide
+        shadowed = tuple(sorted(o for o, p in prefix_of.items() if o != b and p.startswith(prefix + "/")))
+        routes.append(EngineRoute(
+            backend=b, prefix=prefix, model=first.model, token_sha256=first.token_sha256,
+            servers=tuple(EngineServer(e.server, e.netns, e.port) for e in local),
+            upstream_prefix=first.upstream_prefix, share=(len(local), len(servers[b])), shadowed_by=shadowed))
+    return routes
+
+
+def _group(entries: list[Entry]) -> dict[str, list[Entry]]:
+    out: dict[str, list[Entry]] = {}
+    for entry in entries:
+        out.setdefault(entry.prefix, []).append(entry)
+    return out

@@ -1,0 +1,261 @@
+"""A replica's side of the engine path (engine_path.py): it offers its engine to its node's HAProxy and counts
+the requests HAProxy sends there.
+
+- **Which replicas** (`ineligible`): `$RAY_DSTACK_ENGINE_PATH=on` on the node (off by default until the path
+  keeps every behaviour the replica path has: see bench/RESULTS.md, [3.3]), a `format: openai` model, a fixed
+  `port` in a network namespace of the replica's own with the namespace connector, the prefix stripped, no
+  `rate_limits` (the replica keeps them) and no replica groups, and root (HAProxy enters the namespace).
+- **Its port stays private.** Such a replica's pasta maps no host port (runtime/host.py `private_port`): the
+  replica itself reaches the engine through the namespace connector, HAProxy through the namespace.
+- **Registration**: once the engine is ready, the namespace is bound at /run/netns/<name> (`ip netns attach`)
+  and an entry (engine_path.Entry: the server name Serve gives this replica in HAProxy, the route, the token's
+  SHA-256, the namespace and port) is written to the directory beside Serve's haproxy.cfg, before Serve lists
+  the replica; Serve's next reload of HAProxy reads it (haproxy_v1.prepare). Closing removes both.
+- **Counting** (`EngineRequests`): HAProxy's counters of this replica's engine server (its responses, `show
+  stat`) go into the replica's RequestCounter every second, so `scaling: {metric: rps}` counts both paths.
+  A reload starts HAProxy's counters again from zero: a drop is read as a new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from ray_dstack.serve.ingress import engine_path
+from ray_dstack.serve.scaling.request_counter import RequestCounter
+from ray_dstack.spec import ServiceSpec
+
+ENGINE_PATH_ENV = "RAY_DSTACK_ENGINE_PATH"
+SETTINGS = ("off", "on")
+POLL_S = 1.0
+RESPONSE_FIELDS = ("hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other")
+
+
+def enabled() -> bool:
+    value = (os.environ.get(ENGINE_PATH_ENV) or "off").strip().lower()
+    return value == "on"
+
+
+def ineligible(spec: ServiceSpec) -> str | None:
+    """Why this service's replicas keep every request (None: their engines take the engine path)."""
+    if not enabled():
+        return f"${ENGINE_PATH_ENV} is not `on` on this node"
+    if spec.model is None or spec.model.format != "openai":
+        return "only a `format: openai` model is passed through as it is"
+    if spec.image is not None or not spec.network_namespace or spec.port_from_env:
+        return "the engine has no network namespace of its own (a fixed `port` without an image)"
+    if not spec.strip_prefix:
+        return "`strip_prefix: false`"
+    if spec.rate_limits:
+        return "`rate_limits` are kept by the replica"
+    if spec.group is not None and len(spec.group.groups) > 1:
+        return "replica groups"
+    if spec.auth.enabled and spec.auth.token_sha256 is None:
+        return "auth without a token"
+    if os.geteuid() != 0:
+        return "HAProxy enters network namespaces as root only"
+    return None
+
+
+def haproxy_dir(node_id: str | None = None) -> Path:
+    """Where Serve writes this node's haproxy.cfg (engine entries go beside it): Serve scopes it by node id."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    return Path(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC).parent / (node_id or _node_id())
+
+
+def haproxy_admin_socket(node_id: str | None = None) -> str:
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
+
+    path = Path(RAY_SERVE_HAPROXY_SOCKET_PATH)
+    return str(path.parent / (node_id or _node_id()) / path.name)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def server_name() -> str:
+    """The name Serve gives this replica's server in HAProxy's configuration."""
+    import ray
+    from ray.serve._private.haproxy import HAProxyManager
+
+    return HAProxyManager.get_safe_name(ray.get_runtime_context().get_actor_name() or "")
+
+
+def peer_pid(unix_socket: str) -> int:
+    """The pid (in this pid namespace) of the process listening on `unix_socket`: the namespace's init."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(unix_socket)
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[:4], "little")
+
+
+class EngineRegistration:
+    """This replica's engine in its node's engine directory, and its namespace at /run/netns/<name>."""
+
+    def __init__(self, entry: engine_path.Entry, directory: Path, pid: int) -> None:
+        self.entry = entry
+        self.path = engine_path.entry_path(directory, entry.server)
+        self.pid = pid  # a process inside the namespace (its init), for its TCP table
+
+    @classmethod
+    def create(cls, spec: ServiceSpec, *, connector_path: str, port: int, server: str,
+               directory: Path) -> "EngineRegistration":
+        netns = "ray-dstack-" + server
+        pid = peer_pid(connector_path)
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)  # a dead replica's
+        out = subprocess.run(["ip", "netns", "attach", netns, str(pid)], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise OSError(f"ip netns attach {netns} {pid}: {out.stderr.strip()}")
+        assert spec.model is not None, "checked by ineligible()"
+        entry = engine_path.Entry(server=server, prefix=f"/{spec.name}", model=spec.model.name,
+                                  token_sha256=spec.auth.token_sha256 if spec.auth.enabled else None,
+                                  upstream_prefix=spec.model.prefix, netns=netns, port=port)
+        registration = cls(entry, directory, pid)
+        directory.mkdir(parents=True, exist_ok=True)
+        collect_stale(directory)
+        tmp = registration.path.with_suffix(".tmp")
+        tmp.write_text(entry.to_json())
+        os.replace(tmp, registration.path)
+        return registration
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        subprocess.run(["ip", "netns", "delete", self.entry.netns], capture_output=True, timeout=30)
+
+
+def collect_stale(directory: Path) -> list[str]:
+    """Remove the entries (and namespace bindings) of replicas that died without closing theirs (SIGKILL, a
+    node's `ray stop`): their namespace has no process left. Returns the namespaces removed."""
+    removed = []
+    for path in directory.glob("*.json"):
+        try:
+            entry = engine_path.Entry.from_json(path.read_text())
+        except OSError:
+            continue
+        if entry is None:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", entry.netns], capture_output=True, text=True, timeout=30)
+        if pids.returncode == 0 and pids.stdout.strip():
+            continue  # alive
+        subprocess.run(["ip", "netns", "delete", entry.netns], capture_output=True, timeout=30)
+        path.unlink(missing_ok=True)
+        removed.append(entry.netns)
+    return removed
+
+
+DRAIN_MAX_S = 60.0
+DRAIN_POLL_S = 0.2
+_ESTABLISHED = "01"
+
+
+def established(tcp_table: str, port: int) -> int:
+    """Established connections to local `port` in a /proc/<pid>/net/tcp{,6} table."""
+    count = 0
+    for line in tcp_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == _ESTABLISHED and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+            count += 1
+    return count
+
+
+def connections_to_engine(registration: EngineRegistration) -> int:
+    total = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            total += established(Path(f"/proc/{registration.pid}/net/{table}").read_text(), registration.entry.port)
+        except OSError:
+            pass
+    return total
+
+
+async def drain(registration: EngineRegistration, logger: logging.Logger, *, max_s: float = DRAIN_MAX_S) -> None:
+    """Wait (at most `max_s`) until no connection reaches the engine: HAProxy processes from before Serve's
+    reload finish their requests on it, and close their idle ones when they exit. Connections the replica
+    itself holds are closed by then (it has no request left)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_s
+    while (left := connections_to_engine(registration)) and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if left:
+        logger.warning("engine path: %d connection(s) still open on the engine after %.0fs; stopping it", left, max_s)
+
+
+def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | None:
+    """Responses HAProxy counted for `server` in the engine backend (`show stat` CSV), or None when absent."""
+    lines = stat_csv.strip().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return None
+    header = lines[0][2:].split(",")
+    index = {name: i for i, name in enumerate(header)}
+    if any(f not in index for f in ("pxname", "svname", *RESPONSE_FIELDS)):
+        return None
+    for line in lines[1:]:
+        row = line.split(",")
+        if len(row) < len(header):
+            continue
+        if row[index["pxname"]].endswith(backend_suffix) and row[index["svname"]] == server:
+            return sum(int(row[index[f]] or 0) for f in RESPONSE_FIELDS)
+    return None
+
+
+class EngineRequests:
+    """Folds HAProxy's count of this engine's responses into the replica's RequestCounter every POLL_S."""
+
+    def __init__(self, counter: RequestCounter, *, server: str, admin_socket: str,
+                 logger: logging.Logger) -> None:
+        self.counter = counter
+        self.server = server
+        self.admin_socket = admin_socket
+        self.logger = logger
+        self.last: int | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def step(self, seen: int | None) -> int:
+        """Requests to add for a reading `seen` (None: no reading); a drop is a new HAProxy process."""
+        if seen is None:
+            return 0
+        # The first reading: all of it came after this replica registered (its server is new to HAProxy).
+        added = seen if self.last is None or seen < self.last else seen - self.last
+        self.last = seen
+        return added
+
+    def read(self) -> int | None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                s.connect(self.admin_socket)
+                s.sendall(b"show stat\n")
+                chunks = []
+                while chunk := s.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            return None
+        return engine_responses(b"".join(chunks).decode(errors="replace"), engine_path.ENGINE_BACKEND_SUFFIX,
+                                self.server)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            self.counter.record_many(self.step(await asyncio.to_thread(self.read)))
+
+    async def aclose(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+            self.task = None
+        self.counter.record_many(self.step(await asyncio.to_thread(self.read)))

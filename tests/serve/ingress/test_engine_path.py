@@ -1,0 +1,396 @@
+"""The engine path's HAProxy rules (ray_dstack/serve/ingress/engine_path.py) with Ray's own haproxy binary, outside
+Ray: a Serve-shaped configuration (health-checked replica servers, `/v1` rules from haproxy_v1.py), real replica
+servers on the host, and a real engine inside a network namespace of its own with no port on the host."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, wait_until
+
+from ray_dstack.serve.ingress import engine_path, haproxy_v1, v1_routes
+from ray_dstack.serve.ingress.engine_path import EngineRoute, EngineServer
+from ray_dstack.spec import V1_ROUTE_HEADER
+
+TOKEN = "s3cret-token"
+TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
+MODEL = "acme/llama-3"
+
+SERVE_LIKE = """\
+global
+    stats socket {socket} mode 666 level admin expose-fd listeners
+    stats timeout 30s
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option redispatch 1
+    retry-on conn-failure
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    acl is_svc_inner path_beg /svc/v1/embeddings/
+    acl is_svc_inner path /svc/v1/embeddings
+    acl is_svc path_beg /svc/
+    acl is_svc path /svc
+    acl is_gw path_beg /
+    use_backend svc_inner if is_svc_inner
+    use_backend svc if is_svc
+    use_backend gw if is_gw
+backend svc_inner
+    server i 127.0.0.1:{g}
+backend svc
+    balance leastconn
+    option httpchk GET /-/healthz
+    http-check expect status 200
+    server a 127.0.0.1:{a} check inter 200ms
+    server b 127.0.0.1:{b} check inter 200ms
+    server fallback 127.0.0.1:{g} check backup
+backend gw
+    server g 127.0.0.1:{g}
+"""
+
+# The engine: answers with what it received (run inside the namespace by `ip netns exec`).
+ENGINE = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        out = json.dumps({"server": "engine", "path": self.path, "authorization": self.headers.get("authorization"),
+                          "v1": self.headers.get("x-ray-dstack-v1"), "body": json.loads(body)}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        if self.path == "/v1/completions":
+            self.send_header("x-request-id", "engine-own-id")
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+open(sys.argv[2], "w").close()
+server.serve_forever()
+"""
+
+
+class _Replica(BaseHTTPRequestHandler):
+    name = ""
+    healthy = True
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        if self.path == "/-/healthz":
+            self.send_response(200 if type(self).healthy else 503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({"server": self.name, "path": self.path,
+                           "authorization": self.headers.get("authorization")}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+def _replica(name: str) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type(f"Replica_{name}", (_Replica,), {"name": name}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """An engine listening on 127.0.0.1:<port> inside the namespace /run/netns/<name>: (name, port)."""
+    tmp = tmp_path_factory.mktemp("engine")
+    netns = f"rdx-engine-{os.getpid()}"
+    port = free_port()
+    _ip("netns", "add", netns)
+    _ip("-n", netns, "link", "set", "lo", "up")
+    script, ready = tmp / "engine.py", tmp / "ready"
+    script.write_text(ENGINE)
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(script), str(port), str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(ready.exists, timeout=20, interval=0.05, what="the engine inside its namespace")
+        yield netns, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+
+
+def _route(netns: str, port: int, **overrides) -> EngineRoute:
+    values = dict(backend="svc", prefix="/svc", model=MODEL, token_sha256=TOKEN_SHA256,
+                  servers=(EngineServer("a", netns, port),), shadowed_by=("svc_inner",))
+    values.update(overrides)
+    return EngineRoute(**values)
+
+
+def _front(tmp_path: Path, routes_of) -> tuple[httpx.Client, v1_routes.HAProxyAdmin, subprocess.Popen, list]:
+    replicas = {"a": _replica("a"), "b": _replica("b"), "g": _replica("g")}
+    port = free_port()
+    socket_path = str(tmp_path / "admin.sock")
+    config = SERVE_LIKE.format(socket=socket_path, port=port, **{n: s.server_address[1] for n, s in replicas.items()})
+    map_path = str(tmp_path / haproxy_v1.MAP_FILE_NAME)
+    Path(map_path).write_text(f"{MODEL} /svc\n")
+    config = haproxy_v1.inject(config, map_path)
+    config = engine_path.inject(config, routes_of(), v1_route_header=V1_ROUTE_HEADER)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(config)
+    check = subprocess.run([haproxy_v1.real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    admin = v1_routes.HAProxyAdmin(socket_path)
+    wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
+               what="haproxy's admin socket")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10)
+    return client, admin, proc, list(replicas.values())
+
+
+@pytest.fixture
+def front(tmp_path, engine):
+    netns, port = engine
+    client, admin, proc, replicas = _front(tmp_path, lambda: [_route(netns, port)])
+    try:
+        yield client, admin
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+        for s in replicas:
+            s.shutdown()
+
+
+def _chat(client: httpx.Client, path: str = "/svc/v1/chat/completions", *, auth: str | None = f"Bearer {TOKEN}",
+          body: dict | None = None, headers: dict | None = None) -> httpx.Response:
+    h = dict(headers or {})
+    if auth is not None:
+        h["authorization"] = auth
+    return client.post(path, json=body if body is not None else {"model": MODEL, "messages": []}, headers=h)
+
+
+def test_an_eligible_request_reaches_the_engine_without_the_token_or_the_prefix(front):
+    client, _ = front
+    r = _chat(client)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got == {"server": "engine", "path": "/v1/chat/completions", "authorization": None, "v1": None,
+                   "body": {"model": MODEL, "messages": []}}
+    assert re.fullmatch(r"req_[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
+    # The scheme is case-insensitive, as the replica's check; an engine's own request id is kept.
+    r = _chat(client, "/svc/v1/completions", auth=f"bearer {TOKEN}")
+    assert r.json()["server"] == "engine" and r.json()["path"] == "/v1/completions"
+    assert r.headers["x-request-id"] == "engine-own-id"
+
+
+def test_v1_by_model_takes_the_engine_path_too(front):
+    client, _ = front
+    r = _chat(client, "/v1/chat/completions", headers={V1_ROUTE_HEADER: "/forged"})
+    assert r.json()["server"] == "engine"
+    assert r.json()["path"] == "/v1/chat/completions" and r.json()["v1"] is None
+
+
+@pytest.mark.parametrize("case", [
+    dict(auth=None),
+    dict(auth="Bearer wrong"),
+    dict(auth=f"Bearer\t{TOKEN}"),
+    dict(auth=f"Bearer  {TOKEN}"),
+    dict(auth=f"Basic {TOKEN}"),
+    dict(auth=f"Bearer {TOKEN}x"),
+    dict(auth=f"Bearer {TOKEN}", headers={"Authorization": f"Bearer {TOKEN}"}),  # two headers
+    dict(body={"model": "another", "messages": []}),
+    dict(body={"messages": []}),
+    dict(path="/svc/v1/embeddings"),  # another application's prefix (svc_inner)
+    dict(path="/svc/v1/chat/completions/"),
+    dict(path="/svc/chat/completions"),
+], ids=lambda c: json.dumps(c))
+def test_anything_the_replica_would_not_pass_through_as_it_is_takes_the_replica_path(front, case):
+    client, _ = front
+    case = dict(case)
+    path = case.pop("path", "/svc/v1/chat/completions")
+    extra = case.pop("headers", None)
+    auth = case.pop("auth", f"Bearer {TOKEN}")
+    if extra:  # httpx merges a dict's keys: send two Authorization headers as a list
+        r = client.post(path, json={"model": MODEL, "messages": []},
+                        headers=[("authorization", auth), *extra.items()])
+    else:
+        r = _chat(client, path, auth=auth, **case)
+    assert r.json()["server"] in {"a", "b", "g"}, (case, r.json())
+    if r.json()["server"] in {"a", "b"}:  # Serve's backend: the replica gets the request as sent, token included
+        assert r.json()["path"] == path and r.json()["authorization"] == (auth if not extra else r.json()["authorization"])
+
+
+def test_other_methods_and_routes_take_the_replica_path(front):
+    client, _ = front
+    r = client.get("/svc/v1/models", headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.json()["server"] in {"a", "b"}
+    r = client.post("/svc/generate", json={"model": MODEL}, headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.json()["server"] in {"a", "b"}
+
+
+def test_the_engine_port_is_not_reachable_from_the_host(engine):
+    _, port = engine
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_the_engine_follows_its_replicas_server_in_serves_backend(front):
+    client, admin = front
+    assert _chat(client).json()["server"] == "engine"
+    admin.command("disable server svc/a")  # Serve drains or removes replica a: its engine goes with it
+    wait_until(lambda: _chat(client).json()["server"] == "b", timeout=10, interval=0.05, what="replica b")
+    assert {_chat(client).json()["server"] for _ in range(10)} == {"b"}
+    admin.command("enable server svc/a")
+    wait_until(lambda: _chat(client).json()["server"] == "engine", timeout=10, interval=0.05, what="the engine")
+
+
+def test_a_replica_failing_its_health_check_takes_its_engine_out(front):
+    client, admin = front
+    # Replica a's health check fails: HAProxy marks it down, and the tracked engine server with it.
+    admin.command("set server svc/a health down")
+    wait_until(lambda: _chat(client).json()["server"] == "b", timeout=10, interval=0.05, what="replica b")
+    stat = admin.command("show stat")
+    engine_line = next(line for line in stat.splitlines() if line.startswith("svc--engine,a,"))
+    assert ",DOWN," in engine_line, engine_line
+
+
+def test_auth_false_needs_no_token_and_the_engine_sees_the_clients_header_removed(tmp_path, engine):
+    netns, port = engine
+    client, _, proc, replicas = _front(tmp_path, lambda: [_route(netns, port, token_sha256=None)])
+    try:
+        assert _chat(client, auth=None).json()["server"] == "engine"
+        got = _chat(client, auth="Bearer anything").json()
+        assert got["server"] == "engine" and got["authorization"] is None
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+        for s in replicas:
+            s.shutdown()
+
+
+def test_a_share_below_one_sends_the_rest_through_serves_backend(tmp_path, engine):
+    netns, port = engine
+    client, _, proc, replicas = _front(tmp_path, lambda: [_route(netns, port, share=(1, 2))])
+    try:
+        servers = [_chat(client).json()["server"] for _ in range(200)]
+        engine_part = servers.count("engine") / len(servers)
+        assert 0.3 < engine_part < 0.7, engine_part
+        assert set(servers) == {"engine", "a", "b"}
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+        for s in replicas:
+            s.shutdown()
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(model='say "hi"'), "model"),
+    (dict(model="100%"), "model"),
+    (dict(prefix="/svc x"), "prefix"),
+    (dict(prefix="/"), "prefix"),
+    (dict(token_sha256="ABC"), "digest"),
+    (dict(servers=()), "no engine"),
+    (dict(servers=(EngineServer("a", "ns x", 1),)), "engine server"),
+    (dict(share=(0, 2)), "share"),
+])
+def test_a_route_the_rules_cannot_express_keeps_the_replica_path(overrides, problem):
+    route = _route("ns", 8000, **overrides)
+    assert problem in route.problem()
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
+    assert engine_path.inject(config, [route], v1_route_header=V1_ROUTE_HEADER) == config
+
+
+def test_inject_puts_the_rules_before_serves_first_use_backend_and_runs_once():
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
+    out = engine_path.inject(config, [_route("ns", 8000)], v1_route_header=V1_ROUTE_HEADER)
+    assert out.index(engine_path.MARKER) < out.index("use_backend svc_inner") < out.index("\nbackend svc--engine")
+    assert "    server a 127.0.0.1:8000 namespace ns track svc/a" in out.split("\n")
+    assert TOKEN not in out and TOKEN_SHA256 in out  # the digest only, never the token
+    assert engine_path.inject(out, [_route("ns", 8000)], v1_route_header=V1_ROUTE_HEADER) == out
+    assert engine_path.inject("frontend other\n    bind :1\n", [_route("ns", 1)], v1_route_header="x") == \
+        "frontend other\n    bind :1\n"
+
+
+def test_haproxy_counts_the_engines_responses_for_its_replica(front):
+    from ray_dstack.serve.ingress.engine_registration import engine_responses
+
+    client, admin = front
+    before = engine_responses(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "a")
+    for _ in range(3):
+        assert _chat(client).json()["server"] == "engine"
+    _chat(client, auth=None)  # the replica's, not the engine's
+    after = engine_responses(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "a")
+    assert after - before == 3
+    assert engine_responses(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "zz") is None
+
+
+# --- the entries replicas write, and the routes a node's HAProxy gets from them ----------------------------
+
+
+def _entry(netns: str = "ns", **overrides) -> engine_path.Entry:
+    values = dict(server="a", prefix="/svc", model=MODEL, token_sha256=TOKEN_SHA256, upstream_prefix="/v1",
+                  netns=netns, port=8000)
+    values.update(overrides)
+    return engine_path.Entry(**values)
+
+
+def test_routes_follow_serves_backends_and_servers():
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
+    [route] = engine_path.routes_for(config, [_entry(), _entry(server="gone")])
+    assert route == EngineRoute(backend="svc", prefix="/svc", model=MODEL, token_sha256=TOKEN_SHA256,
+                                servers=(EngineServer("a", "ns", 8000),), share=(1, 2), shadowed_by=("svc_inner",))
+    both = engine_path.routes_for(config, [_entry(), _entry(server="b", netns="ns2")])
+    assert both[0].share == (2, 2) and [s.name for s in both[0].servers] == ["a", "b"]
+    # A prefix Serve has no backend for, a server Serve does not list, two versions at once: no route.
+    assert engine_path.routes_for(config, [_entry(prefix="/other")]) == []
+    assert engine_path.routes_for(config, [_entry(server="gone")]) == []
+    assert engine_path.routes_for(config, [_entry(), _entry(server="b", token_sha256="0" * 64)]) == []
+
+
+def test_entries_round_trip_and_a_dead_replicas_entry_is_skipped(tmp_path, engine):
+    netns, _ = engine
+    alive, dead = _entry(netns), _entry("rdx-no-such-namespace", server="b")
+    for entry in (alive, dead):
+        engine_path.entry_path(tmp_path, entry.server).write_text(entry.to_json())
+    (tmp_path / "junk.json").write_text('{"server": 1}')
+    assert engine_path.Entry.from_json(alive.to_json()) == alive
+    assert engine_path.read_entries(tmp_path) == [alive]
+
+
+def test_the_wrapper_adds_the_engine_path_of_registered_engines(tmp_path, engine):
+    netns, port = engine
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
+    entries = tmp_path / engine_path.ENGINE_DIR_NAME
+    entries.mkdir()
+    engine_path.entry_path(entries, "a").write_text(_entry(netns, port=port).to_json())
+    haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
+    text = cfg.read_text()
+    assert haproxy_v1.MARKER in text and f"    server a 127.0.0.1:{port} namespace {netns} track svc/a" in text
