@@ -12,7 +12,9 @@ Paths, all on the same synthetic backend (`bench.synth`: fixed tokens/s per stre
               variant ray-dstack-gateway: proxy → OpenAIGateway → handle → ServiceReplica → child)
   svc-tgi     ray-dstack `format: tgi` service (OpenAI → TGI adaptation in the replica)
   svc-ns      svc-openai's service with a fixed `--port 8000`: the child runs in a network namespace of its own
-              (pasta), the replica connects through sockets the namespace's init hands out (compare with svc-openai)
+              (pasta), the replica connects through sockets the namespace's init hands out (compare with svc-openai);
+              in the variant ray-dstack-engine, HAProxy sends its requests into the namespace itself, the replica
+              out of the data path (the engine path, ray_dstack/serve/ingress/engine_path.py)
   svc-rl      svc-openai's service with a `rate_limits` entry too high ever to refuse: what checking a limit on
               every request costs (compare with svc-openai)
   hand        a hand-written Ray Serve passthrough (FastAPI ingress + shared httpx; bench/serve_passthrough.py)

@@ -200,6 +200,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     # What ray-dstack starts (and cluster.yaml sets): HAProxy (through ray-dstack-haproxy: `/v1` routed by model)
     # + Serve's throughput-optimized mode.
     "ray-dstack": {**NODE_ENV, **SERVE_DATA_PATH_ENV, **haproxy_wrapper_env()},
+    # The same with the engine path on ($RAY_DSTACK_ENGINE_PATH=on): a passthrough service in a network namespace
+    # (svc-ns, and `/v1` by its model) is served by HAProxy straight from the engine (compare svc-ns across both).
+    "ray-dstack-engine": {**NODE_ENV, **SERVE_DATA_PATH_ENV, **haproxy_wrapper_env(), "RAY_DSTACK_ENGINE_PATH": "on"},
     # The same without ray-dstack's HAProxy rules: every `/v1` request through the gateway deployment (the
     # path before [2.4]'s one-hop `/v1`; compare gw-openai across the two variants).
     "ray-dstack-gateway": {**NODE_ENV, **SERVE_DATA_PATH_ENV},
