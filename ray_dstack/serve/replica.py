@@ -244,7 +244,7 @@ class ServiceReplica:
             await group.aclose()
         engine = getattr(self, "engine", None)
         if engine is not None:  # the next HAProxy reload leaves the engine out; in-flight requests finish first
-            await asyncio.to_thread(engine.close)
+            await asyncio.to_thread(engine.withdraw)
             # Its own idle connections to the engine (relay and probes) are not HAProxy's requests.
             if getattr(self, "own", None) is not None:
                 await self.own.aclose()
@@ -262,6 +262,8 @@ class ServiceReplica:
         runtime = getattr(self, "runtime", None)
         if runtime is not None:
             await runtime.stop()
+        if engine is not None:  # last: a HAProxy still starting from a configuration naming it must find it
+            await asyncio.to_thread(engine.release)
         own = getattr(self, "own", None)
         if own is not None:
             await own.aclose()

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -208,18 +209,38 @@ scaling:
 commands:
   - |
     cat > engine.py <<'EOF'
-    import json
+    import json, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         def do_POST(self):
-            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+            if body.get("stream"):
+                return self.stream(body)
             out = json.dumps({"path": self.path, "authorization": self.headers.get("authorization")}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
+        def stream(self, body):
+            # `n` events `delay` s apart; marks in a file whether the client stayed to the end or left.
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            try:
+                for i in range(body["n"]):
+                    data = b"data: %d\\n\\n" % i
+                    self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(data), data))
+                    self.wfile.flush()
+                    time.sleep(body["delay"])
+                self.wfile.write(b"0\\r\\n\\r\\n")
+                self.wfile.flush()
+            except OSError:
+                open("left-" + body["id"], "w").close()
+                return
+            open("finished-" + body["id"], "w").close()
         do_GET = do_POST
         def log_message(self, *a):
             pass
@@ -292,10 +313,39 @@ def test_the_engine_path_skips_the_replica_and_its_port_is_reachable_only_throug
         assert argv[argv.index(b"-t") + 1] == b"none", argv
     entries = haproxy_dir(_node(cluster)) / ENGINE_DIR_NAME
     assert len(list(entries.glob("*.json"))) == 2
-    cluster.run("delete", "eng", check=True)
-    cluster.wait_until(lambda: not our_processes(), timeout=30, interval=0.2, what="no pasta/supervisor left")
+
+    def marks(name: str) -> list[Path]:
+        return list((cluster.base / "work").glob(f"**/{name}"))
+
+    stream = {**body, "stream": True, "delay": 0.1}
+    with httpx.Client(base_url=cluster.http, timeout=30, trust_env=False) as client:
+        # A client that leaves mid-stream: HAProxy closes the engine's connection, the engine stops writing.
+        before = _engine_responses(cluster)
+        with client.stream("POST", "/eng/v1/chat/completions", json={**stream, "n": 600, "id": "gone"},
+                           headers=auth) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines) == "data: 0"
+        cluster.wait_until(lambda: marks("left-gone"), timeout=30, interval=0.2, what="the engine to see the client go")
+        assert _engine_responses(cluster) - before == 1  # the engine path's, not the replica's
+        # A stream in flight when the service is deleted: Serve drains the replicas (HAProxy reloads without them,
+        # its previous process finishes the stream), and each replica waits for its engine's connections to end.
+        got: list[str] = []
+
+        def read_stream() -> None:
+            with client.stream("POST", "/eng/v1/chat/completions", json={**stream, "n": 40, "id": "kept"},
+                               headers=auth) as r:
+                got.extend(line for line in r.iter_lines() if line)
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        cluster.wait_until(lambda: got, timeout=10, interval=0.05, what="the stream's first event")
+        cluster.run("delete", "eng", check=True)
+        reader.join(60)
+    assert got == [f"data: {i}" for i in range(40)]  # every event: the stream outlived HAProxy's reload
+    cluster.wait_until(lambda: not our_processes(), timeout=60, interval=0.2, what="no pasta/supervisor left")
     assert list(entries.glob("*.json")) == []
-    assert not [n for n in os.listdir("/run/netns") if n.startswith("ray-dstack-")]
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("ray-dstack-SERVE_REPLICA_eng-")]
 
 
 def test_ray_stop_on_the_node_leaves_no_namespace_behind(cluster, tmp_path):

@@ -11,9 +11,19 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   rules), one `Authorization` header, `Bearer ` + a token whose SHA-256 is the service's (HAProxy's `sha2`
   converter: the token itself is in no configuration), and a body whose `model` is the service's model.
   Everything else (a wrong or missing token, another model, `GET /v1/models`, a body too large to buffer, a
-  route with a longer prefix under this one) goes to Serve's backend as before, and the replica gives the
-  answer it gives today. The rules only ever *narrow* what skips the replica: where HAProxy cannot decide
-  exactly as the replica would, the request takes the replica path.
+  route with a longer prefix under this one, a query string, a body without Content-Length or larger than
+  HAProxy's buffer, a second `model` key or a key spelled with escaped letters, a token with bytes outside
+  printable ASCII) goes to Serve's backend as before, and the replica gives the answer it gives today. The
+  rules only ever *narrow* what skips the replica: where HAProxy cannot decide as the replica would, the
+  request takes the replica path.
+- **What differs, knowingly**: a body that is not valid JSON but whose `model` HAProxy's `json_query` reads
+  reaches the engine, which answers its own 400 (the replica answers an OpenAI-shaped 400); an engine's error
+  body is relayed as the engine wrote it (its status mapped as the replica maps it: 5xx but 503 → 502); a
+  stream the engine cuts ends without the replica's closing error event; response headers are the engine's.
+  The engine gets the request headers the replica forwards (`FORWARDED_HEADERS`), `Accept-Encoding:
+  identity`, never `Authorization`.
+- **The token cannot be added at run time.** Serve opens HAProxy's admin socket to every user (mode 666), and
+  its runtime API can add patterns to any ACL: a configuration with the engine path sets it to 600.
 - **The engine backend follows Serve's.** One `server` per engine, named as Serve names the replica that owns
   it, with `track <backend>/<server>`: a replica Serve's health check marks down, or one drained or removed,
   takes its engine out with it.
@@ -40,12 +50,13 @@ MARKER = "# ray-dstack: the engine path"
 ENGINE_BACKEND_SUFFIX = "--engine"
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 TOKEN_VAR = "txn.ray_dstack_token"
+LENGTH_VAR = "txn.ray_dstack_length"
 BODY_WAIT_S = 10  # as haproxy_v1.BODY_WAIT_S: a slower body takes the replica path
 # What HAProxy's configuration syntax carries with no quoting: application names, prefixes, namespaces.
 _PLAIN = re.compile(r"[A-Za-z0-9._/-]+")
 # A model name inside double quotes: no quote, backslash, `%`, `#`, control or non-ASCII character.
 _QUOTABLE = re.compile(r"[\x20-\x7e]+")
-_UNQUOTABLE = set('"\\%#$\'')
+_UNQUOTABLE = set('"\\%#$\'{}')
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -69,6 +80,7 @@ class EngineRoute:
     servers: tuple[EngineServer, ...]  # this node's engines of the service
     upstream_prefix: str = "/v1"  # where the engine serves its OpenAI routes (`model.prefix`)
     share: tuple[int, int] = (1, 1)  # (this node's replicas, all replicas): the part that takes the engine path
+    timeout_s: int = 600  # how long the engine may take to answer (`request_timeout_s`, as the replica's reads)
     shadowed_by: tuple[str, ...] = ()  # backends whose prefix lies under this one's: their requests are theirs
 
     @property
@@ -78,13 +90,16 @@ class EngineRoute:
     def problem(self) -> str | None:
         """Why these rules cannot be written for this route (it then keeps the replica path), or None."""
         for what, value in (("backend", self.backend), ("prefix", self.prefix),
-                            ("model prefix", self.upstream_prefix), *(("backend", b) for b in self.shadowed_by)):
+                            *(("backend", b) for b in self.shadowed_by)):
             if not _PLAIN.fullmatch(value):
                 return f"{what} {value!r} has characters the rules do not quote"
         if not self.prefix.startswith("/") or self.prefix == "/" or self.prefix.endswith("/"):
             return f"prefix {self.prefix!r} is not `/<name>`"
-        if not self.upstream_prefix.startswith("/"):
-            return f"model prefix {self.upstream_prefix!r} does not start with `/`"
+        if self.upstream_prefix and not (_PLAIN.fullmatch(self.upstream_prefix) and self.upstream_prefix[0] == "/"
+                                         and self.upstream_prefix[-1] != "/"):
+            return f"model prefix {self.upstream_prefix!r} is not `/<path>` (normalized) or empty"
+        if not 0 < self.timeout_s < 10**7:
+            return f"timeout {self.timeout_s!r} is not a number of seconds"
         if not _QUOTABLE.fullmatch(self.model) or _UNQUOTABLE & set(self.model):
             return f"model {self.model!r} has characters the rules do not quote"
         if self.token_sha256 is not None and not _SHA256.fullmatch(self.token_sha256):
@@ -102,7 +117,8 @@ class EngineRoute:
 
 def frontend_rules(routes: list[EngineRoute]) -> list[str]:
     """Lines for Serve's `frontend http_frontend`, before its first `use_backend` (Serve's `is_<backend>` ACLs
-    are declared above that line); routes with a `problem()` get none."""
+    are declared above that line); routes with a `problem()` get none. Each condition narrows: a request any of
+    them cannot vouch for goes to Serve's backend, where the replica decides as it always has."""
     routes = [r for r in routes if r.problem() is None]
     if not routes:
         return []
@@ -110,18 +126,30 @@ def frontend_rules(routes: list[EngineRoute]) -> list[str]:
         f"    {MARKER} (ray_dstack/serve/ingress/engine_path.py)",
         "    acl ray_dstack_one_auth req.fhdr_cnt(authorization) eq 1",
         "    acl ray_dstack_bearer req.fhdr(authorization) -m beg -i \"bearer \"",
-        # `bytes(7)`: the token as sent after "Bearer ", nothing trimmed, so it matches only a header the
-        # replica also accepts (the replica strips spaces around the token: those requests take its path).
+        # The token as sent after "Bearer ": printable ASCII only, nothing trimmed, so that the bytes hashed here
+        # are the ones the replica hashes (it strips spaces and reads the header as latin-1).
+        "    acl ray_dstack_plain_token req.fhdr(authorization),bytes(7) -m reg '^[!-~]+$'",
         f"    http-request set-var({TOKEN_VAR}) req.fhdr(authorization),bytes(7),sha2(256),hex,lower"
-        " if ray_dstack_one_auth ray_dstack_bearer",
+        " if ray_dstack_one_auth ray_dstack_bearer ray_dstack_plain_token",
+        # The whole body is buffered (a Content-Length body no larger than the buffer), so `model` is read
+        # from all of it: one `model` key (a second one, which the replica's parser would take, or a key
+        # spelled with escaped letters, sends the request to the replica) whose value is a string.
+        f"    http-request set-var({LENGTH_VAR}) req.fhdr(content-length) if {{ req.fhdr_cnt(content-length) eq 1 }}",
+        f"    acl ray_dstack_whole_body req.body_len,sub({LENGTH_VAR}) eq 0",
+        "    acl ray_dstack_model_string req.body -m reg '\"model\"\\s*:\\s*\"'",
+        "    acl ray_dstack_two_models req.body -m reg '(?s)\"model\"\\s*:.*\"model\"\\s*:'",
+        "    acl ray_dstack_escaped_letter req.body -m reg -i '\\\\u00(4[1-9a-f]|5[0-9a]|6[1-9a-f]|7[0-9a])'",
+        "    acl ray_dstack_body_ok req.fhdr_cnt(content-length) eq 1",
     ]
+    body_ok = ("ray_dstack_body_ok ray_dstack_whole_body ray_dstack_model_string !ray_dstack_two_models"
+               " !ray_dstack_escaped_letter")
     for i, route in enumerate(routes):
         acl = f"ray_dstack_engine_{i}"
         paths = " ".join(route.prefix + r for r in ROUTES)
         lines.append(f"    acl {acl} path {paths}")
         lines.append(f"    http-request wait-for-body time {BODY_WAIT_S}s if {acl} METH_POST")
-        conditions = [f"is_{route.backend}", acl, "METH_POST",
-                      f"{{ req.body,json_query('$.model') -m str \"{route.model}\" }}"]
+        conditions = [f"is_{route.backend}", acl, "METH_POST", "!{ query -m found }", body_ok,
+                      f"{{ req.body,json_query('$.model') -m str -- \"{route.model}\" }}"]
         if route.token_sha256 is not None:
             conditions.append(f"{{ var({TOKEN_VAR}) -m str {route.token_sha256} }}")
         conditions += [f"!is_{b}" for b in route.shadowed_by]
@@ -133,10 +161,17 @@ def frontend_rules(routes: list[EngineRoute]) -> list[str]:
     return lines
 
 
+# What the replica forwards to the engine (ray_dstack/openai/passthrough.py `_FORWARDED_HEADERS`), plus the
+# framing HAProxy needs; every other request header stays out, as on the replica path.
+FORWARDED_HEADERS = ("content-type", "content-length", "host", "accept", "user-agent", "x-request-id",
+                     "openai-organization", "openai-project")
+
+
 def backend_sections(routes: list[EngineRoute], *, v1_route_header: str) -> list[str]:
     """One backend per route with no `problem()`: its engines, tracking Serve's servers of the same name.
     `v1_route_header`: the header haproxy_v1.py's `/v1` rewrite adds, which no engine needs to see."""
     lines: list[str] = []
+    keep = "|".join(FORWARDED_HEADERS)
     for route in routes:
         if route.problem() is not None:
             continue
@@ -145,15 +180,28 @@ def backend_sections(routes: list[EngineRoute], *, v1_route_header: str) -> list
             f"    {MARKER}: {route.backend}'s engines on this node",
             "    balance leastconn",
             "    http-reuse always",
-            "    http-request del-header authorization",
-            f"    http-request del-header {v1_route_header}",
+            f"    timeout server {route.timeout_s}s",
+            f"    http-request del-header '^(?!({keep})$)' -m reg",  # Authorization and the `/v1` header too
+            "    http-request set-header accept-encoding identity",  # the bytes relayed are the engine's own
             f"    http-request set-path %[path,regsub(^{route.prefix.replace('.', '[.]')}/v1/,{route.upstream_prefix}/)]",
             # OpenAI answers every request with an `x-request-id`, as the replica does (openai/endpoint.py).
             "    http-response set-header x-request-id req_%[uuid,regsub(-,,g)] if !{ res.hdr_cnt(x-request-id) gt 0 }",
+            # As the replica (openai/errors.py from_upstream_status): the engine's failure is a 502, 503 stays.
+            "    http-response set-status 502 if { status ge 500 } !{ status 503 }",
+            "    http-response set-header cache-control no-cache if { res.hdr(content-type) -m beg text/event-stream }",
+            "    http-response set-header x-accel-buffering no if { res.hdr(content-type) -m beg text/event-stream }",
+            "    http-error status 503 content-type application/json string"
+            f" '{UNAVAILABLE_JSON}'",
         ]
         lines += [f"    server {s.name} 127.0.0.1:{s.port} namespace {s.netns} track {route.backend}/{s.name}"
                   for s in route.servers]
+    del v1_route_header  # removed with every header not in FORWARDED_HEADERS
     return lines
+
+
+# What the replica answers when its engine cannot be reached (openai/errors.py upstream_unavailable).
+UNAVAILABLE_JSON = ('{"error": {"message": "The model backend is unavailable.", "type": "upstream_error", '
+                    '"param": null, "code": "upstream_unavailable"}}')
 
 
 def inject(config: str, routes: list[EngineRoute], *, v1_route_header: str) -> str:
@@ -174,8 +222,13 @@ def inject(config: str, routes: list[EngineRoute], *, v1_route_header: str) -> s
         out.append(line)
     if not added:
         return config  # not the shape these rules are written for: every request keeps the replica path
-    text = "\n".join(out).rstrip("\n")
+    # Serve opens its admin socket to every user (mode 666), and the runtime API can add patterns to any ACL,
+    # the token's included: with the engine path in the configuration, only HAProxy's own user may use it.
+    text = _ADMIN_SOCKET_MODE.sub(r"\g<1>600", "\n".join(out).rstrip("\n"))
     return text + "\n" + "\n".join(backend_sections(routes, v1_route_header=v1_route_header)) + "\n"
+
+
+_ADMIN_SOCKET_MODE = re.compile(r"^(\s*stats socket \S+.*?\bmode )[0-7]+\b", re.MULTILINE)
 
 
 # --- what the replicas on this node register, and the routes it gives in one configuration -----------------
@@ -194,6 +247,7 @@ class Entry:
     upstream_prefix: str
     netns: str
     port: int
+    timeout_s: int = 600
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -202,12 +256,13 @@ class Entry:
     def from_json(cls, text: str) -> "Entry | None":
         try:
             data = json.loads(text)
-            entry = cls(**{f: data[f] for f in cls.__dataclass_fields__})
+            entry = cls(**{f: data[f] for f in cls.__dataclass_fields__ if f in data})
         except (ValueError, TypeError, KeyError):
             return None
         types_ok = all(isinstance(getattr(entry, f), str) for f in ("server", "prefix", "model", "upstream_prefix",
                                                                     "netns"))
-        ok = types_ok and isinstance(entry.port, int) and isinstance(entry.token_sha256, (str, type(None)))
+        ok = (types_ok and isinstance(entry.port, int) and isinstance(entry.timeout_s, int)
+              and isinstance(entry.token_sha256, (str, type(None))))
         return entry if ok else None
 
 
@@ -261,14 +316,15 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
         if not local:
             continue
         first = local[0]
-        if any((e.model, e.token_sha256, e.upstream_prefix) != (first.model, first.token_sha256, first.upstream_prefix)
-               for e in local):
+        if any((e.model, e.token_sha256, e.upstream_prefix, e.timeout_s)
+               != (first.model, first.token_sha256, first.upstream_prefix, first.timeout_s) for e in local):
             continue  # replicas of two versions of the service during a rollout: the replicas decide
         shadowed = tuple(sorted(o for o, p in prefix_of.items() if o != b and p.startswith(prefix + "/")))
         routes.append(EngineRoute(
             backend=b, prefix=prefix, model=first.model, token_sha256=first.token_sha256,
             servers=tuple(EngineServer(e.server, e.netns, e.port) for e in local),
-            upstream_prefix=first.upstream_prefix, share=(len(local), len(servers[b])), shadowed_by=shadowed))
+            upstream_prefix=first.upstream_prefix, share=(len(local), len(servers[b])), shadowed_by=shadowed,
+            timeout_s=first.timeout_s))
     return routes
 
 

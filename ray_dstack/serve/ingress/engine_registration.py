@@ -19,7 +19,10 @@ the requests HAProxy sends there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -99,56 +102,92 @@ def peer_pid(unix_socket: str) -> int:
 
 
 class EngineRegistration:
-    """This replica's engine in its node's engine directory, and its namespace at /run/netns/<name>."""
+    """This replica's engine in its node's engine directory, and its namespace at /run/netns/<name>.
+
+    Stopping is in two steps: `withdraw()` first (the entry goes, under the lock Serve's configuration is
+    rewritten under, so no later reload lists the engine), `release()` last, once the engine has stopped: a
+    HAProxy started from a configuration that still names the namespace must find it (it refuses the whole
+    configuration otherwise)."""
 
     def __init__(self, entry: engine_path.Entry, directory: Path, pid: int) -> None:
         self.entry = entry
+        self.directory = directory
         self.path = engine_path.entry_path(directory, entry.server)
         self.pid = pid  # a process inside the namespace (its init), for its TCP table
 
     @classmethod
     def create(cls, spec: ServiceSpec, *, connector_path: str, port: int, server: str,
                directory: Path) -> "EngineRegistration":
+        assert spec.model is not None, "checked by ineligible()"
         netns = "ray-dstack-" + server
         pid = peer_pid(connector_path)
+        directory.mkdir(parents=True, exist_ok=True)
+        collect_stale(directory)
         subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)  # a dead replica's
         out = subprocess.run(["ip", "netns", "attach", netns, str(pid)], capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             raise OSError(f"ip netns attach {netns} {pid}: {out.stderr.strip()}")
-        assert spec.model is not None, "checked by ineligible()"
+        prefix = spec.model.prefix.strip("/")  # as OpenAIPassthrough reads it
         entry = engine_path.Entry(server=server, prefix=f"/{spec.name}", model=spec.model.name,
                                   token_sha256=spec.auth.token_sha256 if spec.auth.enabled else None,
-                                  upstream_prefix=spec.model.prefix, netns=netns, port=port)
+                                  upstream_prefix=f"/{prefix}" if prefix else "", netns=netns, port=port,
+                                  timeout_s=max(1, math.ceil(spec.request_timeout_s)))
         registration = cls(entry, directory, pid)
-        directory.mkdir(parents=True, exist_ok=True)
-        collect_stale(directory)
-        tmp = registration.path.with_suffix(".tmp")
-        tmp.write_text(entry.to_json())
-        os.replace(tmp, registration.path)
+        try:
+            tmp = registration.path.with_suffix(".tmp")
+            tmp.write_text(entry.to_json())
+            os.replace(tmp, registration.path)
+        except OSError:
+            registration.release()
+            raise
         return registration
 
-    def close(self) -> None:
-        self.path.unlink(missing_ok=True)
+    def withdraw(self) -> None:
+        with config_lock(self.directory):
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.entry.netns], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def config_lock(directory: Path):
+    """The lock Serve writes its haproxy.cfg under and the wrapper rewrites it under (haproxy_v1.prepare)."""
+    from ray_dstack.serve.ingress.haproxy_v1 import config_file_name
+
+    with open(directory.parent / (config_file_name() + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def collect_stale(directory: Path) -> list[str]:
     """Remove the entries (and namespace bindings) of replicas that died without closing theirs (SIGKILL, a
-    node's `ray stop`): their namespace has no process left. Returns the namespaces removed."""
+    node's `ray stop`): their namespace has no process left and the current configuration no longer names it.
+    Returns the namespaces removed."""
+    from ray_dstack.serve.ingress.haproxy_v1 import config_file_name
+
     removed = []
-    for path in directory.glob("*.json"):
+    with config_lock(directory):
         try:
-            entry = engine_path.Entry.from_json(path.read_text())
+            config = (directory.parent / config_file_name()).read_text()
         except OSError:
-            continue
-        if entry is None:
-            continue
-        pids = subprocess.run(["ip", "netns", "pids", entry.netns], capture_output=True, text=True, timeout=30)
-        if pids.returncode == 0 and pids.stdout.strip():
-            continue  # alive
-        subprocess.run(["ip", "netns", "delete", entry.netns], capture_output=True, timeout=30)
-        path.unlink(missing_ok=True)
-        removed.append(entry.netns)
+            config = ""
+        for path in directory.glob("*.json"):
+            try:
+                entry = engine_path.Entry.from_json(path.read_text())
+            except OSError:
+                continue
+            if entry is None or f" namespace {entry.netns} " in config:
+                continue
+            pids = subprocess.run(["ip", "netns", "pids", entry.netns], capture_output=True, text=True, timeout=30)
+            if pids.returncode == 0 and pids.stdout.strip():
+                continue  # alive
+            subprocess.run(["ip", "netns", "delete", entry.netns], capture_output=True, timeout=30)
+            path.unlink(missing_ok=True)
+            removed.append(entry.netns)
     return removed
 
 
@@ -208,7 +247,8 @@ def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | N
 
 
 class EngineRequests:
-    """Folds HAProxy's count of this engine's responses into the replica's RequestCounter every POLL_S."""
+    """Folds HAProxy's count of this engine's responses into the replica's RequestCounter every POLL_S. Each
+    HAProxy process counts from zero: a reading from another process (its pid) counts whole."""
 
     def __init__(self, counter: RequestCounter, *, server: str, admin_socket: str,
                  logger: logging.Logger) -> None:
@@ -216,34 +256,41 @@ class EngineRequests:
         self.server = server
         self.admin_socket = admin_socket
         self.logger = logger
-        self.last: int | None = None
+        self.last: tuple[int, int] | None = None  # (pid, count)
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    def step(self, seen: int | None) -> int:
-        """Requests to add for a reading `seen` (None: no reading); a drop is a new HAProxy process."""
-        if seen is None:
+    def step(self, reading: tuple[int, int] | None) -> int:
+        """Requests to add for a reading (pid, count); None: no reading."""
+        if reading is None:
             return 0
-        # The first reading: all of it came after this replica registered (its server is new to HAProxy).
-        added = seen if self.last is None or seen < self.last else seen - self.last
-        self.last = seen
+        pid, seen = reading
+        if self.last is None or self.last[0] != pid:
+            added = seen
+        else:
+            added = max(0, seen - self.last[1])
+        self.last = reading
         return added
 
-    def read(self) -> int | None:
+    def read(self) -> tuple[int, int] | None:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(2)
                 s.connect(self.admin_socket)
-                s.sendall(b"show stat\n")
+                s.sendall(b"show info;show stat\n")
                 chunks = []
                 while chunk := s.recv(65536):
                     chunks.append(chunk)
         except OSError:
             return None
-        return engine_responses(b"".join(chunks).decode(errors="replace"), engine_path.ENGINE_BACKEND_SUFFIX,
-                                self.server)
+        text = b"".join(chunks).decode(errors="replace")
+        pid = next((int(line.split(":", 1)[1]) for line in text.splitlines()
+                    if line.startswith("Pid:") and line.split(":", 1)[1].strip().isdigit()), None)
+        stat = text[text.find("# pxname"):] if "# pxname" in text else ""
+        count = engine_responses(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server)
+        return None if pid is None or count is None else (pid, count)
 
     async def _run(self) -> None:
         while True:

@@ -217,6 +217,11 @@ def _checks(binary: str, config_path: str) -> str | None:
     return None if out.returncode == 0 else (out.stdout + out.stderr).strip()[-2000:]
 
 
+def config_file_name() -> str:
+    """The name of Serve's haproxy.cfg (in a directory of each node's own)."""
+    return os.path.basename(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC") or "haproxy.cfg")
+
+
 def _checks_text(binary: str, config_path: str, text: str) -> str | None:
     candidate = config_path + ".ray-dstack-check"
     Path(candidate).write_text(text)

@@ -69,9 +69,12 @@ class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        payload = json.loads(body)
         out = json.dumps({"server": "engine", "path": self.path, "authorization": self.headers.get("authorization"),
-                          "v1": self.headers.get("x-ray-dstack-v1"), "body": json.loads(body)}).encode()
-        self.send_response(200)
+                          "v1": self.headers.get("x-ray-dstack-v1"), "body": payload,
+                          "cookie": self.headers.get("cookie"),
+                          "accept-encoding": self.headers.get("accept-encoding")}).encode()
+        self.send_response(payload.get("status", 200))
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
         if self.path == "/v1/completions":
@@ -200,12 +203,45 @@ def test_an_eligible_request_reaches_the_engine_without_the_token_or_the_prefix(
     assert r.status_code == 200, r.text
     got = r.json()
     assert got == {"server": "engine", "path": "/v1/chat/completions", "authorization": None, "v1": None,
-                   "body": {"model": MODEL, "messages": []}}
+                   "body": {"model": MODEL, "messages": []}, "cookie": None, "accept-encoding": "identity"}
     assert re.fullmatch(r"req_[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
     # The scheme is case-insensitive, as the replica's check; an engine's own request id is kept.
     r = _chat(client, "/svc/v1/completions", auth=f"bearer {TOKEN}")
     assert r.json()["server"] == "engine" and r.json()["path"] == "/v1/completions"
     assert r.headers["x-request-id"] == "engine-own-id"
+
+
+def test_the_engine_gets_only_the_headers_the_replica_forwards(front):
+    client, _ = front
+    got = _chat(client, headers={"cookie": "session=1", "accept-encoding": "gzip", "x-request-id": "mine"}).json()
+    assert got["server"] == "engine" and got["cookie"] is None and got["accept-encoding"] == "identity"
+
+
+def test_an_engine_failure_is_a_502_as_on_the_replica_path_and_503_stays(front):
+    client, _ = front
+    for sent, answered in ((500, 502), (502, 502), (503, 503), (429, 429)):
+        r = _chat(client, body={"model": MODEL, "messages": [], "status": sent})
+        assert r.status_code == answered and r.json()["server"] == "engine", (sent, r.status_code)
+
+
+def test_an_engine_that_cannot_be_reached_answers_503_in_openais_shape(tmp_path, engine):
+    netns, port = engine
+    client, _, proc, replicas = _front(tmp_path, lambda: [_route(netns, port + 1)])  # nothing listens there
+    try:
+        r = _chat(client)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "upstream_unavailable"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+        for s in replicas:
+            s.shutdown()
+
+
+def test_the_admin_socket_is_haproxys_own_user_only_with_the_engine_path(front, tmp_path):
+    socket_path = tmp_path / "admin.sock"
+    assert socket_path.stat().st_mode & 0o777 == 0o600  # the runtime API could add patterns to the token's ACL
 
 
 def test_v1_by_model_takes_the_engine_path_too(front):
@@ -228,21 +264,49 @@ def test_v1_by_model_takes_the_engine_path_too(front):
     dict(path="/svc/v1/embeddings"),  # another application's prefix (svc_inner)
     dict(path="/svc/v1/chat/completions/"),
     dict(path="/svc/chat/completions"),
-], ids=lambda c: json.dumps(c))
+    dict(path="/svc/v1/chat/completions?x=1"),  # the replica drops a query string; the engine path would not
+    dict(raw=b'{"model": "%s", "model": "other"}' % MODEL.encode()),  # the replica's parser takes the last
+    dict(raw=b'{"model": "%s", "mod\\u0065l": "other"}' % MODEL.encode()),  # a key spelled with escapes
+    dict(chunked=True),  # no Content-Length: is the body whole?
+    dict(raw=b'{"model": "%s", "messages": [{"role": "user", "content": "%s"}]}' % (MODEL.encode(), b"x" * 40000)),
+], ids=lambda c: json.dumps(c, default=repr))
 def test_anything_the_replica_would_not_pass_through_as_it_is_takes_the_replica_path(front, case):
     client, _ = front
     case = dict(case)
     path = case.pop("path", "/svc/v1/chat/completions")
     extra = case.pop("headers", None)
     auth = case.pop("auth", f"Bearer {TOKEN}")
-    if extra:  # httpx merges a dict's keys: send two Authorization headers as a list
+    raw = case.pop("raw", None)
+    if case.pop("chunked", False):
+        raw = iter([json.dumps({"model": MODEL, "messages": []}).encode()])
+    if raw is not None:
+        r = client.post(path, content=raw, headers={"authorization": auth, "content-type": "application/json"})
+    elif extra:  # httpx merges a dict's keys: send two Authorization headers as a list
         r = client.post(path, json={"model": MODEL, "messages": []},
                         headers=[("authorization", auth), *extra.items()])
     else:
         r = _chat(client, path, auth=auth, **case)
-    assert r.json()["server"] in {"a", "b", "g"}, (case, r.json())
-    if r.json()["server"] in {"a", "b"}:  # Serve's backend: the replica gets the request as sent, token included
-        assert r.json()["path"] == path and r.json()["authorization"] == (auth if not extra else r.json()["authorization"])
+    assert r.json()["server"] in {"a", "b", "g"}, (path, raw, r.json())
+    if r.json()["server"] in {"a", "b"} and not extra:  # Serve's backend: the request as sent, token included
+        assert r.json()["path"] == path and r.json()["authorization"] == auth
+
+
+def test_a_token_outside_printable_ascii_takes_the_replica_path(tmp_path, engine):
+    """The replica reads the header as latin-1 and strips it: HAProxy hashes only what it would hash alike."""
+    netns, port = engine
+    token = "t\u00f6ken"
+    client, _, proc, replicas = _front(
+        tmp_path, lambda: [_route(netns, port, token_sha256=hashlib.sha256(token.encode()).hexdigest())])
+    try:
+        r = client.post("/svc/v1/chat/completions", json={"model": MODEL, "messages": []},
+                        headers=[(b"authorization", b"Bearer " + token.encode())])
+        assert r.json()["server"] in {"a", "b"}
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+        for s in replicas:
+            s.shutdown()
 
 
 def test_other_methods_and_routes_take_the_replica_path(front):
@@ -319,6 +383,8 @@ def test_a_share_below_one_sends_the_rest_through_serves_backend(tmp_path, engin
     (dict(servers=()), "no engine"),
     (dict(servers=(EngineServer("a", "ns x", 1),)), "engine server"),
     (dict(share=(0, 2)), "share"),
+    (dict(upstream_prefix="/v1/"), "model prefix"),
+    (dict(model="a}b"), "model"),
 ])
 def test_a_route_the_rules_cannot_express_keeps_the_replica_path(overrides, problem):
     route = _route("ns", 8000, **overrides)

@@ -61,10 +61,11 @@ def test_a_private_port_maps_no_host_port():
 def test_haproxys_count_goes_into_the_request_counter_across_reloads():
     counter = RequestCounter(60)
     counting = EngineRequests(counter, server="a", admin_socket="/nowhere", logger=LOG)
-    added = [counting.step(seen) for seen in (None, 5, 5, 9, 2, 4, None)]
-    assert added == [0, 5, 0, 4, 2, 2, 0]  # 9 → 2: a new HAProxy process counting from zero
+    readings = (None, (1, 5), (1, 5), (1, 9), (2, 2), (2, 4), None, (3, 7))
+    added = [counting.step(r) for r in readings]
+    assert added == [0, 5, 0, 4, 2, 2, 0, 7]  # pid 2, pid 3: new HAProxy processes, each counting from zero
     counter.record_many(sum(added))
-    assert counter.total == 13 and counter.requests_in_window() == 13
+    assert counter.total == 20 and counter.requests_in_window() == 20
     assert counting.read() is None  # no HAProxy there: nothing counted, no error
 
 
@@ -99,9 +100,11 @@ def test_registration_binds_the_namespace_and_writes_the_entry_then_removes_both
         [entry] = engine_path.read_entries(directory)
         assert entry == registration.entry
         assert (entry.prefix, entry.model, entry.port, entry.token_sha256) == ("/svc", "m", 8000, "0" * 64)
+        registration.withdraw()  # the entry goes first: no later reload lists the engine
+        assert engine_path.read_entries(directory) == [] and bound.exists()
     finally:
-        registration.close()
-    assert not bound.exists() and engine_path.read_entries(directory) == []
+        registration.release()  # the namespace last
+    assert not bound.exists()
 
 
 def test_established_connections_are_read_from_the_namespaces_tcp_table():
@@ -142,5 +145,12 @@ def test_a_dead_replicas_entry_and_namespace_are_collected(tmp_path, namespace_i
         assert engine_registration.collect_stale(directory) == [dead_ns]
         assert not Path(engine_path.NETNS_DIR, dead_ns).exists()
         assert engine_path.read_entries(directory) == [alive.entry]
+        # A namespace the current configuration still names is kept (a HAProxy may be starting from it).
+        (tmp_path / "haproxy.cfg").write_text(f"    server x 127.0.0.1:8000 namespace {dead_ns} track b/x\n")
+        subprocess.run(["ip", "netns", "add", dead_ns], check=True, capture_output=True)
+        engine_path.entry_path(directory, "dead").write_text(dead.to_json())
+        assert engine_registration.collect_stale(directory) == []
+        subprocess.run(["ip", "netns", "delete", dead_ns], capture_output=True)
     finally:
-        alive.close()
+        alive.withdraw()
+        alive.release()
