@@ -32,8 +32,13 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   <name>`, the namespace bound at /run/netns/<name>), as root. A process on the node cannot reach the engine
   around the token check.
 - **A node's HAProxy reaches only its own node's engines.** With `share = (local, total)` below `1`, that
-  fraction of the eligible requests takes the engine path (`rand`) and the rest goes to Serve's backend,
-  which spreads them over every replica as today, so remote replicas keep their share.
+  fraction of the eligible requests takes the engine path (`rand`) and the rest goes to the service's replicas
+  on other nodes (a backend of their servers, tracking Serve's, the token left for them to check), so every
+  replica keeps its share.
+- **Not in HAProxy (yet), so measured on the replica path only**: Serve's `max_ongoing_requests` back-pressure,
+  ray-dstack's per-service metrics (requests, latency, TTFT, tokens); and the scale-to-zero guard of the
+  autoscaling policy sees the engine path's requests only through the RPS window (HAProxy's responses,
+  engine_registration.py, 4xx included where the replica leaves out 401/403/404).
 
 This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
 (haproxy_v1.py) runs it on every reload.
@@ -48,6 +53,7 @@ from pathlib import Path
 
 MARKER = "# ray-dstack: the engine path"
 ENGINE_BACKEND_SUFFIX = "--engine"
+REMOTE_BACKEND_SUFFIX = "--remote"
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 TOKEN_VAR = "txn.ray_dstack_token"
 LENGTH_VAR = "txn.ray_dstack_length"
@@ -58,6 +64,7 @@ _PLAIN = re.compile(r"[A-Za-z0-9._/-]+")
 _QUOTABLE = re.compile(r"[\x20-\x7e]+")
 _UNQUOTABLE = set('"\\%#$\'{}')
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_ADDRESS = re.compile(r"[0-9A-Za-z.:\[\]-]+:[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,14 @@ class EngineRoute:
     upstream_prefix: str = "/v1"  # where the engine serves its OpenAI routes (`model.prefix`)
     share: tuple[int, int] = (1, 1)  # (this node's replicas, all replicas): the part that takes the engine path
     timeout_s: int = 600  # how long the engine may take to answer (`request_timeout_s`, as the replica's reads)
+    # The service's replicas on other nodes (Serve's server name, address): the rest of the eligible requests go
+    # to them through a backend of their own, so that every replica takes its share (Serve's backend would
+    # give this node's replicas part of the rest too).
+    remote: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def remote_backend(self) -> str:
+        return self.backend + REMOTE_BACKEND_SUFFIX
     shadowed_by: tuple[str, ...] = ()  # backends whose prefix lies under this one's: their requests are theirs
 
     @property
@@ -109,6 +124,9 @@ class EngineRoute:
         for server in self.servers:
             if not (_PLAIN.fullmatch(server.name) and _PLAIN.fullmatch(server.netns) and 0 < server.port < 65536):
                 return f"engine server {server!r} cannot be written"
+        for name, address in self.remote:
+            if not (_PLAIN.fullmatch(name) and _ADDRESS.fullmatch(address)):
+                return f"remote server {name!r} {address!r} cannot be written"
         local, total = self.share
         if not 0 < local <= total:
             return f"share {self.share!r} is not (local, total) with 0 < local <= total"
@@ -153,11 +171,13 @@ def frontend_rules(routes: list[EngineRoute]) -> list[str]:
         if route.token_sha256 is not None:
             conditions.append(f"{{ var({TOKEN_VAR}) -m str {route.token_sha256} }}")
         conditions += [f"!is_{b}" for b in route.shadowed_by]
-        conditions.append(f"{{ nbsrv({route.engine_backend}) gt 0 }}")
         local, total = route.share
-        if local < total:
-            conditions.append(f"{{ rand({total}) lt {local} }}")
-        lines.append(f"    use_backend {route.engine_backend} if {' '.join(conditions)}")
+        share = [f"{{ rand({total}) lt {local} }}"] if local < total else []
+        lines.append(f"    use_backend {route.engine_backend} if {' '.join(conditions)}"
+                     f" {{ nbsrv({route.engine_backend}) gt 0 }} {' '.join(share)}".rstrip())
+        if route.remote:  # the rest of the eligible requests: the other nodes' replicas, through their replicas
+            lines.append(f"    use_backend {route.remote_backend} if {' '.join(conditions)}"
+                         f" {{ nbsrv({route.remote_backend}) gt 0 }}")
     return lines
 
 
@@ -195,6 +215,12 @@ def backend_sections(routes: list[EngineRoute], *, v1_route_header: str) -> list
         ]
         lines += [f"    server {s.name} 127.0.0.1:{s.port} namespace {s.netns} track {route.backend}/{s.name}"
                   for s in route.servers]
+        if route.remote:
+            lines += [f"backend {route.remote_backend}",
+                      f"    {MARKER}: {route.backend}'s replicas on other nodes",
+                      "    balance leastconn",
+                      "    http-reuse always"]
+            lines += [f"    server {name} {address} track {route.backend}/{name}" for name, address in route.remote]
     del v1_route_header  # removed with every header not in FORWARDED_HEADERS
     return lines
 
@@ -285,7 +311,7 @@ def read_entries(directory: str | Path) -> list[Entry]:
 
 NETNS_DIR = "/run/netns"
 _ACL = re.compile(r"^\s+acl is_(\S+) path (\S+)\s*$")
-_SERVER = re.compile(r"^\s+server (\S+) ")
+_SERVER = re.compile(r"^\s+server (\S+) (\S+)")
 
 
 def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
@@ -294,6 +320,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
     application at that prefix now, gets nothing)."""
     prefix_of: dict[str, str] = {}  # backend → its route prefix (`acl is_<backend> path <prefix>`)
     servers: dict[str, list[str]] = {}
+    addresses: dict[tuple[str, str], str] = {}
     backend = None
     for line in config.split("\n"):
         if line and not line[0].isspace():
@@ -306,6 +333,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
         server = _SERVER.match(line)
         if backend is not None and server and " backup" not in line:  # Serve's fallback to its proxy: not a replica
             servers.setdefault(backend, []).append(server.group(1))
+            addresses[(backend, server.group(1))] = server.group(2)
     by_prefix = {prefix: b for b, prefix in prefix_of.items()}
     routes = []
     for prefix, group in _group(entries).items():
@@ -324,7 +352,8 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
             backend=b, prefix=prefix, model=first.model, token_sha256=first.token_sha256,
             servers=tuple(EngineServer(e.server, e.netns, e.port) for e in local),
             upstream_prefix=first.upstream_prefix, share=(len(local), len(servers[b])), shadowed_by=shadowed,
-            timeout_s=first.timeout_s))
+            timeout_s=first.timeout_s,
+            remote=tuple((n, addresses[(b, n)]) for n in servers[b] if n not in {e.server for e in local})))
     return routes
 
 

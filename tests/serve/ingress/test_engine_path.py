@@ -161,7 +161,8 @@ def _front(tmp_path: Path, routes_of) -> tuple[httpx.Client, v1_routes.HAProxyAd
     map_path = str(tmp_path / haproxy_v1.MAP_FILE_NAME)
     Path(map_path).write_text(f"{MODEL} /svc\n")
     config = haproxy_v1.inject(config, map_path)
-    config = engine_path.inject(config, routes_of(), v1_route_header=V1_ROUTE_HEADER)
+    config = engine_path.inject(config, routes_of({n: s.server_address[1] for n, s in replicas.items()}),
+                                v1_route_header=V1_ROUTE_HEADER)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(config)
     check = subprocess.run([haproxy_v1.real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True)
@@ -178,7 +179,7 @@ def _front(tmp_path: Path, routes_of) -> tuple[httpx.Client, v1_routes.HAProxyAd
 @pytest.fixture
 def front(tmp_path, engine):
     netns, port = engine
-    client, admin, proc, replicas = _front(tmp_path, lambda: [_route(netns, port)])
+    client, admin, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port)])
     try:
         yield client, admin
     finally:
@@ -226,7 +227,7 @@ def test_an_engine_failure_is_a_502_as_on_the_replica_path_and_503_stays(front):
 
 def test_an_engine_that_cannot_be_reached_answers_503_in_openais_shape(tmp_path, engine):
     netns, port = engine
-    client, _, proc, replicas = _front(tmp_path, lambda: [_route(netns, port + 1)])  # nothing listens there
+    client, _, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port + 1)])  # nothing listens there
     try:
         r = _chat(client)
         assert r.status_code == 503
@@ -296,7 +297,7 @@ def test_a_token_outside_printable_ascii_takes_the_replica_path(tmp_path, engine
     netns, port = engine
     token = "t\u00f6ken"
     client, _, proc, replicas = _front(
-        tmp_path, lambda: [_route(netns, port, token_sha256=hashlib.sha256(token.encode()).hexdigest())])
+        tmp_path, lambda ports: [_route(netns, port, token_sha256=hashlib.sha256(token.encode()).hexdigest())])
     try:
         r = client.post("/svc/v1/chat/completions", json={"model": MODEL, "messages": []},
                         headers=[(b"authorization", b"Bearer " + token.encode())])
@@ -345,7 +346,7 @@ def test_a_replica_failing_its_health_check_takes_its_engine_out(front):
 
 def test_auth_false_needs_no_token_and_the_engine_sees_the_clients_header_removed(tmp_path, engine):
     netns, port = engine
-    client, _, proc, replicas = _front(tmp_path, lambda: [_route(netns, port, token_sha256=None)])
+    client, _, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port, token_sha256=None)])
     try:
         assert _chat(client, auth=None).json()["server"] == "engine"
         got = _chat(client, auth="Bearer anything").json()
@@ -358,14 +359,18 @@ def test_auth_false_needs_no_token_and_the_engine_sees_the_clients_header_remove
             s.shutdown()
 
 
-def test_a_share_below_one_sends_the_rest_through_serves_backend(tmp_path, engine):
+def test_a_share_below_one_sends_the_rest_to_the_other_nodes_replicas(tmp_path, engine):
     netns, port = engine
-    client, _, proc, replicas = _front(tmp_path, lambda: [_route(netns, port, share=(1, 2))])
+    # Replica a is this node's (its engine here), b another node's: b takes the other half, a none through Serve.
+    client, _, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port, share=(1, 2),
+                                                                 remote=(("b", f"127.0.0.1:{ports['b']}"),))])
     try:
         servers = [_chat(client).json()["server"] for _ in range(200)]
         engine_part = servers.count("engine") / len(servers)
         assert 0.3 < engine_part < 0.7, engine_part
-        assert set(servers) == {"engine", "a", "b"}
+        assert set(servers) == {"engine", "b"}
+        # b's replica got the request as sent: the token is its to check.
+        assert next(r for r in (_chat(client).json() for _ in range(50)) if r["server"] == "b")["authorization"]
     finally:
         client.close()
         proc.terminate()
@@ -431,9 +436,10 @@ def test_routes_follow_serves_backends_and_servers():
     config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
     [route] = engine_path.routes_for(config, [_entry(), _entry(server="gone")])
     assert route == EngineRoute(backend="svc", prefix="/svc", model=MODEL, token_sha256=TOKEN_SHA256,
-                                servers=(EngineServer("a", "ns", 8000),), share=(1, 2), shadowed_by=("svc_inner",))
+                                servers=(EngineServer("a", "ns", 8000),), share=(1, 2), shadowed_by=("svc_inner",),
+                                remote=(("b", "127.0.0.1:3"),))  # not Serve's `backup` fallback
     both = engine_path.routes_for(config, [_entry(), _entry(server="b", netns="ns2")])
-    assert both[0].share == (2, 2) and [s.name for s in both[0].servers] == ["a", "b"]
+    assert both[0].share == (2, 2) and [s.name for s in both[0].servers] == ["a", "b"] and both[0].remote == ()
     # A prefix Serve has no backend for, a server Serve does not list, two versions at once: no route.
     assert engine_path.routes_for(config, [_entry(prefix="/other")]) == []
     assert engine_path.routes_for(config, [_entry(server="gone")]) == []
