@@ -80,18 +80,12 @@ class RequestCounter:
         """Count one request whose response status is now known; False (not counted) for 401/403/404."""
         if status_code in IGNORED_STATUS_CODES:
             return False
-        second = math.floor(self._clock())
-        slot = second % self._n
-        with self._lock:
-            if self._seconds[slot] != second:
-                self._seconds[slot] = second
-                self._counts[slot] = 0
-            self._counts[slot] += 1
-            self._total += 1
+        self.record_many(1)
         return True
 
     def record_many(self, count: int) -> None:
-        """Count `count` requests answered in this second (counted elsewhere: HAProxy's, for the engine path)."""
+        """Count `count` requests answered in this second (also those counted elsewhere: HAProxy's, for the
+        engine path)."""
         if count <= 0:
             return
         second = math.floor(self._clock())

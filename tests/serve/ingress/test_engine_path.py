@@ -4,6 +4,7 @@ servers on the host, and a real engine inside a network namespace of its own wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, wait_until
+from tests.support.haproxy_config import SERVE_PREAMBLE, answer_json
 
 from ray_dstack.serve.ingress import engine_path, haproxy_v1, v1_routes
 from ray_dstack.serve.ingress.engine_path import EngineRoute, EngineServer
@@ -27,17 +29,7 @@ TOKEN = "s3cret-token"
 TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
 MODEL = "acme/llama-3"
 
-SERVE_LIKE = """\
-global
-    stats socket {socket} mode 666 level admin expose-fd listeners
-    stats timeout 30s
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    option redispatch 1
-    retry-on conn-failure
+SERVE_LIKE = SERVE_PREAMBLE + """\
 frontend http_frontend
     bind 127.0.0.1:{port}
     acl is_svc_inner path_beg /svc/v1/embeddings/
@@ -101,13 +93,8 @@ class _Replica(BaseHTTPRequestHandler):
             self.send_header("content-length", "0")
             self.end_headers()
             return
-        body = json.dumps({"server": self.name, "path": self.path,
-                           "authorization": self.headers.get("authorization")}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_json(self, 200, {"server": self.name, "path": self.path,
+                                "authorization": self.headers.get("authorization")})
 
     do_GET = do_POST
 
@@ -153,7 +140,10 @@ def _route(netns: str, port: int, **overrides) -> EngineRoute:
     return EngineRoute(**values)
 
 
-def _front(tmp_path: Path, routes_of) -> tuple[httpx.Client, v1_routes.HAProxyAdmin, subprocess.Popen, list]:
+@contextlib.contextmanager
+def _front(tmp_path: Path, routes_of):
+    """haproxy with Serve's shape, the `/v1` rules and the engine path of `routes_of(replica ports)`, replicas a
+    and b behind `/svc` (health-checked) and g as the gateway; yields (client, admin)."""
     replicas = {"a": _replica("a"), "b": _replica("b"), "g": _replica("g")}
     port = free_port()
     socket_path = str(tmp_path / "admin.sock")
@@ -169,25 +159,25 @@ def _front(tmp_path: Path, routes_of) -> tuple[httpx.Client, v1_routes.HAProxyAd
     assert check.returncode == 0, check.stdout + check.stderr
     proc = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    admin = v1_routes.HAProxyAdmin(socket_path)
-    wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
-               what="haproxy's admin socket")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10)
-    return client, admin, proc, list(replicas.values())
-
-
-@pytest.fixture
-def front(tmp_path, engine):
-    netns, port = engine
-    client, admin, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port)])
     try:
+        admin = v1_routes.HAProxyAdmin(socket_path)
+        wait_until(lambda: os.path.exists(socket_path) and admin.pid() == proc.pid, timeout=20, interval=0.05,
+                   what="haproxy's admin socket")
         yield client, admin
     finally:
         client.close()
         proc.terminate()
         proc.wait(10)
-        for s in replicas:
+        for s in replicas.values():
             s.shutdown()
+
+
+@pytest.fixture
+def front(tmp_path, engine):
+    netns, port = engine
+    with _front(tmp_path, lambda ports: [_route(netns, port)]) as (client, admin):
+        yield client, admin
 
 
 def _chat(client: httpx.Client, path: str = "/svc/v1/chat/completions", *, auth: str | None = f"Bearer {TOKEN}",
@@ -227,17 +217,10 @@ def test_an_engine_failure_is_a_502_as_on_the_replica_path_and_503_stays(front):
 
 def test_an_engine_that_cannot_be_reached_answers_503_in_openais_shape(tmp_path, engine):
     netns, port = engine
-    client, _, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port + 1)])  # nothing listens there
-    try:
+    with _front(tmp_path, lambda ports: [_route(netns, port + 1)]) as (client, _):  # nothing listens there
         r = _chat(client)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "upstream_unavailable"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-        for s in replicas:
-            s.shutdown()
 
 
 def test_the_admin_socket_is_haproxys_own_user_only_with_the_engine_path(front, tmp_path):
@@ -296,18 +279,11 @@ def test_a_token_outside_printable_ascii_takes_the_replica_path(tmp_path, engine
     """The replica reads the header as latin-1 and strips it: HAProxy hashes only what it would hash alike."""
     netns, port = engine
     token = "t\u00f6ken"
-    client, _, proc, replicas = _front(
-        tmp_path, lambda ports: [_route(netns, port, token_sha256=hashlib.sha256(token.encode()).hexdigest())])
-    try:
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with _front(tmp_path, lambda ports: [_route(netns, port, token_sha256=digest)]) as (client, _):
         r = client.post("/svc/v1/chat/completions", json={"model": MODEL, "messages": []},
                         headers=[(b"authorization", b"Bearer " + token.encode())])
         assert r.json()["server"] in {"a", "b"}
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-        for s in replicas:
-            s.shutdown()
 
 
 def test_other_methods_and_routes_take_the_replica_path(front):
@@ -346,37 +322,25 @@ def test_a_replica_failing_its_health_check_takes_its_engine_out(front):
 
 def test_auth_false_needs_no_token_and_the_engine_sees_the_clients_header_removed(tmp_path, engine):
     netns, port = engine
-    client, _, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port, token_sha256=None)])
-    try:
+    with _front(tmp_path, lambda ports: [_route(netns, port, token_sha256=None)]) as (client, _):
         assert _chat(client, auth=None).json()["server"] == "engine"
         got = _chat(client, auth="Bearer anything").json()
         assert got["server"] == "engine" and got["authorization"] is None
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-        for s in replicas:
-            s.shutdown()
 
 
 def test_a_share_below_one_sends_the_rest_to_the_other_nodes_replicas(tmp_path, engine):
     netns, port = engine
     # Replica a is this node's (its engine here), b another node's: b takes the other half, a none through Serve.
-    client, _, proc, replicas = _front(tmp_path, lambda ports: [_route(netns, port, share=(1, 2),
-                                                                 remote=(("b", f"127.0.0.1:{ports['b']}"),))])
-    try:
+    def routes(ports):
+        return [_route(netns, port, share=(1, 2), remote=(("b", f"127.0.0.1:{ports['b']}"),))]
+
+    with _front(tmp_path, routes) as (client, _):
         servers = [_chat(client).json()["server"] for _ in range(200)]
         engine_part = servers.count("engine") / len(servers)
         assert 0.3 < engine_part < 0.7, engine_part
         assert set(servers) == {"engine", "b"}
         # b's replica got the request as sent: the token is its to check.
         assert next(r for r in (_chat(client).json() for _ in range(50)) if r["server"] == "b")["authorization"]
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-        for s in replicas:
-            s.shutdown()
 
 
 @pytest.mark.parametrize("overrides, problem", [

@@ -16,22 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, wait_until
+from tests.support.haproxy_config import SERVE_PREAMBLE, answer_json
 
 from ray_dstack.serve.ingress import haproxy_v1
 from ray_dstack.serve.ingress import v1_routes
 from ray_dstack.spec import V1_ROUTE_HEADER
 
-SERVE_LIKE = """\
-global
-    stats socket {socket} mode 666 level admin expose-fd listeners
-    stats timeout 30s
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    option redispatch 1
-    retry-on conn-failure
+SERVE_LIKE = SERVE_PREAMBLE + """\
     balance roundrobin
 frontend http_frontend
     bind 127.0.0.1:{port}
@@ -62,12 +53,7 @@ class _Echo(BaseHTTPRequestHandler):
         if len(self.rfile.read(length)) != length:
             self.send_error(400)
             return
-        body = json.dumps({"server": self.name, "path": self.path, "v1": self.headers.get(V1_ROUTE_HEADER)}).encode()
-        self.send_response(self.status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_json(self, self.status, {"server": self.name, "path": self.path, "v1": self.headers.get(V1_ROUTE_HEADER)})
 
     do_GET = do_POST
 
