@@ -223,6 +223,18 @@ def test_an_engine_that_cannot_be_reached_answers_503_in_openais_shape(tmp_path,
         assert r.json()["error"]["code"] == "upstream_unavailable"
 
 
+def test_an_engine_refusing_connections_fails_over_to_another_before_any_byte(tmp_path, engine):
+    netns, port = engine
+    servers = (EngineServer("a", netns, port + 1), EngineServer("b", netns, port))  # a's engine is gone
+    with _front(tmp_path, lambda ports: [_route(netns, port, servers=servers)]) as (client, admin):
+        answers = [_chat(client) for _ in range(20)]
+        assert {(r.status_code, r.json()["server"]) for r in answers} == {(200, "engine")}
+        lines = admin.command("show stat").splitlines()
+        header = lines[0][2:].split(",")
+        row = dict(zip(header, next(line for line in lines if line.startswith("svc--engine,a,")).split(",")))
+        assert int(row["wredis"]) > 0  # a was tried first, and its requests went to b
+
+
 def test_the_admin_socket_is_haproxys_own_user_only_with_the_engine_path(front, tmp_path):
     socket_path = tmp_path / "admin.sock"
     assert socket_path.stat().st_mode & 0o777 == 0o600  # the runtime API could add patterns to the token's ACL
