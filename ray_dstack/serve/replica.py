@@ -121,22 +121,21 @@ class ServiceReplica:
 
     async def _offer_engine(self) -> None:
         """Registers the engine with this node's HAProxy when the engine path applies (its port is private)."""
-        connector = getattr(self.runtime, "connector", None)
-        if not getattr(self.runtime, "port_is_private", False) or connector is None:
+        if not getattr(self.runtime, "port_is_private", False):  # only a NamespaceRuntime with its connector
             if self.engine_path_off is None:
                 self.engine_path_off = "the namespace connector is not available"
             return
         try:
             server = engine_registration.server_name()
             self.engine = await asyncio.to_thread(
-                EngineRegistration.create, self.spec, connector_path=connector.path, port=self.spec.port,
+                EngineRegistration.create, self.spec, connector_path=self.runtime.connector.path, port=self.spec.port,
                 server=server, directory=engine_registration.haproxy_dir() / engine_path.ENGINE_DIR_NAME)
         except Exception as exc:  # noqa: BLE001 - the replica path still serves every request
             self.engine_path_off = f"registration failed: {exc}"
             logger.warning("engine path off for this replica: %s", self.engine_path_off)
             return
         self.engine_requests = EngineRequests(self.requests, server=server,
-                                              admin_socket=engine_registration.haproxy_admin_socket(), logger=logger)
+                                              admin_socket=engine_registration.haproxy_admin_socket())
         self.engine_requests.start()
 
     def _backend(self, url: str, network_backend=None) -> ModelServerBackend:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 MARKER = "# ray-dstack: the engine path"
@@ -92,15 +93,15 @@ class EngineRoute:
     # to them through a backend of their own, so that every replica takes its share (Serve's backend would
     # give this node's replicas part of the rest too).
     remote: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def remote_backend(self) -> str:
-        return self.backend + REMOTE_BACKEND_SUFFIX
     shadowed_by: tuple[str, ...] = ()  # backends whose prefix lies under this one's: their requests are theirs
 
     @property
     def engine_backend(self) -> str:
         return self.backend + ENGINE_BACKEND_SUFFIX
+
+    @property
+    def remote_backend(self) -> str:
+        return self.backend + REMOTE_BACKEND_SUFFIX
 
     def problem(self) -> str | None:
         """Why these rules cannot be written for this route (it then keeps the replica path), or None."""
@@ -135,11 +136,8 @@ class EngineRoute:
 
 def frontend_rules(routes: list[EngineRoute]) -> list[str]:
     """Lines for Serve's `frontend http_frontend`, before its first `use_backend` (Serve's `is_<backend>` ACLs
-    are declared above that line); routes with a `problem()` get none. Each condition narrows: a request any of
+    are declared above that line), for routes without a `problem()`. Each condition narrows: a request any of
     them cannot vouch for goes to Serve's backend, where the replica decides as it always has."""
-    routes = [r for r in routes if r.problem() is None]
-    if not routes:
-        return []
     lines = [
         f"    {MARKER} (ray_dstack/serve/ingress/engine_path.py)",
         "    acl ray_dstack_one_auth req.fhdr_cnt(authorization) eq 1",
@@ -187,21 +185,20 @@ FORWARDED_HEADERS = ("content-type", "content-length", "host", "accept", "user-a
                      "openai-organization", "openai-project")
 
 
-def backend_sections(routes: list[EngineRoute], *, v1_route_header: str) -> list[str]:
-    """One backend per route with no `problem()`: its engines, tracking Serve's servers of the same name.
-    `v1_route_header`: the header haproxy_v1.py's `/v1` rewrite adds, which no engine needs to see."""
+def backend_sections(routes: list[EngineRoute]) -> list[str]:
+    """One backend per route without a `problem()`: its engines, tracking Serve's servers of the same name (and
+    one of the service's replicas on other nodes, if any). The engines get no header beyond
+    FORWARDED_HEADERS: not `Authorization`, not the header haproxy_v1.py's `/v1` rewrite adds."""
     lines: list[str] = []
     keep = "|".join(FORWARDED_HEADERS)
     for route in routes:
-        if route.problem() is not None:
-            continue
         lines += [
             f"backend {route.engine_backend}",
             f"    {MARKER}: {route.backend}'s engines on this node",
             "    balance leastconn",
             "    http-reuse always",
             f"    timeout server {route.timeout_s}s",
-            f"    http-request del-header '^(?!({keep})$)' -m reg",  # Authorization and the `/v1` header too
+            f"    http-request del-header '^(?!({keep})$)' -m reg",
             "    http-request set-header accept-encoding identity",  # the bytes relayed are the engine's own
             f"    http-request set-path %[path,regsub(^{route.prefix.replace('.', '[.]')}/v1/,{route.upstream_prefix}/)]",
             # OpenAI answers every request with an `x-request-id`, as the replica does (openai/endpoint.py).
@@ -221,7 +218,6 @@ def backend_sections(routes: list[EngineRoute], *, v1_route_header: str) -> list
                       "    balance leastconn",
                       "    http-reuse always"]
             lines += [f"    server {name} {address} track {route.backend}/{name}" for name, address in route.remote]
-    del v1_route_header  # removed with every header not in FORWARDED_HEADERS
     return lines
 
 
@@ -230,12 +226,14 @@ UNAVAILABLE_JSON = ('{"error": {"message": "The model backend is unavailable.", 
                     '"param": null, "code": "upstream_unavailable"}}')
 
 
-def inject(config: str, routes: list[EngineRoute], *, v1_route_header: str) -> str:
+def inject(config: str, routes: list[EngineRoute]) -> str:
     """Serve's configuration (haproxy_v1's rules already in it, or not) with the engine path added: the rules
-    before the frontend's first `use_backend`, the backends at the end. Unchanged without an eligible route."""
-    rules = frontend_rules(routes)
-    if not rules or MARKER in config:
+    before the frontend's first `use_backend`, the backends at the end. Unchanged without a route the rules can
+    be written for (routes with a `problem()` keep the replica path)."""
+    routes = [r for r in routes if r.problem() is None]
+    if not routes or MARKER in config:
         return config
+    rules = frontend_rules(routes)
     out: list[str] = []
     section = ""
     added = False
@@ -251,7 +249,7 @@ def inject(config: str, routes: list[EngineRoute], *, v1_route_header: str) -> s
     # Serve opens its admin socket to every user (mode 666), and the runtime API can add patterns to any ACL,
     # the token's included: with the engine path in the configuration, only HAProxy's own user may use it.
     text = _ADMIN_SOCKET_MODE.sub(r"\g<1>600", "\n".join(out).rstrip("\n"))
-    return text + "\n" + "\n".join(backend_sections(routes, v1_route_header=v1_route_header)) + "\n"
+    return text + "\n" + "\n".join(backend_sections(routes)) + "\n"
 
 
 _ADMIN_SOCKET_MODE = re.compile(r"^(\s*stats socket \S+.*?\bmode )[0-7]+\b", re.MULTILINE)
@@ -260,6 +258,7 @@ _ADMIN_SOCKET_MODE = re.compile(r"^(\s*stats socket \S+.*?\bmode )[0-7]+\b", re.
 # --- what the replicas on this node register, and the routes it gives in one configuration -----------------
 
 ENGINE_DIR_NAME = "ray-dstack-engines"  # beside Serve's haproxy.cfg: one file per local engine
+NETNS_DIR = "/run/netns"
 
 
 @dataclass(frozen=True)
@@ -296,20 +295,22 @@ def entry_path(directory: str | Path, server: str) -> Path:
     return Path(directory) / f"{server}.json"
 
 
-def read_entries(directory: str | Path) -> list[Entry]:
-    """The entries under `directory` whose namespace still exists (a replica that died leaves its file)."""
-    found = []
+def entry_files(directory: str | Path) -> Iterator[tuple[Path, Entry]]:
+    """Every readable entry under `directory`, with its file."""
     for path in sorted(Path(directory).glob("*.json")):
         try:
             entry = Entry.from_json(path.read_text())
         except OSError:
             continue
-        if entry is not None and Path(NETNS_DIR, entry.netns).exists():
-            found.append(entry)
-    return found
+        if entry is not None:
+            yield path, entry
 
 
-NETNS_DIR = "/run/netns"
+def read_entries(directory: str | Path) -> list[Entry]:
+    """The entries under `directory` whose namespace still exists (a replica that died leaves its file)."""
+    return [entry for _, entry in entry_files(directory) if Path(NETNS_DIR, entry.netns).exists()]
+
+
 _ACL = re.compile(r"^\s+acl is_(\S+) path (\S+)\s*$")
 _SERVER = re.compile(r"^\s+server (\S+) (\S+)")
 
@@ -319,8 +320,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
     the backend whose exact-path ACL is the entry's prefix (a replica Serve no longer lists, or another
     application at that prefix now, gets nothing)."""
     prefix_of: dict[str, str] = {}  # backend → its route prefix (`acl is_<backend> path <prefix>`)
-    servers: dict[str, list[str]] = {}
-    addresses: dict[tuple[str, str], str] = {}
+    servers: dict[str, dict[str, str]] = {}  # backend → its servers' names → addresses, in the file's order
     backend = None
     for line in config.split("\n"):
         if line and not line[0].isspace():
@@ -332,8 +332,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
             prefix_of[acl.group(1)] = acl.group(2)
         server = _SERVER.match(line)
         if backend is not None and server and " backup" not in line:  # Serve's fallback to its proxy: not a replica
-            servers.setdefault(backend, []).append(server.group(1))
-            addresses[(backend, server.group(1))] = server.group(2)
+            servers.setdefault(backend, {})[server.group(1)] = server.group(2)
     by_prefix = {prefix: b for b, prefix in prefix_of.items()}
     routes = []
     for prefix, group in _group(entries).items():
@@ -353,7 +352,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
             servers=tuple(EngineServer(e.server, e.netns, e.port) for e in local),
             upstream_prefix=first.upstream_prefix, share=(len(local), len(servers[b])), shadowed_by=shadowed,
             timeout_s=first.timeout_s,
-            remote=tuple((n, addresses[(b, n)]) for n in servers[b] if n not in {e.server for e in local})))
+            remote=tuple((n, a) for n, a in servers[b].items() if n not in {e.server for e in local})))
     return routes
 
 

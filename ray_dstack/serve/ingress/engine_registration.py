@@ -19,8 +19,6 @@ the requests HAProxy sends there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -29,11 +27,12 @@ import subprocess
 from pathlib import Path
 
 from ray_dstack.serve.ingress import engine_path
+from ray_dstack.serve.ingress.haproxy_v1 import config_file_name, config_lock, write_atomically
+from ray_dstack.serve.ingress.v1_routes import HAProxyAdmin, info_pid
 from ray_dstack.serve.scaling.request_counter import RequestCounter
 from ray_dstack.spec import ServiceSpec
 
 ENGINE_PATH_ENV = "RAY_DSTACK_ENGINE_PATH"
-SETTINGS = ("off", "on")
 POLL_S = 1.0
 RESPONSE_FIELDS = ("hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other")
 
@@ -134,53 +133,37 @@ class EngineRegistration:
                                   timeout_s=max(1, math.ceil(spec.request_timeout_s)))
         registration = cls(entry, directory, pid)
         try:
-            tmp = registration.path.with_suffix(".tmp")
-            tmp.write_text(entry.to_json())
-            os.replace(tmp, registration.path)
+            write_atomically(str(registration.path), entry.to_json())
         except OSError:
             registration.release()
             raise
         return registration
 
     def withdraw(self) -> None:
-        with config_lock(self.directory):
+        with config_lock(_config_path(self.directory)):
             self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.entry.netns], capture_output=True, timeout=30)
 
 
-@contextlib.contextmanager
-def config_lock(directory: Path):
-    """The lock Serve writes its haproxy.cfg under and the wrapper rewrites it under (haproxy_v1.prepare)."""
-    from ray_dstack.serve.ingress.haproxy_v1 import config_file_name
-
-    with open(directory.parent / (config_file_name() + ".lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+def _config_path(directory: Path) -> Path:
+    """Serve's haproxy.cfg beside the engine directory `directory`."""
+    return directory.parent / config_file_name()
 
 
 def collect_stale(directory: Path) -> list[str]:
     """Remove the entries (and namespace bindings) of replicas that died without closing theirs (SIGKILL, a
     node's `ray stop`): their namespace has no process left and the current configuration no longer names it.
     Returns the namespaces removed."""
-    from ray_dstack.serve.ingress.haproxy_v1 import config_file_name
-
     removed = []
-    with config_lock(directory):
+    with config_lock(_config_path(directory)):
         try:
-            config = (directory.parent / config_file_name()).read_text()
+            config = _config_path(directory).read_text()
         except OSError:
             config = ""
-        for path in directory.glob("*.json"):
-            try:
-                entry = engine_path.Entry.from_json(path.read_text())
-            except OSError:
-                continue
-            if entry is None or f" namespace {entry.netns} " in config:
+        for path, entry in engine_path.entry_files(directory):
+            if f" namespace {entry.netns} " in config:
                 continue
             pids = subprocess.run(["ip", "netns", "pids", entry.netns], capture_output=True, text=True, timeout=30)
             if pids.returncode == 0 and pids.stdout.strip():
@@ -250,12 +233,10 @@ class EngineRequests:
     """Folds HAProxy's count of this engine's responses into the replica's RequestCounter every POLL_S. Each
     HAProxy process counts from zero: a reading from another process (its pid) counts whole."""
 
-    def __init__(self, counter: RequestCounter, *, server: str, admin_socket: str,
-                 logger: logging.Logger) -> None:
+    def __init__(self, counter: RequestCounter, *, server: str, admin_socket: str) -> None:
         self.counter = counter
         self.server = server
-        self.admin_socket = admin_socket
-        self.logger = logger
+        self.admin = HAProxyAdmin(admin_socket)
         self.last: tuple[int, int] | None = None  # (pid, count)
         self.task: asyncio.Task | None = None
 
@@ -275,19 +256,12 @@ class EngineRequests:
         return added
 
     def read(self) -> tuple[int, int] | None:
+        """(HAProxy's pid, this engine's responses), both from one connection, so from one process."""
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect(self.admin_socket)
-                s.sendall(b"show info;show stat\n")
-                chunks = []
-                while chunk := s.recv(65536):
-                    chunks.append(chunk)
+            text = self.admin.command("show info;show stat")
         except OSError:
             return None
-        text = b"".join(chunks).decode(errors="replace")
-        pid = next((int(line.split(":", 1)[1]) for line in text.splitlines()
-                    if line.startswith("Pid:") and line.split(":", 1)[1].strip().isdigit()), None)
+        pid = info_pid(text)
         stat = text[text.find("# pxname"):] if "# pxname" in text else ""
         count = engine_responses(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server)
         return None if pid is None or count is None else (pid, count)

@@ -22,6 +22,7 @@ ray_dstack/serve/ingress/v1_routes.py (a small process this wrapper starts besid
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import importlib.util
@@ -32,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ray_dstack.serve.ingress import engine_path
@@ -217,6 +219,18 @@ def _checks(binary: str, config_path: str) -> str | None:
     return None if out.returncode == 0 else (out.stdout + out.stderr).strip()[-2000:]
 
 
+@contextlib.contextmanager
+def config_lock(config_path: str | Path) -> Iterator[None]:
+    """Serve's lock on its haproxy.cfg (`<config>.lock`): Serve writes the file under it, this wrapper rewrites
+    it under it, and a replica withdraws its engine under it (engine_registration.py)."""
+    with open(f"{config_path}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def config_file_name() -> str:
     """The name of Serve's haproxy.cfg (in a directory of each node's own)."""
     return os.path.basename(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC") or "haproxy.cfg")
@@ -239,7 +253,7 @@ def with_engine_path(config: str, directory: Path) -> str:
     entries = engine_path.read_entries(directory / engine_path.ENGINE_DIR_NAME)
     if not entries:
         return config
-    return engine_path.inject(config, engine_path.routes_for(config, entries), v1_route_header=V1_ROUTE_HEADER)
+    return engine_path.inject(config, engine_path.routes_for(config, entries))
 
 
 def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | None:
@@ -251,27 +265,23 @@ def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | 
     because Serve recognises its haproxy processes by the config path in their command line."""
     directory = Path(config_path).parent
     map_path = str(directory / MAP_FILE_NAME)
-    with open(config_path + ".lock", "w") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            config = Path(config_path).read_text()
-            ours = inject(config, map_path)
-            socket_path = admin_socket_of(config)
-            routes = serve_routes(ours)
-            write_atomically(map_path, map_text(routable(read_table(str(directory / TABLE_FILE_NAME)), routes)))
-            if ours == config:
-                return (socket_path, map_path, routes) if socket_path else None
-            with_engines = with_engine_path(ours, directory)
-            complaint = _checks_text(binary, config_path, with_engines)
-            if complaint is not None and with_engines != ours:
-                print(f"ray-dstack-haproxy: the engine path is left out, haproxy -c refused it: {complaint}",
-                      file=sys.stderr, flush=True)
-                with_engines, complaint = ours, _checks_text(binary, config_path, ours)
-            if complaint is not None:
-                raise ConfigShapeError(f"haproxy -c refused the configuration with the rules: {complaint}")
-            Path(config_path).write_text(with_engines)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    with config_lock(config_path):
+        config = Path(config_path).read_text()
+        ours = inject(config, map_path)
+        socket_path = admin_socket_of(config)
+        routes = serve_routes(ours)
+        write_atomically(map_path, map_text(routable(read_table(str(directory / TABLE_FILE_NAME)), routes)))
+        if ours == config:
+            return (socket_path, map_path, routes) if socket_path else None
+        with_engines = with_engine_path(ours, directory)
+        complaint = _checks_text(binary, config_path, with_engines)
+        if complaint is not None and with_engines != ours:
+            print(f"ray-dstack-haproxy: the engine path is left out, haproxy -c refused it: {complaint}",
+                  file=sys.stderr, flush=True)
+            with_engines, complaint = ours, _checks_text(binary, config_path, ours)
+        if complaint is not None:
+            raise ConfigShapeError(f"haproxy -c refused the configuration with the rules: {complaint}")
+        Path(config_path).write_text(with_engines)
     return (socket_path, map_path, routes) if socket_path else None
 
 

@@ -70,6 +70,12 @@ def publish(routes: dict[str, dict[str, Any]]) -> None:
         log.warning("gateway: could not publish the /v1 routing table for HAProxy: %r", exc)
 
 
+def info_pid(show_info: str) -> int | None:
+    """The `Pid:` line of an answer to `show info`."""
+    found = re.search(r"^Pid: (\d+)", show_info, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 class HAProxyAdmin:
     """Commands on HAProxy's admin socket, one connection per command (its non-interactive mode)."""
 
@@ -89,8 +95,7 @@ class HAProxyAdmin:
 
     def pid(self) -> int | None:
         """The pid of the haproxy answering on the socket (during a reload, the old one until the new takes over)."""
-        found = re.search(r"^Pid: (\d+)", self.command("show info"), re.MULTILINE)
-        return int(found.group(1)) if found else None
+        return info_pid(self.command("show info"))
 
     def replace_map(self, map_path: str, entries: dict[str, str]) -> None:
         """The map's whole content becomes `entries`, atomically (HAProxy ≥ 2.4's versioned map updates)."""

@@ -241,7 +241,7 @@ class NamespaceRuntime(ProcessRuntime):
         node_address = dstack_env.node_ip() if self.spec.reached_from_other_nodes else None
         return netns.pasta_argv(pasta, port, self.spec.port, private_mounts=own_proc or mounts,
                                 node_address=node_address,
-                                map_host_port=not (self.private_port and self.connector is not None)), own_proc
+                                map_host_port=not self.port_is_private), own_proc
 
     def _connector(self, workspace_dir: Path) -> NamespaceConnector | None:
         self.connector = connector_for(workspace_dir, self.spec.port, self.logger.warning)

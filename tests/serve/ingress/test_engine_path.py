@@ -151,8 +151,7 @@ def _front(tmp_path: Path, routes_of):
     map_path = str(tmp_path / haproxy_v1.MAP_FILE_NAME)
     Path(map_path).write_text(f"{MODEL} /svc\n")
     config = haproxy_v1.inject(config, map_path)
-    config = engine_path.inject(config, routes_of({n: s.server_address[1] for n, s in replicas.items()}),
-                                v1_route_header=V1_ROUTE_HEADER)
+    config = engine_path.inject(config, routes_of({n: s.server_address[1] for n, s in replicas.items()}))
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(config)
     check = subprocess.run([haproxy_v1.real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True)
@@ -371,17 +370,29 @@ def test_a_route_the_rules_cannot_express_keeps_the_replica_path(overrides, prob
     route = _route("ns", 8000, **overrides)
     assert problem in route.problem()
     config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
-    assert engine_path.inject(config, [route], v1_route_header=V1_ROUTE_HEADER) == config
+    assert engine_path.inject(config, [route]) == config
+
+
+def test_what_the_rules_spell_out_equals_the_replicas_own():
+    """engine_path.py imports nothing heavy (haproxy's wrapper runs it on every reload): its copies of the
+    replica path's values must stay equal to them."""
+    from ray_dstack.openai import errors, passthrough
+    from ray_dstack.openai.endpoint import GatewayResponse
+
+    assert set(engine_path.FORWARDED_HEADERS) - {"content-length", "host"} == passthrough._FORWARDED_HEADERS
+    unavailable = GatewayResponse.of_error(errors.upstream_unavailable())
+    assert unavailable.status == 503 and json.loads(engine_path.UNAVAILABLE_JSON) == json.loads(unavailable.body)
+    assert engine_path.BODY_WAIT_S == haproxy_v1.BODY_WAIT_S
 
 
 def test_inject_puts_the_rules_before_serves_first_use_backend_and_runs_once():
     config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
-    out = engine_path.inject(config, [_route("ns", 8000)], v1_route_header=V1_ROUTE_HEADER)
+    out = engine_path.inject(config, [_route("ns", 8000)])
     assert out.index(engine_path.MARKER) < out.index("use_backend svc_inner") < out.index("\nbackend svc--engine")
     assert "    server a 127.0.0.1:8000 namespace ns track svc/a" in out.split("\n")
     assert TOKEN not in out and TOKEN_SHA256 in out  # the digest only, never the token
-    assert engine_path.inject(out, [_route("ns", 8000)], v1_route_header=V1_ROUTE_HEADER) == out
-    assert engine_path.inject("frontend other\n    bind :1\n", [_route("ns", 1)], v1_route_header="x") == \
+    assert engine_path.inject(out, [_route("ns", 8000)]) == out
+    assert engine_path.inject("frontend other\n    bind :1\n", [_route("ns", 1)]) == \
         "frontend other\n    bind :1\n"
 
 

@@ -60,7 +60,7 @@ def test_a_private_port_maps_no_host_port():
 
 def test_haproxys_count_goes_into_the_request_counter_across_reloads():
     counter = RequestCounter(60)
-    counting = EngineRequests(counter, server="a", admin_socket="/nowhere", logger=LOG)
+    counting = EngineRequests(counter, server="a", admin_socket="/nowhere")
     readings = (None, (1, 5), (1, 5), (1, 9), (2, 2), (2, 4), None, (3, 7))
     added = [counting.step(r) for r in readings]
     assert added == [0, 5, 0, 4, 2, 2, 0, 7]  # pid 2, pid 3: new HAProxy processes, each counting from zero
