@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 import socket
 import time
+from pathlib import Path
 
 import httpx
 from starlette.requests import Request
@@ -23,7 +24,7 @@ from ray_dstack.openai import errors
 from ray_dstack.openai.endpoint import GatewayResponse, ModelEndpoint
 from ray_dstack.serve.groups.roles import GroupRole, router_allows
 from ray_dstack.serve.http import to_starlette
-from ray_dstack.serve.ingress import engine_path, engine_registration
+from ray_dstack.serve.ingress import engine_log, engine_path, engine_registration
 from ray_dstack.serve.ingress.engine_registration import EngineRegistration, EngineRequests, ineligible
 from ray_dstack.serve.ingress.replica_limits import ReplicaLimits
 from ray_dstack.serve.runtime import runtime_for
@@ -134,7 +135,11 @@ class ServiceReplica:
             self.engine_path_off = f"registration failed: {exc}"
             logger.warning("engine path off for this replica: %s", self.engine_path_off)
             return
-        self.engine_requests = EngineRequests(self.requests, server=server,
+        log = None
+        if engine_path.log_enabled():  # the engine path's requests in the metrics: one replica per node reads them
+            log = engine_log.EngineLog(self.engine.directory, engine_log.into_metrics(),
+                                       netns=str(Path(engine_path.NETNS_DIR, self.engine.entry.netns)))
+        self.engine_requests = EngineRequests(self.requests, server=server, log=log,
                                               admin_socket=engine_registration.haproxy_admin_socket())
         self.engine_requests.start()
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from conftest import BIN, REPO, CliCluster, free_port, ray_stop, steady_load, write_service
+from tests.support.prom import metrics_url, scrape, total
 
 pytestmark = pytest.mark.slow
 
@@ -304,6 +305,16 @@ def test_the_engine_path_skips_the_replica_and_its_port_is_reachable_only_throug
             client.post("/eng/v1/chat/completions", json=body, headers=auth)
         cluster.wait_until(lambda: (cluster.status("eng").get("scaling") or {}).get("measured_rps") or 0,
                            timeout=60, interval=1.0, what="the engine path's requests in the measured RPS")
+    # ... and in ray-dstack's request metrics, from HAProxy's log (one replica reads it): 60 chats, 1 completion.
+    url, engine_tags = metrics_url(), {"service": "eng", "model": "echo-model", "status": "200"}
+
+    def counted(name: str, route: str) -> float:
+        return total(scrape(url), name, route=route, **engine_tags)
+
+    cluster.wait_until(lambda: counted("ray_dstack_requests_total", "chat/completions") == 60
+                       and counted("ray_dstack_requests_total", "completions") == 1, timeout=60, interval=1.0,
+                       what="the engine path's requests in ray-dstack's metrics")
+    assert counted("ray_dstack_request_latency_s_count", "chat/completions") == 60
     # No port of the node reaches an engine: pasta maps none (`-t none`), so only HAProxy (entering the
     # namespace) and the replica (through its namespace's init) reach port 8000.
     pastas = [pid for pid, what in our_processes().items() if what == "pasta"]

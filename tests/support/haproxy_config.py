@@ -7,6 +7,7 @@ global
     stats timeout 30s
 defaults
     mode http
+    option httplog
     timeout connect 5s
     timeout client 30s
     timeout server 30s

@@ -35,10 +35,17 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   fraction of the eligible requests takes the engine path (`rand`) and the rest goes to the service's replicas
   on other nodes (a backend of their servers, tracking Serve's, the token left for them to check), so every
   replica keeps its share.
+- **Metrics**: the engine backend logs each of its requests at `notice` (Serve logs its own at `info`, health
+  checks at `debug`), with the service, route, status and time in a structured-data element of its own
+  (`[ray_dstack@1 ...]`, appended to Serve's `log-format-sd`), to a datagram socket beside haproxy.cfg that
+  only `notice` reaches; one replica on the node reads it into ray-dstack's request and latency metrics
+  (engine_log.py). A frontend whose `log-format-sd` cannot be extended gets no such log (Serve's line stays),
+  and neither does a node with `$RAY_DSTACK_ENGINE_PATH_LOG=off`.
 - **Not in HAProxy (yet), so measured on the replica path only**: Serve's `max_ongoing_requests` back-pressure,
-  ray-dstack's per-service metrics (requests, latency, TTFT, tokens); and the scale-to-zero guard of the
-  autoscaling policy sees the engine path's requests only through the RPS window (HAProxy's responses,
-  engine_registration.py, 4xx included where the replica leaves out 401/403/404).
+  time to first token and output tokens (HAProxy's log has no time to the first body byte, and counting SSE
+  events is per-chunk work); and the scale-to-zero guard of the autoscaling policy sees the engine path's
+  requests only through the RPS window (HAProxy's responses, engine_registration.py, 4xx included where the
+  replica leaves out 401/403/404).
 
 This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
 (haproxy_v1.py) runs it on every reload.
@@ -47,6 +54,7 @@ This module is pure and imports nothing of ray_dstack or beyond the standard lib
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from collections.abc import Iterator
@@ -59,6 +67,18 @@ ROUTES = ("/v1/chat/completions", "/v1/completions")
 TOKEN_VAR = "txn.ray_dstack_token"
 LENGTH_VAR = "txn.ray_dstack_length"
 BODY_WAIT_S = 10  # as haproxy_v1.BODY_WAIT_S: a slower body takes the replica path
+# The engine path's log (engine_log.py reads it): HAProxy logs the engine backend's requests at LOG_LEVEL, and
+# the log target below takes nothing less severe, so Serve's own requests (logged at `info`) never reach it.
+LOG_SD_ID = "ray_dstack@1"
+LOG_LEVEL = "notice"
+# Beside Serve's haproxy.cfg (as its admin socket), not in the engine directory: a Unix socket's path has at
+# most UNIX_PATH_MAX bytes, and Serve's node directories already take 76 (`/tmp/haproxy-serve/<node id>/`).
+LOG_SOCKET_NAME = "ray-dstack-log.sock"
+UNIX_PATH_MAX = 107
+LOG_ENV = "RAY_DSTACK_ENGINE_PATH_LOG"  # `off` on the nodes: no log, so no metrics of the engine path's requests
+SERVICE_VAR = "txn.ray_dstack_log_service"
+ROUTE_VAR = "txn.ray_dstack_log_route"  # not haproxy_v1's txn.ray_dstack_route (a `/v1` request's prefix)
+LOG_SD = f"[{LOG_SD_ID} service=%[var({SERVICE_VAR})] route=%[var({ROUTE_VAR})] status=%ST latency_ms=%Ta]"
 # What HAProxy's configuration syntax carries with no quoting: application names, prefixes, namespaces.
 _PLAIN = re.compile(r"[A-Za-z0-9._/-]+")
 # A model name inside double quotes: no quote, backslash, `%`, `#`, control or non-ASCII character.
@@ -134,6 +154,10 @@ class EngineRoute:
         return None
 
 
+def log_enabled() -> bool:
+    return (os.environ.get(LOG_ENV) or "on").strip().lower() != "off"
+
+
 def frontend_rules(routes: list[EngineRoute]) -> list[str]:
     """Lines for Serve's `frontend http_frontend`, before its first `use_backend` (Serve's `is_<backend>` ACLs
     are declared above that line), for routes without a `problem()`. Each condition narrows: a request any of
@@ -185,10 +209,11 @@ FORWARDED_HEADERS = ("content-type", "content-length", "host", "accept", "user-a
                      "openai-organization", "openai-project")
 
 
-def backend_sections(routes: list[EngineRoute]) -> list[str]:
+def backend_sections(routes: list[EngineRoute], *, logged: bool = False) -> list[str]:
     """One backend per route without a `problem()`: its engines, tracking Serve's servers of the same name (and
     one of the service's replicas on other nodes, if any). The engines get no header beyond
-    FORWARDED_HEADERS: not `Authorization`, not the header haproxy_v1.py's `/v1` rewrite adds."""
+    FORWARDED_HEADERS: not `Authorization`, not the header haproxy_v1.py's `/v1` rewrite adds. `logged`: the
+    requests are logged at LOG_LEVEL with the variables LOG_SD reads."""
     lines: list[str] = []
     keep = "|".join(FORWARDED_HEADERS)
     for route in routes:
@@ -198,6 +223,15 @@ def backend_sections(routes: list[EngineRoute]) -> list[str]:
             "    balance leastconn",
             "    http-reuse always",
             f"    timeout server {route.timeout_s}s",
+        ]
+        if logged:
+            lines += [
+                f"    http-request set-log-level {LOG_LEVEL}",
+                f"    http-request set-var({SERVICE_VAR}) str({route.prefix[1:]})",
+                f"    http-request set-var({ROUTE_VAR}) str(completions)",
+                f"    http-request set-var({ROUTE_VAR}) str(chat/completions) if {{ path -m end /chat/completions }}",
+            ]
+        lines += [
             f"    http-request del-header '^(?!({keep})$)' -m reg",
             "    http-request set-header accept-encoding identity",  # the bytes relayed are the engine's own
             f"    http-request set-path %[path,regsub(^{route.prefix.replace('.', '[.]')}/v1/,{route.upstream_prefix}/)]",
@@ -226,30 +260,56 @@ UNAVAILABLE_JSON = ('{"error": {"message": "The model backend is unavailable.", 
                     '"param": null, "code": "upstream_unavailable"}}')
 
 
-def inject(config: str, routes: list[EngineRoute]) -> str:
+def inject(config: str, routes: list[EngineRoute], log_socket: str | None = None) -> str:
     """Serve's configuration (haproxy_v1's rules already in it, or not) with the engine path added: the rules
     before the frontend's first `use_backend`, the backends at the end. Unchanged without a route the rules can
-    be written for (routes with a `problem()` keep the replica path)."""
+    be written for (routes with a `problem()` keep the replica path). With `log_socket`, the engine backends'
+    requests are logged there (LOG_SD, appended to the frontend's structured data, Serve's included)."""
     routes = [r for r in routes if r.problem() is None]
     if not routes or MARKER in config:
         return config
+    logged = (log_socket is not None and _PLAIN.fullmatch(log_socket) is not None
+              and len(log_socket.encode()) <= UNIX_PATH_MAX and _extensible_sd(config))
     rules = frontend_rules(routes)
+    if logged:
+        rules.append(f"    log {log_socket} len 8192 format rfc5424 local1 {LOG_LEVEL}")
     out: list[str] = []
     section = ""
-    added = False
+    added = sd_added = False
     for line in config.split("\n"):
         if line and not line[0].isspace():
             section = line.strip()
-        if section == "frontend http_frontend" and not added and line.strip().startswith("use_backend "):
-            out += rules
-            added = True
+        if section == "frontend http_frontend":
+            if logged and _SD_LINE.match(line):  # Serve's per-request metrics line: one more element
+                line = line.rstrip()[:-1] + LOG_SD + '"'
+                sd_added = True
+            if not added and line.strip().startswith("use_backend "):
+                out += rules
+                added = True
         out.append(line)
     if not added:
         return config  # not the shape these rules are written for: every request keeps the replica path
+    if logged and not sd_added:
+        out.insert(out.index(rules[-1]) + 1, f'    log-format-sd "%{{+Q,+E}}o {LOG_SD}"')
     # Serve opens its admin socket to every user (mode 666), and the runtime API can add patterns to any ACL,
     # the token's included: with the engine path in the configuration, only HAProxy's own user may use it.
     text = _ADMIN_SOCKET_MODE.sub(r"\g<1>600", "\n".join(out).rstrip("\n"))
-    return text + "\n" + "\n".join(backend_sections(routes)) + "\n"
+    return text + "\n" + "\n".join(backend_sections(routes, logged=logged)) + "\n"
+
+
+_SD_LINE = re.compile(r'^\s+log-format-sd ".*"\s*$')
+
+
+def _extensible_sd(config: str) -> bool:
+    """Whether `frontend http_frontend` has at most one `log-format-sd`, in the quoted shape `inject` extends (a
+    second one would replace Serve's, whose element Serve's metrics read)."""
+    section, found = "", []
+    for line in config.split("\n"):
+        if line and not line[0].isspace():
+            section = line.strip()
+        elif section == "frontend http_frontend" and line.split(None, 1)[:1] == ["log-format-sd"]:
+            found.append(line)
+    return not found or (len(found) == 1 and _SD_LINE.match(found[0]) is not None)
 
 
 _ADMIN_SOCKET_MODE = re.compile(r"^(\s*stats socket \S+.*?\bmode )[0-7]+\b", re.MULTILINE)
@@ -289,6 +349,11 @@ class Entry:
         ok = (types_ok and isinstance(entry.port, int) and isinstance(entry.timeout_s, int)
               and isinstance(entry.token_sha256, (str, type(None))))
         return entry if ok else None
+
+
+def log_socket_path(directory: str | Path) -> Path:
+    """The engine path's log socket for the engine directory `directory` (beside Serve's haproxy.cfg)."""
+    return Path(directory).parent / LOG_SOCKET_NAME
 
 
 def entry_path(directory: str | Path, server: str) -> Path:

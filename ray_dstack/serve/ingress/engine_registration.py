@@ -13,7 +13,8 @@ the requests HAProxy sends there.
   the replica; Serve's next reload of HAProxy reads it (haproxy_v1.prepare). Closing removes both.
 - **Counting** (`EngineRequests`): HAProxy's counters of this replica's engine server (its responses, `show
   stat`) go into the replica's RequestCounter every second, so `scaling: {metric: rps}` counts both paths.
-  A reload starts HAProxy's counters again from zero: a drop is read as a new process.
+  A reload starts HAProxy's counters again from zero: a drop is read as a new process. The same poll lets one
+  replica per node read the engine path's log into the request metrics (engine_log.py).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import asyncio
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from ray_dstack.serve.ingress import engine_path
+from ray_dstack.serve.ingress.engine_log import EngineLog
 from ray_dstack.serve.ingress.haproxy_v1 import config_file_name, config_lock, write_atomically
 from ray_dstack.serve.ingress.v1_routes import HAProxyAdmin, info_pid
 from ray_dstack.serve.scaling.request_counter import RequestCounter
@@ -231,13 +235,22 @@ def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | N
 
 class EngineRequests:
     """Folds HAProxy's count of this engine's responses into the replica's RequestCounter every POLL_S. Each
-    HAProxy process counts from zero: a reading from another process (its pid) counts whole."""
+    HAProxy process counts from zero: a reading from another process (its pid) counts whole. The same poll
+    keeps the node's engine-path log read by one replica (engine_log.py)."""
 
-    def __init__(self, counter: RequestCounter, *, server: str, admin_socket: str) -> None:
+    DROPPED_WARNING_S = 60.0
+
+    def __init__(self, counter: RequestCounter, *, server: str, admin_socket: str,
+                 log: EngineLog | None = None) -> None:
         self.counter = counter
         self.server = server
         self.admin = HAProxyAdmin(admin_socket)
+        self.log = log
         self.last: tuple[int, int] | None = None  # (pid, count)
+        self.dropped: tuple[int, int] | None = None  # (pid, HAProxy's DroppedLogs) already reported
+        self.dropped_now: tuple[int, int] | None = None
+        self.dropped_at = -math.inf
+        self.log_failure: str | None = None
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -262,12 +275,48 @@ class EngineRequests:
         except OSError:
             return None
         pid = info_pid(text)
+        dropped = _DROPPED_LOGS.search(text)
+        self.dropped_now = (pid, int(dropped.group(1))) if pid is not None and dropped else None
         stat = text[text.find("# pxname"):] if "# pxname" in text else ""
         count = engine_responses(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server)
         return None if pid is None or count is None else (pid, count)
 
+    def poll_log(self) -> None:
+        """Read the node's engine-path log if no other replica does; as its reader, warn when HAProxy drops lines."""
+        if self.log is None:
+            return
+        try:
+            if not self.log.lead():
+                return
+            self.log.refresh()
+        except Exception as exc:  # noqa: BLE001 - the requests are served; only their metrics are missed
+            if self.log_failure != repr(exc):
+                self.log_failure = repr(exc)
+                logging.getLogger(__name__).warning("engine path log not read (retried every %.0fs): %r",
+                                                    POLL_S, exc)
+            return
+        self.log_failure = None
+        self._warn_dropped()
+
+    def _warn_dropped(self) -> None:
+        now = self.dropped_now
+        if now is None:
+            return
+        if self.dropped is None:
+            self.dropped = now  # what HAProxy dropped before this replica read the log is not this reader's
+            return
+        if self.dropped[0] != now[0]:
+            self.dropped = (now[0], 0)  # a new HAProxy process counts from zero
+        grown = now[1] - self.dropped[1]
+        if grown > 0 and time.monotonic() - self.dropped_at >= self.DROPPED_WARNING_S:
+            logging.getLogger(__name__).warning(
+                "HAProxy dropped %d log line(s) (its DroppedLogs): the engine path's request metrics and Serve's "
+                "own HAProxy metrics undercount; a log reader fell behind (net.unix.max_dgram_qlen)", grown)
+            self.dropped, self.dropped_at = now, time.monotonic()
+
     async def _run(self) -> None:
         while True:
+            await asyncio.to_thread(self.poll_log)
             await asyncio.sleep(POLL_S)
             self.counter.record_many(self.step(await asyncio.to_thread(self.read)))
 
@@ -279,4 +328,9 @@ class EngineRequests:
             except asyncio.CancelledError:
                 pass
             self.task = None
+        if self.log is not None:
+            await asyncio.to_thread(self.log.close)
         self.counter.record_many(self.step(await asyncio.to_thread(self.read)))
+
+
+_DROPPED_LOGS = re.compile(r"^DroppedLogs: (\d+)$", re.MULTILINE)

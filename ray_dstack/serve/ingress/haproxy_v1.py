@@ -250,10 +250,12 @@ def with_engine_path(config: str, directory: Path) -> str:
     Only as root: HAProxy enters the engines' network namespaces (`server ... namespace`)."""
     if os.geteuid() != 0:
         return config
-    entries = engine_path.read_entries(directory / engine_path.ENGINE_DIR_NAME)
+    engines = directory / engine_path.ENGINE_DIR_NAME
+    entries = engine_path.read_entries(engines)
     if not entries:
         return config
-    return engine_path.inject(config, engine_path.routes_for(config, entries))
+    log_socket = str(engine_path.log_socket_path(engines)) if engine_path.log_enabled() else None
+    return engine_path.inject(config, engine_path.routes_for(config, entries), log_socket=log_socket)
 
 
 def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | None:

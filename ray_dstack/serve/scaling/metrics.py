@@ -19,7 +19,9 @@ HAProxy, which counts it in its stats (`show stat` on the node's admin socket, `
 `wretr` of the backend `http-<service>`; per haproxy process, so from 0 after each of Serve's reloads).
 
 Where a request is counted: a request to `/<service>/...`, and a `/v1` request HAProxy sent to the model's
-service (ray_dstack/serve/ingress/haproxy_v1.py), once at the service's replica; a `/v1` request the gateway routes
+service (ray_dstack/serve/ingress/haproxy_v1.py), once at the service's replica, or, when HAProxy sent it
+straight to the engine (the engine path), once from HAProxy's log line (ray_dstack/serve/ingress/engine_log.py:
+requests and latency only, the latency from HAProxy's first byte of the request, so with its upload); a `/v1` request the gateway routes
 once at the gateway (its own 4xx included, with `service`/`model` empty when the model is unknown). Either way
 a model's `/v1` requests carry the same service, model and route tags. `route` is `chat/completions`, `completions`, `models` or `other` (so tags stay bounded).
 
@@ -163,6 +165,18 @@ class Recorder:
             if len(self._tags) < 4096:  # bounded: services × models × routes × statuses
                 self._tags[key] = tags
         return tags
+
+    def answered(self, route: str, status: int, latency_s: float, *, service: str, model: str) -> None:
+        """A request another process timed (HAProxy, for the engine path): count it and its latency."""
+        m = instruments()
+        if m is None:
+            return
+        try:
+            tags = self._tag(service, model, route, str(status))
+            m.requests.inc(1, tags)
+            m.latency.observe(latency_s, tags)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("metrics: %r", exc)
 
     def finish(self, route: str, status: int, start: float, *, service: str | None = None, model: str | None = None,
                body: bytes | None = None) -> None:

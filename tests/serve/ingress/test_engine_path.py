@@ -22,6 +22,7 @@ from conftest import free_port, wait_until
 from tests.support.haproxy_config import SERVE_PREAMBLE, answer_json
 
 from ray_dstack.serve.ingress import engine_path, haproxy_v1, v1_routes
+from ray_dstack.serve.ingress.engine_log import EngineLog, EngineLogLine
 from ray_dstack.serve.ingress.engine_path import EngineRoute, EngineServer
 from ray_dstack.spec import V1_ROUTE_HEADER
 
@@ -140,22 +141,39 @@ def _route(netns: str, port: int, **overrides) -> EngineRoute:
     return EngineRoute(**values)
 
 
+# Serve's per-request metrics log (its template, with metrics on), as the first lines of `frontend http_frontend`.
+SERVE_METRICS_LOG = """\
+    log global
+    log {path} len 8192 format rfc5424 local1 debug
+    log-format-sd "%{{+Q,+E}}o [serve@1 app=%[var(txn.serve_app)] route=%[var(txn.serve_route)] method=%HM \
+status=%ST latency_ms=%Ta deployment=%[var(txn.serve_deployment)] term_state=%ts]"
+    http-request set-var-fmt(txn.serve_app) svc if {{ path_beg /svc/ }}
+"""
+
+
 @contextlib.contextmanager
-def _front(tmp_path: Path, routes_of):
+def _front(tmp_path: Path, routes_of, *, log_socket: str | None = None, serve_metrics_socket: str | None = None):
     """haproxy with Serve's shape, the `/v1` rules and the engine path of `routes_of(replica ports)`, replicas a
-    and b behind `/svc` (health-checked) and g as the gateway; yields (client, admin)."""
+    and b behind `/svc` (health-checked) and g as the gateway; yields (client, admin). `log_socket`: the
+    engine path's log; `serve_metrics_socket`: Serve's own per-request metrics log, there."""
     replicas = {"a": _replica("a"), "b": _replica("b"), "g": _replica("g")}
     port = free_port()
     socket_path = str(tmp_path / "admin.sock")
     config = SERVE_LIKE.format(socket=socket_path, port=port, **{n: s.server_address[1] for n, s in replicas.items()})
+    if serve_metrics_socket is not None:
+        head = f"frontend http_frontend\n    bind 127.0.0.1:{port}\n"
+        config = config.replace(head, head + SERVE_METRICS_LOG.format(path=serve_metrics_socket))
     map_path = str(tmp_path / haproxy_v1.MAP_FILE_NAME)
     Path(map_path).write_text(f"{MODEL} /svc\n")
     config = haproxy_v1.inject(config, map_path)
-    config = engine_path.inject(config, routes_of({n: s.server_address[1] for n, s in replicas.items()}))
+    config = engine_path.inject(config, routes_of({n: s.server_address[1] for n, s in replicas.items()}),
+                                log_socket=log_socket)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(config)
     check = subprocess.run([haproxy_v1.real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+    if log_socket is not None:  # no warning either: a second `log-format-sd` would pass and replace Serve's
+        assert "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
     proc = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10)
@@ -396,6 +414,22 @@ def test_inject_puts_the_rules_before_serves_first_use_backend_and_runs_once():
         "frontend other\n    bind :1\n"
 
 
+def test_the_log_target_is_written_only_for_a_socket_path_the_kernel_takes():
+    config = SERVE_LIKE.format(socket="/s", port=1, a=2, b=3, g=4)
+    with_log = engine_path.inject(config, [_route("ns", 8000)], log_socket="/tmp/x/ray-dstack-log.sock")
+    assert "    log /tmp/x/ray-dstack-log.sock len 8192 format rfc5424 local1 notice" in with_log.split("\n")
+    assert with_log.count("log-format-sd") == 1 and "    http-request set-log-level notice" in with_log.split("\n")
+    long_path = "/tmp/" + "n" * 100 + "/ray-dstack-log.sock"  # over UNIX_PATH_MAX: no log, the engine path stays
+    assert engine_path.inject(config, [_route("ns", 8000)], log_socket=long_path) == \
+        engine_path.inject(config, [_route("ns", 8000)])
+    # A `log-format-sd` the rules cannot extend: a second one would replace it (Serve's metrics read it).
+    for sd in ('    log-format-sd "%{+Q}o [serve@1 x=1]"\n    log-format-sd "%{+Q}o [serve@1 y=1]"\n',
+               "    log-format-sd %{+Q}o\\ [serve@1\\ x=1]\n"):
+        theirs = config.replace("    acl is_svc_inner path_beg", sd + "    acl is_svc_inner path_beg", 1)
+        assert engine_path.inject(theirs, [_route("ns", 8000)], log_socket="/tmp/x/ray-dstack-log.sock") == \
+            engine_path.inject(theirs, [_route("ns", 8000)])
+
+
 def test_haproxy_counts_the_engines_responses_for_its_replica(front):
     from ray_dstack.serve.ingress.engine_registration import engine_responses
 
@@ -407,6 +441,65 @@ def test_haproxy_counts_the_engines_responses_for_its_replica(front):
     after = engine_responses(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "a")
     assert after - before == 3
     assert engine_responses(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "zz") is None
+
+
+@pytest.mark.parametrize("serve_metrics", [True, False], ids=["serve-metrics-log", "no-serve-metrics-log"])
+def test_the_engine_paths_requests_and_no_other_reach_its_log(tmp_path, engine, serve_metrics, monkeypatch):
+    """HAProxy logs each engine-path request to the log socket beside its configuration (engine_log.py reads it),
+    and no request of the replica path; Serve's own metrics line, when Serve logs one, still parses with both
+    elements."""
+    from ray.serve._private.haproxy_metrics import HAProxyMetricsCollector
+
+    from ray_dstack.serve.ingress import engine_log
+
+    netns, port = engine
+    got: list[tuple[EngineLogLine, str]] = []
+    datagrams: list[bytes] = []  # every datagram the socket received, whatever it holds
+    parse = engine_log.parse
+    monkeypatch.setattr(engine_log, "parse", lambda datagram: datagrams.append(datagram) or parse(datagram))
+    serve_socket = tmp_path / "serve-metrics.sock"
+    serve_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    serve_sock.bind(str(serve_socket))
+    serve_sock.setblocking(False)
+    entries = tmp_path / engine_path.ENGINE_DIR_NAME
+    entries.mkdir()
+    engine_path.entry_path(entries, "a").write_text(_entry(netns, port=port).to_json())
+    log_socket = str(engine_path.log_socket_path(entries))
+    front = _front(tmp_path, lambda ports: [_route(netns, port)], log_socket=log_socket,
+                   serve_metrics_socket=str(serve_socket) if serve_metrics else None)
+    reader = EngineLog(entries, lambda line, model: got.append((line, model)))
+    with serve_sock, front as (client, _):
+        assert reader.lead()
+        try:
+            assert _chat(client, auth=None).json()["server"] in ("a", "b")  # the replica's: never logged
+            assert _chat(client).json()["server"] == "engine"
+            assert _chat(client, "/svc/v1/completions").json()["server"] == "engine"
+            assert _chat(client, body={"model": MODEL, "messages": [], "status": 500}).status_code == 502
+            r = client.post("/v1/completions", json={"model": MODEL}, headers={"authorization": f"Bearer {TOKEN}"})
+            assert r.json()["server"] == "engine"  # `/v1` by model
+            # Datagrams keep their order: once the fourth line is in, no other can still come.
+            wait_until(lambda: len(got) == 4, timeout=10, interval=0.02, what="the engine path's log lines")
+        finally:
+            reader.close()
+        serve_lines = []
+        while True:
+            try:
+                serve_lines.append(serve_sock.recv(65536))
+            except BlockingIOError:
+                break
+    assert len(datagrams) == 4 and all(b'[ray_dstack@1 service="svc" ' in d for d in datagrams), datagrams
+    assert sorted((g.service, g.route, g.status, model) for g, model in got) == [
+        ("svc", "chat/completions", 200, MODEL), ("svc", "chat/completions", 502, MODEL),
+        ("svc", "completions", 200, MODEL), ("svc", "completions", 200, MODEL)]
+    assert all(0 <= g.latency_s < 10 for g, _ in got)
+    assert not os.path.exists(log_socket)  # the reader removes it when it stops
+    if serve_metrics:  # every request, the engine path's too, in Serve's own metrics: its parser reads them
+        parsed = [HAProxyMetricsCollector.parse_line(line) for line in serve_lines]
+        assert len(parsed) == 5 and all(p is not None for p in parsed), serve_lines
+        assert sorted(p.status_code for p in parsed) == ["200"] * 4 + ["502"]
+        assert sum(b'[ray_dstack@1 service="svc" ' in line for line in serve_lines) == 4  # the rest: service=""
+    else:
+        assert serve_lines == []
 
 
 # --- the entries replicas write, and the routes a node's HAProxy gets from them ----------------------------

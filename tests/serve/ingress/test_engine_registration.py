@@ -69,6 +69,33 @@ def test_haproxys_count_goes_into_the_request_counter_across_reloads():
     assert counting.read() is None  # no HAProxy there: nothing counted, no error
 
 
+def test_the_log_reader_warns_when_haproxy_drops_lines_at_most_once_a_minute(tmp_path, caplog, monkeypatch):
+    from ray_dstack.serve.ingress import engine_registration
+    from ray_dstack.serve.ingress.engine_log import EngineLog
+
+    entries = tmp_path / "engines"
+    entries.mkdir()
+    reader = EngineLog(entries, lambda line, model: None)
+    polling = EngineRequests(RequestCounter(60), server="a", admin_socket="/nowhere", log=reader)
+    clock = [1000.0]
+    monkeypatch.setattr(engine_registration.time, "monotonic", lambda: clock[0])
+    warnings = []
+    try:
+        # (pid, DroppedLogs) per poll: drops before this replica read the log are not its own; a new HAProxy
+        # process counts from zero.
+        for reading, advance in (((1, 7), 0), ((1, 7), 1), ((1, 9), 1), ((1, 12), 1), ((1, 12), 60), ((1, 13), 1),
+                                 ((2, 3), 60)):
+            clock[0] += advance
+            polling.dropped_now = reading
+            caplog.clear()
+            polling.poll_log()
+            warnings.append([r.getMessage().split(" log line")[0] for r in caplog.records if r.levelname == "WARNING"])
+    finally:
+        reader.close()
+    assert reader.models == {} and not reader.reading
+    assert warnings == [[], [], ["HAProxy dropped 2"], [], ["HAProxy dropped 3"], [], ["HAProxy dropped 3"]]
+
+
 @pytest.fixture
 def namespace_init(tmp_path):
     """A process inside a network namespace of its own, listening on a Unix socket (as the replica's init)."""
