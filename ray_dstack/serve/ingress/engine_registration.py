@@ -10,7 +10,8 @@ the requests HAProxy sends there.
 - **Registration**: once the engine is ready, the namespace is bound at /run/netns/<name> (`ip netns attach`)
   and an entry (engine_path.Entry: the server name Serve gives this replica in HAProxy, the route, the token's
   SHA-256, the namespace and port) is written to the directory beside Serve's haproxy.cfg, before Serve lists
-  the replica; Serve's next reload of HAProxy reads it (haproxy_v1.prepare). Closing removes both.
+  the replica; Serve's next reload of HAProxy reads it (haproxy_v1.prepare). Closing removes both. Entries and
+  namespaces of replicas that died without closing are collected at the next registration on the machine.
 - **Counting** (`EngineRequests`): HAProxy's counters of this replica's engine server (its responses, `show
   stat`) go into the replica's RequestCounter every second, so `scaling: {metric: rps}` counts both paths.
   A reload starts HAProxy's counters again from zero: a drop is read as a new process. The same poll lets one
@@ -126,6 +127,7 @@ class EngineRegistration:
         pid = peer_pid(connector_path)
         directory.mkdir(parents=True, exist_ok=True)
         collect_stale(directory)
+        collect_orphaned_namespaces()
         subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)  # a dead replica's
         out = subprocess.run(["ip", "netns", "attach", netns, str(pid)], capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
@@ -176,6 +178,53 @@ def collect_stale(directory: Path) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(entry.netns)
     return removed
+
+
+NETNS_PREFIX = "ray-dstack-SERVE_REPLICA"  # what create() binds: "ray-dstack-" + Serve's name for the replica
+
+
+def collect_orphaned_namespaces(netns_dir: str = engine_path.NETNS_DIR) -> list[str]:
+    """Unbind the engine namespaces of replicas that died with their node's Ray (`ray stop` kills replicas before
+    they release theirs, and the next Ray on the machine has another node id, so collect_stale never reads their
+    entries): no process left in them, and no running HAProxy's configuration names them. Returns them."""
+    try:
+        names = sorted(n for n in os.listdir(netns_dir) if n.startswith(NETNS_PREFIX))
+    except OSError:
+        return []
+    if not names:
+        return []
+    configs = _running_haproxy_configs()
+    removed = []
+    for name in names:
+        if f" namespace {name} " in configs or f" namespace {name}\n" in configs:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+        if pids.returncode != 0 or pids.stdout.strip():
+            continue  # alive (or unknown: kept)
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30)
+        removed.append(name)
+    return removed
+
+
+def _running_haproxy_configs() -> str:
+    """The configuration files (`-f`) of every haproxy process on the machine, concatenated."""
+    texts = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv[0].endswith(b"haproxy"):
+            continue
+        for flag, value in zip(argv, argv[1:]):
+            if flag == b"-f":
+                try:
+                    texts.append(Path(os.fsdecode(value)).read_text())
+                except OSError:
+                    pass
+    return "\n".join(texts)
 
 
 DRAIN_MAX_S = 60.0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 from ray_dstack.serve.ingress import engine_path, engine_registration
 from ray_dstack.serve.ingress.engine_registration import EngineRegistration, EngineRequests, ineligible
@@ -181,3 +181,45 @@ def test_a_dead_replicas_entry_and_namespace_are_collected(tmp_path, namespace_i
     finally:
         alive.withdraw()
         alive.release()
+
+
+def test_engine_namespaces_a_stopped_ray_left_bound_are_collected(tmp_path):
+    """`ray stop` kills replicas before they release their namespace: the next registration on the machine
+    unbinds those with no process left that no running HAProxy names."""
+    from ray_dstack.serve.ingress import haproxy_v1
+
+    base = f"{engine_registration.NETNS_PREFIX}_rdxtest-{os.getpid()}"
+    dead, named, alive = f"{base}-dead", f"{base}-named", f"{base}-alive"
+    for name in (dead, named, alive):
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    inside = subprocess.Popen(["ip", "netns", "exec", alive, "sleep", "600"])
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""global
+    stats socket {tmp_path / "admin.sock"} mode 600 level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 1s
+    timeout server 1s
+frontend f
+    bind 127.0.0.1:{free_port()}
+    default_backend b
+backend b
+    server s 127.0.0.1:1 namespace {named}
+""")
+    haproxy = subprocess.Popen([haproxy_v1.real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (tmp_path / "admin.sock").exists(), timeout=20, interval=0.05, what="haproxy")
+        wait_until(lambda: subprocess.run(["ip", "netns", "pids", alive], capture_output=True, text=True).stdout,
+                   timeout=20, interval=0.05, what="a process in the namespace")
+        removed = engine_registration.collect_orphaned_namespaces()
+        assert dead in removed and named not in removed and alive not in removed
+        assert sorted(n for n in os.listdir(engine_path.NETNS_DIR) if n.startswith(base)) == [alive, named]
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+        inside.kill()
+        inside.wait(10)
+        for name in (dead, named, alive):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
