@@ -15,8 +15,8 @@ latency_ms=12]`. Serve's own requests are logged at `info` or `debug` and never 
   in `show info`'s `DroppedLogs`). So the socket is read by a thread of its own, never by the replica's
   event loop; it is created inside the reading replica's engine namespace, whose `max_dgram_qlen` is raised to
   QUEUE_DATAGRAMS (the queue is set when a socket is created, from its network namespace; a path-bound Unix
-  socket is reached from any namespace); and `EngineRequests` warns when `DroppedLogs` grows. Autoscaling on `rps` does not depend on
-  these lines: it counts HAProxy's responses per engine (engine_registration.py).
+  socket is reached from any namespace); and `EngineRequests` warns when `DroppedLogs` grows. Autoscaling on
+  `rps` does not depend on these lines: it counts HAProxy's responses per engine (engine_registration.py).
 - **What is recorded** (serve/scaling/metrics.py, with the same tags as the replica path): the request count by
   status and the latency, from `%ST` and `%Ta` (HAProxy's time from the request's first byte to the answer's
   last; a stream's: to its end). A request the client left before any answer counts as 499. The model tag is
@@ -152,12 +152,13 @@ class EngineLog:
         self.models = {**self.models, **models}
 
     def lead(self) -> bool:
-        """Bind the socket if no other replica on the node reads it (called every poll); True when this one does."""
+        """Bind the socket if no other replica on the node reads it (called every poll); True when this one does.
+        While it does, each call reads the registrations again (`refresh`)."""
         if self.sock is not None:
             if self._socket_is_ours():
+                self.refresh()
                 return True
             self.close()  # the path was replaced (the lock file removed under us): the other reader keeps it
-        self.refresh()
         fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,7 +171,7 @@ class EngineLog:
             try:
                 sock.bind(str(self.socket_path))
                 # HAProxy runs as root; writes from other users' processes are refused (root's are filtered by
-                # service, above).
+                # service in _read).
                 os.chmod(self.socket_path, 0o600)
                 sock.settimeout(_RECV_TIMEOUT_S)
                 self.inode = os.stat(self.socket_path).st_ino
@@ -182,6 +183,7 @@ class EngineLog:
             os.close(fd)
             raise
         self.sock, self.lock_fd = sock, fd
+        self.refresh()  # before the first line is read
         self.thread = threading.Thread(target=self._read, args=(sock,), name="ray-dstack-engine-log", daemon=True)
         self.thread.start()
         return True

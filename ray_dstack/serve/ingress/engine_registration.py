@@ -24,7 +24,6 @@ import asyncio
 import logging
 import math
 import os
-import re
 import socket
 import subprocess
 import time
@@ -33,11 +32,13 @@ from pathlib import Path
 from ray_dstack.serve.ingress import engine_path
 from ray_dstack.serve.ingress.engine_log import EngineLog
 from ray_dstack.serve.ingress.haproxy_v1 import config_file_name, config_lock, write_atomically
-from ray_dstack.serve.ingress.v1_routes import HAProxyAdmin, info_pid
+from ray_dstack.serve.ingress.v1_routes import HAProxyAdmin, info_number, info_pid
 from ray_dstack.serve.scaling.request_counter import RequestCounter
 from ray_dstack.spec import ServiceSpec
 
 ENGINE_PATH_ENV = "RAY_DSTACK_ENGINE_PATH"
+NETNS_PREFIX = "ray-dstack-"  # the namespace create() binds: this + the replica's server name (Serve's)
+REPLICA_NETNS_PREFIX = NETNS_PREFIX + "SERVE_REPLICA"  # ... whose names begin so: Serve's replica actors' names
 POLL_S = 1.0
 RESPONSE_FIELDS = ("hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other")
 
@@ -123,7 +124,7 @@ class EngineRegistration:
     def create(cls, spec: ServiceSpec, *, connector_path: str, port: int, server: str,
                directory: Path) -> "EngineRegistration":
         assert spec.model is not None, "checked by ineligible()"
-        netns = "ray-dstack-" + server
+        netns = NETNS_PREFIX + server
         pid = peer_pid(connector_path)
         directory.mkdir(parents=True, exist_ok=True)
         collect_stale(directory)
@@ -171,8 +172,7 @@ def collect_stale(directory: Path) -> list[str]:
         for path, entry in engine_path.entry_files(directory):
             if f" namespace {entry.netns} " in config:
                 continue
-            pids = subprocess.run(["ip", "netns", "pids", entry.netns], capture_output=True, text=True, timeout=30)
-            if pids.returncode == 0 and pids.stdout.strip():
+            if _has_processes(entry.netns):
                 continue  # alive
             subprocess.run(["ip", "netns", "delete", entry.netns], capture_output=True, timeout=30)
             path.unlink(missing_ok=True)
@@ -180,7 +180,6 @@ def collect_stale(directory: Path) -> list[str]:
     return removed
 
 
-NETNS_PREFIX = "ray-dstack-SERVE_REPLICA"  # what create() binds: "ray-dstack-" + Serve's name for the replica
 
 
 def collect_orphaned_namespaces(netns_dir: str = engine_path.NETNS_DIR) -> list[str]:
@@ -188,7 +187,7 @@ def collect_orphaned_namespaces(netns_dir: str = engine_path.NETNS_DIR) -> list[
     they release theirs, and the next Ray on the machine has another node id, so collect_stale never reads their
     entries): no process left in them, and no running HAProxy's configuration names them. Returns them."""
     try:
-        names = sorted(n for n in os.listdir(netns_dir) if n.startswith(NETNS_PREFIX))
+        names = sorted(n for n in os.listdir(netns_dir) if n.startswith(REPLICA_NETNS_PREFIX))
     except OSError:
         return []
     if not names:
@@ -198,12 +197,17 @@ def collect_orphaned_namespaces(netns_dir: str = engine_path.NETNS_DIR) -> list[
     for name in names:
         if f" namespace {name} " in configs or f" namespace {name}\n" in configs:
             continue
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
-        if pids.returncode != 0 or pids.stdout.strip():
+        if _has_processes(name) is not False:
             continue  # alive (or unknown: kept)
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30)
         removed.append(name)
     return removed
+
+
+def _has_processes(netns: str) -> bool | None:
+    """Whether a process is in the namespace bound at /run/netns/<netns> (None: `ip netns pids` failed)."""
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30)
+    return bool(pids.stdout.strip()) if pids.returncode == 0 else None
 
 
 def _running_haproxy_configs() -> str:
@@ -324,8 +328,8 @@ class EngineRequests:
         except OSError:
             return None
         pid = info_pid(text)
-        dropped = _DROPPED_LOGS.search(text)
-        self.dropped_now = (pid, int(dropped.group(1))) if pid is not None and dropped else None
+        dropped = info_number(text, "DroppedLogs")
+        self.dropped_now = (pid, dropped) if pid is not None and dropped is not None else None
         stat = text[text.find("# pxname"):] if "# pxname" in text else ""
         count = engine_responses(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server)
         return None if pid is None or count is None else (pid, count)
@@ -335,9 +339,8 @@ class EngineRequests:
         if self.log is None:
             return
         try:
-            if not self.log.lead():
+            if not self.log.lead():  # as the reader, it also reads the registrations again
                 return
-            self.log.refresh()
         except Exception as exc:  # noqa: BLE001 - the requests are served; only their metrics are missed
             if self.log_failure != repr(exc):
                 self.log_failure = repr(exc)
@@ -381,5 +384,3 @@ class EngineRequests:
             await asyncio.to_thread(self.log.close)
         self.counter.record_many(self.step(await asyncio.to_thread(self.read)))
 
-
-_DROPPED_LOGS = re.compile(r"^DroppedLogs: (\d+)$", re.MULTILINE)

@@ -70,10 +70,15 @@ def publish(routes: dict[str, dict[str, Any]]) -> None:
         log.warning("gateway: could not publish the /v1 routing table for HAProxy: %r", exc)
 
 
+def info_number(show_info: str, field: str) -> int | None:
+    """A numeric field (`Pid`, `DroppedLogs`, ...) of an answer to `show info`."""
+    found = re.search(rf"^{re.escape(field)}: (\d+)", show_info, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 def info_pid(show_info: str) -> int | None:
     """The `Pid:` line of an answer to `show info`."""
-    found = re.search(r"^Pid: (\d+)", show_info, re.MULTILINE)
-    return int(found.group(1)) if found else None
+    return info_number(show_info, "Pid")
 
 
 class HAProxyAdmin:

@@ -21,8 +21,8 @@ HAProxy, which counts it in its stats (`show stat` on the node's admin socket, `
 Where a request is counted: a request to `/<service>/...`, and a `/v1` request HAProxy sent to the model's
 service (ray_dstack/serve/ingress/haproxy_v1.py), once at the service's replica, or, when HAProxy sent it
 straight to the engine (the engine path), once from HAProxy's log line (ray_dstack/serve/ingress/engine_log.py:
-requests and latency only, the latency from HAProxy's first byte of the request, so with its upload); a `/v1` request the gateway routes
-once at the gateway (its own 4xx included, with `service`/`model` empty when the model is unknown). Either way
+requests and latency only, the latency from HAProxy's first byte of the request, so with its upload); a `/v1`
+request the gateway routes once at the gateway (its own 4xx included, with `service`/`model` empty when the model is unknown). Either way
 a model's `/v1` requests carry the same service, model and route tags. `route` is `chat/completions`, `completions`, `models` or `other` (so tags stay bounded).
 
 Cost per request: a few Ray metric calls at the end of the request. Per streamed chunk: one `bytes.count`
@@ -166,15 +166,18 @@ class Recorder:
                 self._tags[key] = tags
         return tags
 
+    def _count(self, m: _Instruments, service: str, model: str, route: str, status: int, latency_s: float) -> None:
+        tags = self._tag(service, model, route, str(status))
+        m.requests.inc(1, tags)
+        m.latency.observe(latency_s, tags)
+
     def answered(self, route: str, status: int, latency_s: float, *, service: str, model: str) -> None:
         """A request another process timed (HAProxy, for the engine path): count it and its latency."""
         m = instruments()
         if m is None:
             return
         try:
-            tags = self._tag(service, model, route, str(status))
-            m.requests.inc(1, tags)
-            m.latency.observe(latency_s, tags)
+            self._count(m, service, model, route, status, latency_s)
         except Exception as exc:  # noqa: BLE001
             log.debug("metrics: %r", exc)
 
@@ -187,9 +190,7 @@ class Recorder:
         service = self.service if service is None else service
         model = self.model if model is None else model
         try:
-            tags = self._tag(service, model, route, str(status))
-            m.requests.inc(1, tags)
-            m.latency.observe(now() - start, tags)
+            self._count(m, service, model, route, status, now() - start)
             if body and status < 300 and route != "models":
                 found = _COMPLETION_TOKENS.search(body)
                 if found:
@@ -243,9 +244,7 @@ class Recorder:
                      sse: bool, events: int, first_at: float, first: bytes, last: bytes) -> None:
         end = now()
         try:
-            tags = self._tag(service, model, route, str(status))
-            m.requests.inc(1, tags)
-            m.latency.observe(end - start, tags)
+            self._count(m, service, model, route, status, end - start)
             if not sse:
                 return
             self._set_inflight(m, service, model, route, -1)

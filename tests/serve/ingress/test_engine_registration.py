@@ -188,7 +188,7 @@ def test_engine_namespaces_a_stopped_ray_left_bound_are_collected(tmp_path):
     unbinds those with no process left that no running HAProxy names."""
     from ray_dstack.serve.ingress import haproxy_v1
 
-    base = f"{engine_registration.NETNS_PREFIX}_rdxtest-{os.getpid()}"
+    base = f"{engine_registration.REPLICA_NETNS_PREFIX}_rdxtest-{os.getpid()}"
     dead, named, alive = f"{base}-dead", f"{base}-named", f"{base}-alive"
     for name in (dead, named, alive):
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
