@@ -29,6 +29,12 @@ SYNC_S = 1.0
 # whose constructor has not returned.
 STATE_LOG_MARKER = "ray-dstack router state: "
 REPOST_S = 15.0
+# After the sync changed the router's list, the next sync comes this soon, so the logged state (what `status`
+# shows) catches up with the change at once rather than a whole SYNC_S later. A DELETE still listed is sent
+# again at most every REDELETE_S: the router drains a removed worker in the background, and a second DELETE
+# removes a dead one at once.
+FOLLOW_UP_S = 0.25
+REDELETE_S = 1.0
 TIMEOUT_S = 10.0  # dstack's timeout for the router's API
 SERVER_INFO_TIMEOUT_S = 3.0
 
@@ -50,6 +56,7 @@ class SglangWorkerSync:
         self.last_error: str | None = None
         self.last_sync: float | None = None
         self._posted: dict[str, float] = {}
+        self._deleted: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -58,8 +65,9 @@ class SglangWorkerSync:
     async def _run(self) -> None:
         logged = None
         while True:
+            changed = False
             try:
-                await self.sync_once()
+                changed = await self.sync_once()
                 self.last_error = None
             except Exception as exc:  # noqa: BLE001 - reported in status; tried again next time
                 message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SyncError) else str(exc)
@@ -70,9 +78,10 @@ class SglangWorkerSync:
             if state != logged:
                 self.logger.info("%s%s", STATE_LOG_MARKER, state)
                 logged = state
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(min(self.interval_s, FOLLOW_UP_S) if changed else self.interval_s)
 
-    async def sync_once(self) -> None:
+    async def sync_once(self) -> bool:
+        """One comparison of the router's list with the live workers; True when it asked the router to change."""
         entries = await asyncio.to_thread(self.watcher.live)
         desired = {normalized(e.url(self.node_id)): e for e in entries}
         try:
@@ -88,6 +97,7 @@ class SglangWorkerSync:
             raise SyncError(f"the router's GET /workers is not SGLang's {{\"workers\": [...]}}: {answer.text[:200]}") from None
         now = time.monotonic()
         problems = []
+        changed = False
         for url in desired:
             if url in by_url:
                 self._posted.pop(url, None)
@@ -100,22 +110,28 @@ class SglangWorkerSync:
                 problems.append(f"POST /workers {url} answered {added.status_code}: {added.text[:200]}")
                 continue
             self._posted[url] = now
+            changed = True
             self.logger.info("SGLang router: added worker %s (%s)", url, body["worker_type"])
         for url, worker in by_url.items():
-            if url in desired:
+            if url in desired or now - self._deleted.get(url, -REDELETE_S) < REDELETE_S:
                 continue
             removed = await self.router.delete(f"/workers/{worker.get('id')}")
             if removed.status_code != 202:
                 problems.append(f"DELETE /workers/{worker.get('id')} ({url}) answered {removed.status_code}")
                 continue
+            self._deleted[url] = now
+            changed = True
             self.logger.info("SGLang router: removed worker %s", url)
         for url in set(self._posted) - set(desired):
             del self._posted[url]
+        for url in set(self._deleted) - set(by_url):
+            del self._deleted[url]
         self.listed = [{"url": u, "worker_type": w.get("worker_type"), "healthy": w.get("is_healthy")}
                        for u, w in sorted(by_url.items())]
         self.last_sync = time.time()
         if problems:
             raise SyncError("; ".join(problems))
+        return changed
 
     async def _worker_type(self, url: str) -> dict[str, Any]:
         try:

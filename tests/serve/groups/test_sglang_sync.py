@@ -308,3 +308,38 @@ def test_running_sync_reports_a_stopped_router_in_last_error(router, workers, ca
     states = [r.getMessage() for r in caplog.records if r.getMessage().startswith(sglang_sync.STATE_LOG_MARKER)]
     assert any('"last_error": null' in s and regular in s for s in states), states
     assert '"last_error": "the router does not answer GET /workers yet' in states[-1], states
+
+
+def test_the_state_after_a_removal_is_logged_before_the_next_regular_sync(router, workers, caplog):
+    """A change is followed by a quick sync, so `status` (the logged state) shows a departed worker at once."""
+    kv = MemoryKV()
+    leaving = entry_for(kv, workers["regular"], "r1")
+    entry_for(kv, workers["prefill"], "r2")
+    regular, prefill = workers["regular"].url, workers["prefill"].url
+    interval_s = 4.0
+
+    def routed(state: list[dict]) -> set[str]:  # what the router still sends requests to
+        return {w["url"] for w in state if w["healthy"] is not False}
+
+    async def poll(predicate, what: str):
+        deadline = time.monotonic() + TIMEOUT_S
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+
+    async def scenario():
+        sync = make_sync(router, kv, interval_s=interval_s)
+        sync.start()
+        try:
+            await poll(lambda: routed(sync.listed) == {regular, prefill}, "both workers listed")
+            kv.delete(leaving)
+            await poll(lambda: any("removed worker" in r.getMessage() for r in caplog.records), "the DELETE")
+            removed_at = time.monotonic()
+            await poll(lambda: routed(sync.listed) == {prefill}, "the departed worker out of the logged state")
+            return time.monotonic() - removed_at
+        finally:
+            await sync.aclose()
+
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        took = asyncio.run(scenario())
+    assert took < interval_s / 2, f"the state caught up {took:.2f}s after the DELETE (regular sync every {interval_s}s)"
