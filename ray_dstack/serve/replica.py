@@ -130,7 +130,8 @@ class ServiceReplica:
             server = engine_registration.server_name()
             self.engine = await asyncio.to_thread(
                 EngineRegistration.create, self.spec, connector_path=self.runtime.connector.path, port=self.spec.port,
-                server=server, directory=engine_registration.haproxy_dir() / engine_path.ENGINE_DIR_NAME)
+                server=server, directory=engine_registration.haproxy_dir() / engine_path.ENGINE_DIR_NAME,
+                max_ongoing=engine_registration.max_ongoing_requests())
         except Exception as exc:  # noqa: BLE001 - the replica path still serves every request
             self.engine_path_off = f"registration failed: {exc}"
             logger.warning("engine path off for this replica: %s", self.engine_path_off)

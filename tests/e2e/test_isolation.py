@@ -5,7 +5,9 @@ fails the deploy), a working directory per replica, and nothing left behind afte
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ import pytest
 
 from conftest import BIN, REPO, CliCluster, free_port, ray_stop, steady_load, write_service
 from tests.support.prom import metrics_url, scrape, total
+
+from ray_dstack.plan.defaults import MAX_ONGOING_REQUESTS
 
 pytestmark = pytest.mark.slow
 
@@ -273,6 +277,7 @@ def _engine_responses(cluster) -> int | None:
 def test_the_engine_path_skips_the_replica_and_its_port_is_reachable_only_through_haproxy(cluster, tmp_path):
     from ray_dstack.serve.ingress.engine_path import ENGINE_DIR_NAME
     from ray_dstack.serve.ingress.engine_registration import haproxy_dir
+    from ray_dstack.serve.ingress.haproxy_v1 import config_file_name
 
     path = write_service(tmp_path, "eng", ECHO_ENGINE)
     proc = cluster.run("deploy", str(path), "--token", ENGINE_TOKEN, timeout=300)
@@ -324,6 +329,10 @@ def test_the_engine_path_skips_the_replica_and_its_port_is_reachable_only_throug
         assert argv[argv.index(b"-t") + 1] == b"none", argv
     entries = haproxy_dir(_node(cluster)) / ENGINE_DIR_NAME
     assert len(list(entries.glob("*.json"))) == 2
+    # Serve's max_ongoing_requests of each replica is its engine's limit in HAProxy (back-pressure as Serve's).
+    assert {json.loads(p.read_text())["max_ongoing"] for p in entries.glob("*.json")} == {MAX_ONGOING_REQUESTS}
+    config = (entries.parent / config_file_name()).read_text()
+    assert len(re.findall(rf" namespace \S+ track \S+ maxconn {MAX_ONGOING_REQUESTS}\n", config)) == 2, config
 
     def marks(name: str) -> list[Path]:
         return list((cluster.base / "work").glob(f"**/{name}"))

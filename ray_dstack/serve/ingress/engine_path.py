@@ -41,8 +41,11 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   only `notice` reaches; one replica on the node reads it into ray-dstack's request and latency metrics
   (engine_log.py). A frontend whose `log-format-sd` cannot be extended gets no such log (Serve's line stays),
   and neither does a node with `$RAY_DSTACK_ENGINE_PATH_LOG=off`.
-- **Not in HAProxy (yet), so measured on the replica path only**: Serve's `max_ongoing_requests` back-pressure,
-  time to first token and output tokens (HAProxy's log has no time to the first body byte, and counting SSE
+- **Back-pressure as Serve's**: an engine gets at most its replica's `max_ongoing_requests` of the engine path's
+  requests at once (`maxconn`); the rest wait in HAProxy's queue (another engine of the service takes them if
+  it has room) for up to the request timeout, as they would wait in the replica. The few requests the replica
+  still relays (`GET /v1/models`, the ones the rules cannot vouch for) count toward the replica's own limit.
+- **Not in HAProxy (yet), so measured on the replica path only**: time to first token and output tokens (HAProxy's log has no time to the first body byte, and counting SSE
   events is per-chunk work); and the scale-to-zero guard of the autoscaling policy sees the engine path's
   requests only through the RPS window (HAProxy's responses, engine_registration.py, 4xx included where the
   replica leaves out 401/403/404).
@@ -95,6 +98,9 @@ class EngineServer:
     name: str  # the replica's server name in Serve's backend (tracked, and named so in HAProxy's stats)
     netns: str  # the network namespace's name under /run/netns
     port: int  # the engine's port inside that namespace
+    # Serve's `max_ongoing_requests` of the replica: HAProxy sends the engine at most this many requests at once
+    # and queues the rest (None: no limit, an entry written before the limit was).
+    max_ongoing: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,8 @@ class EngineRoute:
         if not self.servers:
             return "no engine on this node"
         for server in self.servers:
-            if not (_PLAIN.fullmatch(server.name) and _PLAIN.fullmatch(server.netns) and 0 < server.port < 65536):
+            if not (_PLAIN.fullmatch(server.name) and _PLAIN.fullmatch(server.netns) and 0 < server.port < 65536
+                    and (server.max_ongoing is None or 0 < server.max_ongoing < 10**6)):
                 return f"engine server {server!r} cannot be written"
         for name, address in self.remote:
             if not (_PLAIN.fullmatch(name) and _ADDRESS.fullmatch(address)):
@@ -223,6 +230,9 @@ def backend_sections(routes: list[EngineRoute], *, logged: bool = False) -> list
             "    balance leastconn",
             "    http-reuse always",
             f"    timeout server {route.timeout_s}s",
+            # Requests beyond an engine's `maxconn` wait here, as they wait in the replica for a slot under Serve's
+            # max_ongoing_requests, and for as long as the replica would let them (then 503).
+            f"    timeout queue {route.timeout_s}s",
         ]
         if logged:
             lines += [
@@ -245,6 +255,7 @@ def backend_sections(routes: list[EngineRoute], *, logged: bool = False) -> list
             f" '{UNAVAILABLE_JSON}'",
         ]
         lines += [f"    server {s.name} 127.0.0.1:{s.port} namespace {s.netns} track {route.backend}/{s.name}"
+                  + (f" maxconn {s.max_ongoing}" if s.max_ongoing is not None else "")
                   for s in route.servers]
         if route.remote:
             lines += [f"backend {route.remote_backend}",
@@ -333,6 +344,7 @@ class Entry:
     netns: str
     port: int
     timeout_s: int = 600
+    max_ongoing: int | None = None  # the replica's `max_ongoing_requests` (Serve's deployment config)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -347,7 +359,8 @@ class Entry:
         types_ok = all(isinstance(getattr(entry, f), str) for f in ("server", "prefix", "model", "upstream_prefix",
                                                                     "netns"))
         ok = (types_ok and isinstance(entry.port, int) and isinstance(entry.timeout_s, int)
-              and isinstance(entry.token_sha256, (str, type(None))))
+              and isinstance(entry.token_sha256, (str, type(None)))
+              and (entry.max_ongoing is None or (type(entry.max_ongoing) is int and entry.max_ongoing > 0)))
         return entry if ok else None
 
 
@@ -414,7 +427,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
         shadowed = tuple(sorted(o for o, p in prefix_of.items() if o != b and p.startswith(prefix + "/")))
         routes.append(EngineRoute(
             backend=b, prefix=prefix, model=first.model, token_sha256=first.token_sha256,
-            servers=tuple(EngineServer(e.server, e.netns, e.port) for e in local),
+            servers=tuple(EngineServer(e.server, e.netns, e.port, e.max_ongoing) for e in local),
             upstream_prefix=first.upstream_prefix, share=(len(local), len(servers[b])), shadowed_by=shadowed,
             timeout_s=first.timeout_s,
             remote=tuple((n, a) for n, a in servers[b].items() if n not in {e.server for e in local})))

@@ -83,6 +83,17 @@ def haproxy_admin_socket(node_id: str | None = None) -> str:
     return str(path.parent / (node_id or _node_id()) / path.name)
 
 
+def max_ongoing_requests() -> int | None:
+    """This replica's `max_ongoing_requests` as Serve runs it (None outside a replica): the engine path's limit."""
+    from ray import serve
+
+    try:
+        value = serve.get_replica_context()._deployment_config.max_ongoing_requests
+    except Exception:  # noqa: BLE001 - not in a replica, or Serve's context changed shape: no limit written
+        return None
+    return value if type(value) is int and value > 0 else None
+
+
 def _node_id() -> str:
     import ray
 
@@ -122,7 +133,7 @@ class EngineRegistration:
 
     @classmethod
     def create(cls, spec: ServiceSpec, *, connector_path: str, port: int, server: str,
-               directory: Path) -> "EngineRegistration":
+               directory: Path, max_ongoing: int | None = None) -> "EngineRegistration":
         assert spec.model is not None, "checked by ineligible()"
         netns = NETNS_PREFIX + server
         pid = peer_pid(connector_path)
@@ -137,7 +148,7 @@ class EngineRegistration:
         entry = engine_path.Entry(server=server, prefix=f"/{spec.name}", model=spec.model.name,
                                   token_sha256=spec.auth.token_sha256 if spec.auth.enabled else None,
                                   upstream_prefix=f"/{prefix}" if prefix else "", netns=netns, port=port,
-                                  timeout_s=max(1, math.ceil(spec.request_timeout_s)))
+                                  timeout_s=max(1, math.ceil(spec.request_timeout_s)), max_ongoing=max_ongoing)
         registration = cls(entry, directory, pid)
         try:
             write_atomically(str(registration.path), entry.to_json())

@@ -4,6 +4,7 @@ servers on the host, and a real engine inside a network namespace of its own wit
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -56,14 +57,17 @@ backend gw
 
 # The engine: answers with what it received (run inside the namespace by `ip netns exec`).
 ENGINE = r"""
-import json, sys
+import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         payload = json.loads(body)
+        started = time.time()
+        time.sleep(payload.get("hold_s", 0))  # a request that keeps the engine busy (back-pressure tests)
         out = json.dumps({"server": "engine", "path": self.path, "authorization": self.headers.get("authorization"),
+                          "started": started, "finished": time.time(),
                           "v1": self.headers.get("x-ray-dstack-v1"), "body": payload,
                           "cookie": self.headers.get("cookie"),
                           "accept-encoding": self.headers.get("accept-encoding")}).encode()
@@ -210,6 +214,7 @@ def test_an_eligible_request_reaches_the_engine_without_the_token_or_the_prefix(
     r = _chat(client)
     assert r.status_code == 200, r.text
     got = r.json()
+    assert got.pop("started") <= got.pop("finished")
     assert got == {"server": "engine", "path": "/v1/chat/completions", "authorization": None, "v1": None,
                    "body": {"model": MODEL, "messages": []}, "cookie": None, "accept-encoding": "identity"}
     assert re.fullmatch(r"req_[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
@@ -524,6 +529,9 @@ def test_routes_follow_serves_backends_and_servers():
     assert engine_path.routes_for(config, [_entry(prefix="/other")]) == []
     assert engine_path.routes_for(config, [_entry(server="gone")]) == []
     assert engine_path.routes_for(config, [_entry(), _entry(server="b", token_sha256="0" * 64)]) == []
+    # Each engine keeps its replica's limit.
+    [limited] = engine_path.routes_for(config, [_entry(max_ongoing=256), _entry(server="b", netns="ns2")])
+    assert limited.servers == (EngineServer("a", "ns", 8000, 256), EngineServer("b", "ns2", 8000, None))
 
 
 def test_entries_round_trip_and_a_dead_replicas_entry_is_skipped(tmp_path, engine):
@@ -533,6 +541,10 @@ def test_entries_round_trip_and_a_dead_replicas_entry_is_skipped(tmp_path, engin
         engine_path.entry_path(tmp_path, entry.server).write_text(entry.to_json())
     (tmp_path / "junk.json").write_text('{"server": 1}')
     assert engine_path.Entry.from_json(alive.to_json()) == alive
+    limited = _entry(netns, max_ongoing=256)
+    assert engine_path.Entry.from_json(limited.to_json()) == limited
+    for bad in (0, -1, True, "256", 2.5):
+        assert engine_path.Entry.from_json(_entry(netns, max_ongoing=bad).to_json()) is None, bad
     assert engine_path.read_entries(tmp_path) == [alive]
 
 
@@ -546,3 +558,40 @@ def test_the_wrapper_adds_the_engine_path_of_registered_engines(tmp_path, engine
     haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
     text = cfg.read_text()
     assert haproxy_v1.MARKER in text and f"    server a 127.0.0.1:{port} namespace {netns} track svc/a" in text
+
+
+# --- back-pressure: Serve's max_ongoing_requests as the engine server's maxconn -------------------------------
+
+
+def test_an_engine_gets_at_most_its_replicas_max_ongoing_requests_and_the_rest_wait(tmp_path, engine):
+    """With `max_ongoing` 1, two requests sent at once reach the engine one after the other, and both succeed:
+    the second waits in HAProxy's queue, as it would wait in the replica for Serve's slot."""
+    netns, port = engine
+    route = lambda ports: [_route(netns, port, servers=(EngineServer("a", netns, port, 1),))]  # noqa: E731
+    with _front(tmp_path, route) as (client, _):
+        body = {"model": MODEL, "messages": [], "hold_s": 0.6}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: _chat(client, body=body), range(2)))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    first, second = sorted((a.json() for a in answers), key=lambda j: j["started"])
+    assert first["server"] == second["server"] == "engine"
+    assert second["started"] >= first["finished"], (first, second)  # never both in the engine at once
+
+
+def test_without_a_limit_the_engine_takes_requests_at_once(tmp_path, engine):
+    """The check above, reversed: the same two requests overlap in the engine when no limit is written."""
+    netns, port = engine
+    with _front(tmp_path, lambda ports: [_route(netns, port)]) as (client, _):
+        body = {"model": MODEL, "messages": [], "hold_s": 0.6}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: _chat(client, body=body), range(2)))
+    first, second = sorted((a.json() for a in answers), key=lambda j: j["started"])
+    assert second["started"] < first["finished"], (first, second)
+
+
+def test_queued_requests_wait_as_long_as_the_request_timeout_allows():
+    [route] = [_route("ns", 8000, timeout_s=42, servers=(EngineServer("a", "ns", 8000, 7),))]
+    text = "\n".join(engine_path.backend_sections([route]))
+    assert "    timeout queue 42s" in text and "    timeout server 42s" in text
+    assert "server a 127.0.0.1:8000 namespace ns track svc/a maxconn 7" in text
+    assert _route("ns", 8000, servers=(EngineServer("a", "ns", 8000, 0),)).problem() is not None

@@ -119,14 +119,16 @@ def test_registration_binds_the_namespace_and_writes_the_entry_then_removes_both
     assert engine_registration.peer_pid(path) == proc.pid
     directory = tmp_path / "engines"
     registration = EngineRegistration.create(spec(), connector_path=path, port=8000,
-                                             server="SERVE_REPLICA__svc-svc-abc123", directory=directory)
+                                             server="SERVE_REPLICA__svc-svc-abc123", directory=directory,
+                                             max_ongoing=256)
     bound = Path(engine_path.NETNS_DIR, registration.entry.netns)
     try:
         assert bound.exists()
         assert os.stat(bound).st_ino == os.stat(f"/proc/{proc.pid}/ns/net").st_ino  # the init's namespace
         [entry] = engine_path.read_entries(directory)
         assert entry == registration.entry
-        assert (entry.prefix, entry.model, entry.port, entry.token_sha256) == ("/svc", "m", 8000, "0" * 64)
+        assert (entry.prefix, entry.model, entry.port, entry.token_sha256, entry.max_ongoing) == (
+            "/svc", "m", 8000, "0" * 64, 256)
         registration.withdraw()  # the entry goes first: no later reload lists the engine
         assert engine_path.read_entries(directory) == [] and bound.exists()
     finally:
@@ -223,3 +225,7 @@ backend b
         inside.wait(10)
         for name in (dead, named, alive):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def test_outside_a_replica_no_max_ongoing_requests_is_written():
+    assert engine_registration.max_ongoing_requests() is None
