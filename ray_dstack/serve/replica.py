@@ -29,7 +29,7 @@ from ray_dstack.serve.ingress.engine_registration import EngineRegistration, Eng
 from ray_dstack.serve.ingress.replica_limits import ReplicaLimits
 from ray_dstack.serve.runtime import runtime_for
 from ray_dstack.serve.scaling.metrics import observed_service_call, record_replica_rps
-from ray_dstack.serve.scaling.request_counter import RequestCounter
+from ray_dstack.serve.scaling.request_counter import METRIC_ENGINE_IN_FLIGHT, RequestCounter
 from ray_dstack.serve.scaling.service_counters import CounterPublisher
 from ray_dstack.serve.transport.client import model_server_client
 from ray_dstack.serve.transport.coalesce import Coalesced
@@ -200,7 +200,10 @@ class ServiceReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         # Serve calls this every metrics interval: also the moment to export the RPS `status` shows.
         record_replica_rps(self.spec.name, self.requests.rps())
-        return self.requests.stats()
+        stats = self.requests.stats()
+        if self.engine_requests is not None:  # requests Serve does not see: for the scale-to-zero guard
+            stats[METRIC_ENGINE_IN_FLIGHT] = float(self.engine_requests.in_flight)
+        return stats
 
     async def openai(self, path: str, body: bytes):
         """OpenAI request handed over by the `/v1` gateway (already authorised there).

@@ -45,10 +45,12 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   requests at once (`maxconn`); the rest wait in HAProxy's queue (another engine of the service takes them if
   it has room) for up to the request timeout, as they would wait in the replica. The few requests the replica
   still relays (`GET /v1/models`, the ones the rules cannot vouch for) count toward the replica's own limit.
-- **Not in HAProxy (yet), so measured on the replica path only**: time to first token and output tokens (HAProxy's log has no time to the first body byte, and counting SSE
-  events is per-chunk work); and the scale-to-zero guard of the autoscaling policy sees the engine path's
-  requests only through the RPS window (HAProxy's responses, engine_registration.py, 4xx included where the
-  replica leaves out 401/403/404).
+- **Autoscaling**: the RPS window counts HAProxy's responses of each engine (engine_registration.py, 4xx
+  included where the replica leaves out 401/403/404), and the scale-to-zero guard its requests in flight or
+  queued (`scur` + `qcur`, reported by the replica with its counters).
+- **Not in HAProxy (yet), so measured on the replica path only**: time to first token, output tokens and the
+  in-flight streams gauge (HAProxy's log has no time to the first body byte, and counting SSE events is
+  per-chunk work).
 
 This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
 (haproxy_v1.py) runs it on every reload.

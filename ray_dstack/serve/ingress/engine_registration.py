@@ -279,22 +279,38 @@ async def drain(registration: EngineRegistration, logger: logging.Logger, *, max
         logger.warning("engine path: %d connection(s) still open on the engine after %.0fs; stopping it", left, max_s)
 
 
-def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | None:
-    """Responses HAProxy counted for `server` in the engine backend (`show stat` CSV), or None when absent."""
+def _stat_rows(stat_csv: str, backend_suffix: str) -> list[dict[str, str]]:
+    """The rows of the backends named `*<backend_suffix>` in `show stat` CSV, as {field: value}."""
     lines = stat_csv.strip().splitlines()
     if not lines or not lines[0].startswith("# "):
-        return None
+        return []
     header = lines[0][2:].split(",")
-    index = {name: i for i, name in enumerate(header)}
-    if any(f not in index for f in ("pxname", "svname", *RESPONSE_FIELDS)):
-        return None
-    for line in lines[1:]:
-        row = line.split(",")
-        if len(row) < len(header):
-            continue
-        if row[index["pxname"]].endswith(backend_suffix) and row[index["svname"]] == server:
-            return sum(int(row[index[f]] or 0) for f in RESPONSE_FIELDS)
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    return [r for r in rows if len(r) == len(header) and r.get("pxname", "").endswith(backend_suffix)]
+
+
+def _number(row: dict[str, str], field: str) -> int:
+    return int(row.get(field) or 0)
+
+
+def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | None:
+    """Responses HAProxy counted for `server` in the engine backend (`show stat` CSV), or None when absent."""
+    for row in _stat_rows(stat_csv, backend_suffix):
+        if row.get("svname") == server and all(f in row for f in RESPONSE_FIELDS):
+            return sum(_number(row, f) for f in RESPONSE_FIELDS)
     return None
+
+
+def engine_in_flight(stat_csv: str, backend_suffix: str, server: str) -> int | None:
+    """Requests HAProxy is sending to `server`'s engine now (`scur`), or queueing for it or for its backend
+    (`qcur`: beyond `maxconn`), or None when the server is absent. Every engine of a backend reports the
+    backend's queue: the scale-to-zero guard asks only whether any request is left."""
+    rows = _stat_rows(stat_csv, backend_suffix)
+    mine = next((r for r in rows if r.get("svname") == server), None)
+    if mine is None or "scur" not in mine:
+        return None
+    queued = sum(_number(r, "qcur") for r in rows if r["pxname"] == mine["pxname"] and r["svname"] == "BACKEND")
+    return _number(mine, "scur") + _number(mine, "qcur") + queued
 
 
 class EngineRequests:
@@ -311,6 +327,7 @@ class EngineRequests:
         self.admin = HAProxyAdmin(admin_socket)
         self.log = log
         self.last: tuple[int, int] | None = None  # (pid, count)
+        self.in_flight = 0  # the engine path's requests at this engine at the last reading (autoscaling's guard)
         self.dropped: tuple[int, int] | None = None  # (pid, HAProxy's DroppedLogs) already reported
         self.dropped_now: tuple[int, int] | None = None
         self.dropped_at = -math.inf
@@ -337,12 +354,14 @@ class EngineRequests:
         try:
             text = self.admin.command("show info;show stat")
         except OSError:
+            self.in_flight = 0  # no HAProxy answering: nothing of it in flight that could be kept
             return None
         pid = info_pid(text)
         dropped = info_number(text, "DroppedLogs")
         self.dropped_now = (pid, dropped) if pid is not None and dropped is not None else None
         stat = text[text.find("# pxname"):] if "# pxname" in text else ""
         count = engine_responses(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server)
+        self.in_flight = engine_in_flight(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server) or 0
         return None if pid is None or count is None else (pid, count)
 
     def poll_log(self) -> None:

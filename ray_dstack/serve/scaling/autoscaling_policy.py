@@ -104,6 +104,9 @@ POLICY_IMPORT_PATH = "ray_dstack.serve.scaling.autoscaling_policy:rps_policy"
 METRIC_REQUESTS_TOTAL = "ray_dstack_requests_total"
 METRIC_REQUESTS_IN_WINDOW = "ray_dstack_requests_in_window"
 METRIC_WINDOW_S = "ray_dstack_window_s"
+# Requests HAProxy is sending to (or queueing for) a replica's engine on the engine path, which Serve's
+# `total_num_requests` never sees: the scale-to-zero guard counts them too.
+METRIC_ENGINE_IN_FLIGHT = "ray_dstack_engine_in_flight"
 
 STATE_KEY = "ray_dstack"
 # How long the policy remembers the last counter value of a replica that stopped reporting.
@@ -264,10 +267,19 @@ def current_rps(ctx: AutoscalingContext) -> float | None:
 
 
 def _in_flight(ctx: AutoscalingContext) -> float:
+    """Requests running or queued: Serve's count, plus the engine path's of the running replicas."""
     try:
-        return float(ctx.total_num_requests or 0.0)
+        serve_count = float(ctx.total_num_requests or 0.0)
     except Exception:  # noqa: BLE001 - a metrics hiccup must not stop autoscaling
-        return 0.0
+        serve_count = 0.0
+    try:
+        running = {_replica_key(r) for r in (getattr(ctx, "running_replicas", None) or [])}
+        engine = (ctx.raw_metrics or {}).get(METRIC_ENGINE_IN_FLIGHT) or {}
+        engine_count = sum(_last_value(series) or 0.0 for replica, series in engine.items()
+                           if _replica_key(replica) in running)
+    except Exception:  # noqa: BLE001 - as above
+        engine_count = 0.0
+    return serve_count + engine_count
 
 
 def evaluate(

@@ -44,6 +44,7 @@ from collections.abc import Callable
 METRIC_REQUESTS_TOTAL = "ray_dstack_requests_total"
 METRIC_REQUESTS_IN_WINDOW = "ray_dstack_requests_in_window"
 METRIC_WINDOW_S = "ray_dstack_window_s"
+METRIC_ENGINE_IN_FLIGHT = "ray_dstack_engine_in_flight"  # added by a replica whose engine takes the engine path
 
 IGNORED_STATUS_CODES = frozenset({401, 403, 404})
 

@@ -595,3 +595,24 @@ def test_queued_requests_wait_as_long_as_the_request_timeout_allows():
     assert "    timeout queue 42s" in text and "    timeout server 42s" in text
     assert "server a 127.0.0.1:8000 namespace ns track svc/a maxconn 7" in text
     assert _route("ns", 8000, servers=(EngineServer("a", "ns", 8000, 0),)).problem() is not None
+
+
+def test_haproxy_reports_the_engine_paths_requests_in_flight_and_queued(tmp_path, engine):
+    """What the replica reports for the scale-to-zero guard: requests at the engine (`scur`) and those waiting
+    for it beyond its limit (`qcur`), then none once they are answered."""
+    from ray_dstack.serve.ingress.engine_registration import engine_in_flight
+
+    netns, port = engine
+    route = lambda ports: [_route(netns, port, servers=(EngineServer("a", netns, port, 1),))]  # noqa: E731
+    with _front(tmp_path, route) as (client, admin):
+        def in_flight() -> int | None:
+            return engine_in_flight(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "a")
+
+        assert in_flight() == 0
+        body = {"model": MODEL, "messages": [], "hold_s": 1.5}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(_chat, client, body=body) for _ in range(2)]
+            wait_until(lambda: in_flight() == 2, timeout=5, interval=0.05, what="one request at the engine, one queued")
+            assert [a.result().status_code for a in answers] == [200, 200]
+        assert in_flight() == 0
+        assert engine_in_flight(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "zz") is None

@@ -177,6 +177,7 @@ def test_metric_names_agree_between_counter_and_policy():
     assert counter_mod.METRIC_REQUESTS_TOTAL == policy_mod.METRIC_REQUESTS_TOTAL
     assert counter_mod.METRIC_REQUESTS_IN_WINDOW == policy_mod.METRIC_REQUESTS_IN_WINDOW
     assert counter_mod.METRIC_WINDOW_S == policy_mod.METRIC_WINDOW_S
+    assert counter_mod.METRIC_ENGINE_IN_FLIGHT == policy_mod.METRIC_ENGINE_IN_FLIGHT
 
 
 # --- the Serve adapter, driven by real AutoscalingContext objects ------------------------------------------
@@ -211,12 +212,16 @@ def make_ctx(
     total_num_requests: float = 0.0,
     last_up: float | None = None,
     last_down: float | None = None,
+    engine_in_flight: dict[int, float] | None = None,
 ) -> AutoscalingContext:
     """An AutoscalingContext built the way DeploymentAutoscalingState.get_autoscaling_context builds it."""
     replicas = [rid(n) for n in totals]
     raw = {METRIC_REQUESTS_TOTAL: {rid(n): [TimeStampedValue(now - 0.3, v)] for n, v in totals.items()}}
     if in_window is not None:
         raw[METRIC_REQUESTS_IN_WINDOW] = {rid(n): [TimeStampedValue(now - 0.3, v)] for n, v in in_window.items()}
+    if engine_in_flight is not None:
+        raw[policy_mod.METRIC_ENGINE_IN_FLIGHT] = {rid(n): [TimeStampedValue(now - 0.3, v)]
+                                                   for n, v in engine_in_flight.items()}
     return AutoscalingContext(
         deployment_id=DEP,
         deployment_name=DEP.name,
@@ -369,3 +374,20 @@ def test_policy_rejects_bad_kwargs():
         RpsPolicy(target_rps=0)
     with pytest.raises(ValueError):
         RpsPolicy(target_rps=1, window_s=0)
+
+
+def test_rps_policy_keeps_a_replica_while_the_engine_path_has_requests_in_flight():
+    """Serve's total_num_requests never sees the engine path's requests (HAProxy sends them to the engine): the
+    replicas report HAProxy's count, and the guard holds on it; a stopped replica's last report does not."""
+    config = make_config(lo=0, hi=2, target_rps=1.0, window_s=10.0, scale_up_delay_s=0.0, scale_down_delay_s=1.0)
+    policy = serve_wrapped(config)
+    t = 4000.0
+    n, state = policy(make_ctx(config=config, totals={1: 0.0}, target=1, now=t, last_up=t - 50))
+    t += 2
+    n, state = policy(make_ctx(config=config, totals={1: 0.0}, target=1, now=t, state=state,
+                               engine_in_flight={1: 1.0}))
+    assert n == 1  # a stream on the engine path: keep the replica
+    t += 1
+    n, state = policy(make_ctx(config=config, totals={1: 0.0}, target=1, now=t, state=state,
+                               engine_in_flight={1: 0.0, 9: 3.0}))  # r9 is not running: its report is stale
+    assert n == 0
