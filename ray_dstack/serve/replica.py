@@ -131,6 +131,7 @@ class ServiceReplica:
             self.engine = await asyncio.to_thread(
                 EngineRegistration.create, self.spec, connector_path=self.runtime.connector.path, port=self.spec.port,
                 server=server, directory=engine_registration.haproxy_dir() / engine_path.ENGINE_DIR_NAME,
+                # Read once: Serve could change it in place (reconfigure), but the plan always sets the same value.
                 max_ongoing=engine_registration.max_ongoing_requests())
         except Exception as exc:  # noqa: BLE001 - the replica path still serves every request
             self.engine_path_off = f"registration failed: {exc}"

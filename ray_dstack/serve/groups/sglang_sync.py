@@ -29,11 +29,12 @@ SYNC_S = 1.0
 # whose constructor has not returned.
 STATE_LOG_MARKER = "ray-dstack router state: "
 REPOST_S = 15.0
-# After the sync changed the router's list, the next sync comes this soon, so the logged state (what `status`
-# shows) catches up with the change at once rather than a whole SYNC_S later. A DELETE still listed is sent
-# again at most every REDELETE_S: the router drains a removed worker in the background, and a second DELETE
-# removes a dead one at once.
+# After the sync changed the router's list, and while a worker it deleted is still listed (for at most
+# FOLLOW_UP_FOR_S), the next sync comes this soon, so the logged state (what `status` shows) catches up with
+# the change at once rather than a whole SYNC_S later. A DELETE still listed is sent again at most every
+# REDELETE_S: the router drains a removed worker in the background, and a second DELETE removes a dead one.
 FOLLOW_UP_S = 0.25
+FOLLOW_UP_FOR_S = 5.0
 REDELETE_S = 1.0
 TIMEOUT_S = 10.0  # dstack's timeout for the router's API
 SERVER_INFO_TIMEOUT_S = 3.0
@@ -56,7 +57,7 @@ class SglangWorkerSync:
         self.last_error: str | None = None
         self.last_sync: float | None = None
         self._posted: dict[str, float] = {}
-        self._deleted: dict[str, float] = {}
+        self._deleted: dict[str, tuple[float, float]] = {}  # url → (first, last DELETE) while the router lists it
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -81,7 +82,8 @@ class SglangWorkerSync:
             await asyncio.sleep(min(self.interval_s, FOLLOW_UP_S) if changed else self.interval_s)
 
     async def sync_once(self) -> bool:
-        """One comparison of the router's list with the live workers; True when it asked the router to change."""
+        """One comparison of the router's list with the live workers; True when it asked the router to change,
+        or a worker it deleted less than FOLLOW_UP_FOR_S ago is still listed (the next sync should come soon)."""
         entries = await asyncio.to_thread(self.watcher.live)
         desired = {normalized(e.url(self.node_id)): e for e in entries}
         try:
@@ -113,13 +115,18 @@ class SglangWorkerSync:
             changed = True
             self.logger.info("SGLang router: added worker %s (%s)", url, body["worker_type"])
         for url, worker in by_url.items():
-            if url in desired or now - self._deleted.get(url, -REDELETE_S) < REDELETE_S:
+            if url in desired:
+                continue
+            first, last = self._deleted.get(url, (now, -REDELETE_S))
+            if now - first < FOLLOW_UP_FOR_S:
+                changed = True  # still listed: look again soon
+            if now - last < REDELETE_S:
                 continue
             removed = await self.router.delete(f"/workers/{worker.get('id')}")
+            self._deleted[url] = (first, now)  # refused or not: tried again after REDELETE_S
             if removed.status_code != 202:
                 problems.append(f"DELETE /workers/{worker.get('id')} ({url}) answered {removed.status_code}")
                 continue
-            self._deleted[url] = now
             changed = True
             self.logger.info("SGLang router: removed worker %s", url)
         for url in set(self._posted) - set(desired):

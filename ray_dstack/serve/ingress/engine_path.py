@@ -42,12 +42,15 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   (engine_log.py). A frontend whose `log-format-sd` cannot be extended gets no such log (Serve's line stays),
   and neither does a node with `$RAY_DSTACK_ENGINE_PATH_LOG=off`.
 - **Back-pressure as Serve's**: an engine gets at most its replica's `max_ongoing_requests` of the engine path's
-  requests at once (`maxconn`); the rest wait in HAProxy's queue (another engine of the service takes them if
-  it has room) for up to the request timeout, as they would wait in the replica. The few requests the replica
-  still relays (`GET /v1/models`, the ones the rules cannot vouch for) count toward the replica's own limit.
+  requests at once from one HAProxy process (`maxconn`); the rest wait in HAProxy's queue (another engine of
+  the service on this node takes them if it has room) for up to the request timeout, as they would wait in the
+  replica. Not counted in that limit: the few requests the replica still relays (`GET /v1/models`, the ones the
+  rules cannot vouch for) and those an older HAProxy process still serves after a reload. Queued requests whose
+  engines all go down wait out the queue timeout and get 503 (on the replica path they would fail at once).
 - **Autoscaling**: the RPS window counts HAProxy's responses of each engine (engine_registration.py, 4xx
   included where the replica leaves out 401/403/404), and the scale-to-zero guard its requests in flight or
-  queued (`scur` + `qcur`, reported by the replica with its counters).
+  queued (`scur` + `qcur`, reported by the replica with its counters, a few seconds late; the newest HAProxy
+  process's only, so a stream an older process still serves after a reload is not seen).
 - **Not in HAProxy (yet), so measured on the replica path only**: time to first token, output tokens and the
   in-flight streams gauge (HAProxy's log has no time to the first body byte, and counting SSE events is
   per-chunk work).

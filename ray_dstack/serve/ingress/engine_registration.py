@@ -295,7 +295,7 @@ def _number(row: dict[str, str], field: str) -> int:
 
 def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | None:
     """Responses HAProxy counted for `server` in the engine backend (`show stat` CSV), or None when absent."""
-    for row in _stat_rows(stat_csv, backend_suffix):
+    for row in reversed(_stat_rows(stat_csv, backend_suffix)):  # the engine backends come after Serve's
         if row.get("svname") == server and all(f in row for f in RESPONSE_FIELDS):
             return sum(_number(row, f) for f in RESPONSE_FIELDS)
     return None
@@ -304,9 +304,10 @@ def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | N
 def engine_in_flight(stat_csv: str, backend_suffix: str, server: str) -> int | None:
     """Requests HAProxy is sending to `server`'s engine now (`scur`), or queueing for it or for its backend
     (`qcur`: beyond `maxconn`), or None when the server is absent. Every engine of a backend reports the
-    backend's queue: the scale-to-zero guard asks only whether any request is left."""
+    backend's queue: the scale-to-zero guard asks only whether any request is left. Only the newest HAProxy
+    process answers: requests an older one (before a reload) still serves are not counted."""
     rows = _stat_rows(stat_csv, backend_suffix)
-    mine = next((r for r in rows if r.get("svname") == server), None)
+    mine = next((r for r in reversed(rows) if r.get("svname") == server), None)  # as engine_responses
     if mine is None or "scur" not in mine:
         return None
     queued = sum(_number(r, "qcur") for r in rows if r["pxname"] == mine["pxname"] and r["svname"] == "BACKEND")

@@ -39,7 +39,9 @@ How it is wired into Serve (checked against the installed ray 2.60 source)
 - Scale from zero: Serve's wrapper returns `max(1, target)` at once, without calling the policy, whenever
   there are 0 running replicas and requests are ongoing or queued at a handle/proxy
   (`ctx.total_num_requests > 0`). The policy does the same itself (never returns 0 while
-  `ctx.total_num_requests > 0`), and dstack's "from 0 at once" holds for a positive RPS too.
+  `ctx.total_num_requests > 0`, or while a running replica reports engine-path requests in flight,
+  METRIC_ENGINE_IN_FLIGHT, which Serve does not count), and dstack's "from 0 at once" holds for a positive
+  RPS too.
 
 Serve's own delays and the values the plan must set
 ----------------------------------------------------

@@ -589,7 +589,7 @@ def test_without_a_limit_the_engine_takes_requests_at_once(tmp_path, engine):
     assert second["started"] < first["finished"], (first, second)
 
 
-def test_queued_requests_wait_as_long_as_the_request_timeout_allows():
+def test_the_engine_backend_queues_for_the_request_timeout_and_writes_each_limit():
     [route] = [_route("ns", 8000, timeout_s=42, servers=(EngineServer("a", "ns", 8000, 7),))]
     text = "\n".join(engine_path.backend_sections([route]))
     assert "    timeout queue 42s" in text and "    timeout server 42s" in text
@@ -614,5 +614,5 @@ def test_haproxy_reports_the_engine_paths_requests_in_flight_and_queued(tmp_path
             answers = [pool.submit(_chat, client, body=body) for _ in range(2)]
             wait_until(lambda: in_flight() == 2, timeout=5, interval=0.05, what="one request at the engine, one queued")
             assert [a.result().status_code for a in answers] == [200, 200]
-        assert in_flight() == 0
+        wait_until(lambda: in_flight() == 0, timeout=5, interval=0.05, what="no request left at the engine")
         assert engine_in_flight(admin.command("show stat"), engine_path.ENGINE_BACKEND_SUFFIX, "zz") is None
