@@ -195,6 +195,14 @@ async def sync_until(sync: SglangWorkerSync, router: Router, predicate, what: st
                          f"smg log tail:\n{router.log.read_text()[-3000:]}")
 
 
+async def poll(predicate, what: str) -> None:
+    """Wait (on the event loop) until `predicate()` holds."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def test_sync_adds_the_announced_workers_with_their_worker_type(router, workers):
     kv = MemoryKV()
     entry_for(kv, workers["regular"], "r1")
@@ -282,12 +290,6 @@ def test_running_sync_reports_a_stopped_router_in_last_error(router, workers, ca
     entry_for(kv, workers["regular"], "r1")
     regular = workers["regular"].url
 
-    async def poll(predicate, what: str):
-        deadline = time.monotonic() + TIMEOUT_S
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
-
     async def scenario():
         sync = make_sync(router, kv, interval_s=0.05)
         sync.start()
@@ -320,12 +322,6 @@ def test_the_state_after_a_removal_is_logged_before_the_next_regular_sync(router
 
     def routed(state: list[dict]) -> set[str]:  # what the router still sends requests to
         return {w["url"] for w in state if w["healthy"] is not False}
-
-    async def poll(predicate, what: str):
-        deadline = time.monotonic() + TIMEOUT_S
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
 
     async def scenario():
         sync = make_sync(router, kv, interval_s=interval_s)
