@@ -191,8 +191,6 @@ def collect_stale(directory: Path) -> list[str]:
     return removed
 
 
-
-
 def collect_orphaned_namespaces(netns_dir: str = engine_path.NETNS_DIR) -> list[str]:
     """Unbind the engine namespaces of replicas that died with their node's Ray (`ray stop` kills replicas before
     they release theirs, and the next Ray on the machine has another node id, so collect_stale never reads their
@@ -293,12 +291,29 @@ def _number(row: dict[str, str], field: str) -> int:
     return int(row.get(field) or 0)
 
 
+def _server_row(rows: list[dict[str, str]], server: str) -> dict[str, str] | None:
+    """`server`'s row: the last of that name, since the engine backends come after Serve's (same server names)."""
+    return next((r for r in reversed(rows) if r.get("svname") == server), None)
+
+
+def _responses(rows: list[dict[str, str]], server: str) -> int | None:
+    row = _server_row(rows, server)
+    if row is None or not all(f in row for f in RESPONSE_FIELDS):
+        return None
+    return sum(_number(row, f) for f in RESPONSE_FIELDS)
+
+
+def _in_flight(rows: list[dict[str, str]], server: str) -> int | None:
+    mine = _server_row(rows, server)
+    if mine is None or "scur" not in mine:
+        return None
+    queued = sum(_number(r, "qcur") for r in rows if r["pxname"] == mine["pxname"] and r["svname"] == "BACKEND")
+    return _number(mine, "scur") + _number(mine, "qcur") + queued
+
+
 def engine_responses(stat_csv: str, backend_suffix: str, server: str) -> int | None:
     """Responses HAProxy counted for `server` in the engine backend (`show stat` CSV), or None when absent."""
-    for row in reversed(_stat_rows(stat_csv, backend_suffix)):  # the engine backends come after Serve's
-        if row.get("svname") == server and all(f in row for f in RESPONSE_FIELDS):
-            return sum(_number(row, f) for f in RESPONSE_FIELDS)
-    return None
+    return _responses(_stat_rows(stat_csv, backend_suffix), server)
 
 
 def engine_in_flight(stat_csv: str, backend_suffix: str, server: str) -> int | None:
@@ -306,12 +321,7 @@ def engine_in_flight(stat_csv: str, backend_suffix: str, server: str) -> int | N
     (`qcur`: beyond `maxconn`), or None when the server is absent. Every engine of a backend reports the
     backend's queue: the scale-to-zero guard asks only whether any request is left. Only the newest HAProxy
     process answers: requests an older one (before a reload) still serves are not counted."""
-    rows = _stat_rows(stat_csv, backend_suffix)
-    mine = next((r for r in reversed(rows) if r.get("svname") == server), None)  # as engine_responses
-    if mine is None or "scur" not in mine:
-        return None
-    queued = sum(_number(r, "qcur") for r in rows if r["pxname"] == mine["pxname"] and r["svname"] == "BACKEND")
-    return _number(mine, "scur") + _number(mine, "qcur") + queued
+    return _in_flight(_stat_rows(stat_csv, backend_suffix), server)
 
 
 class EngineRequests:
@@ -361,8 +371,9 @@ class EngineRequests:
         dropped = info_number(text, "DroppedLogs")
         self.dropped_now = (pid, dropped) if pid is not None and dropped is not None else None
         stat = text[text.find("# pxname"):] if "# pxname" in text else ""
-        count = engine_responses(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server)
-        self.in_flight = engine_in_flight(stat, engine_path.ENGINE_BACKEND_SUFFIX, self.server) or 0
+        rows = _stat_rows(stat, engine_path.ENGINE_BACKEND_SUFFIX)  # parsed once for both readings
+        count = _responses(rows, self.server)
+        self.in_flight = _in_flight(rows, self.server) or 0
         return None if pid is None or count is None else (pid, count)
 
     def poll_log(self) -> None:
@@ -414,4 +425,3 @@ class EngineRequests:
         if self.log is not None:
             await asyncio.to_thread(self.log.close)
         self.counter.record_many(self.step(await asyncio.to_thread(self.read)))
-
