@@ -36,7 +36,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ray_dstack.serve.ingress import engine_path
+from ray_dstack.serve.ingress import engine_path, prefix_affinity
 
 # Serve starts this program on every haproxy (re)load and waits for it: it imports nothing heavy (no pydantic), so
 # these two are spelled out here; tests/serve/ingress/test_haproxy_v1.py checks they equal ray_dstack.spec's.
@@ -126,7 +126,13 @@ def routable(table: dict[str, list[str]], routes: dict[str, str]) -> dict[str, s
     """The map for one haproxy: model → route prefix, for the models whose service has its backend in that
     haproxy's configuration. A model whose service is not there yet (a deploy in progress) or any more (deleted),
     or whose prefix now belongs to another application, keeps its path and reaches the gateway."""
-    return {model: prefix for model, (prefix, app) in table.items() if routes.get(prefix) == app}
+    return {model: entry[0] for model, entry in table.items() if routes.get(entry[0]) == entry[1]}
+
+
+def routing_policies(table: dict[str, list[str]], routes: dict[str, str]) -> dict[str, str]:
+    """Route prefix → `routing` policy (prefix_affinity.py), for the routable services that chose one (a table
+    entry's optional third element)."""
+    return {entry[0]: entry[2] for entry in table.values() if len(entry) == 3 and routes.get(entry[0]) == entry[1]}
 
 
 # Names HAProxy's map and admin-socket syntax carry as they are (no spaces, quotes or control characters).
@@ -134,7 +140,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
 
 def encode_table(table: dict[str, list[str]]) -> bytes:
-    """The model table `{model: [route prefix, application]}` as one JSON value (the KV's and the file's)."""
+    """The model table `{model: [route prefix, application(, routing policy)]}` as one JSON value (the KV's and
+    the file's)."""
     return json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -149,7 +156,7 @@ def decode_table(value: bytes | None) -> dict[str, list[str]] | None:
         return None
     if not isinstance(table, dict):
         return None
-    return {k: v for k, v in table.items() if SAFE_NAME.fullmatch(k) and isinstance(v, list) and len(v) == 2
+    return {k: v for k, v in table.items() if SAFE_NAME.fullmatch(k) and isinstance(v, list) and len(v) in (2, 3)
             and all(isinstance(x, str) for x in v) and SAFE_NAME.fullmatch(v[0]) and v[0].startswith("/")}
 
 
@@ -203,10 +210,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _start_map_sync(socket_path: str, map_path: str, routes: dict[str, str]) -> None:
+def _start_map_sync(socket_path: str, map_path: str, routes: dict[str, str], backends: dict[str, str]) -> None:
     subprocess.Popen(  # our own module, fixed arguments; no secret among them
         [sys.executable, "-m", "ray_dstack.serve.ingress.v1_routes", "--socket", socket_path, "--map", map_path,
-         "--haproxy-pid", str(os.getpid()), "--routes", json.dumps(routes, sort_keys=True)],
+         "--haproxy-pid", str(os.getpid()), "--routes", json.dumps(routes, sort_keys=True),
+         "--backends", json.dumps(backends, sort_keys=True)],
         stdin=subprocess.DEVNULL, close_fds=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 - one thread here
 
 
@@ -258,33 +266,65 @@ def with_engine_path(config: str, directory: Path) -> str:
     return engine_path.inject(config, engine_path.routes_for(config, entries), log_socket=log_socket)
 
 
-def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str]] | None:
-    """Rewrite Serve's configuration in place with the rules, and the node's map for it; returns (admin socket,
-    map path, routes) for the map-sync process, or None when the configuration is kept as Serve wrote it.
+def _distinct(candidates: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The candidates whose text differs from every earlier one's (an addition with nothing to add is no try)."""
+    seen: set[str] = set()
+    out = []
+    for text, left_out in candidates:
+        if text not in seen:
+            seen.add(text)
+            out.append((text, left_out))
+    return out
+
+
+def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str], dict[str, str]] | None:
+    """Rewrite Serve's configuration in place with the rules, and the node's maps for it; returns (admin socket,
+    map path, routes, backends by route prefix) for the map-sync process, or None without an admin socket.
 
     Serve writes the whole file before every (re)start under `<config>.lock`; reading and rewriting under the
     same lock means a configuration Serve writes meanwhile is never half replaced. The file keeps its name
     because Serve recognises its haproxy processes by the config path in their command line."""
     directory = Path(config_path).parent
     map_path = str(directory / MAP_FILE_NAME)
+    prefix_map_path = str(directory / prefix_affinity.MAP_FILE_NAME)
     with config_lock(config_path):
         config = Path(config_path).read_text()
         ours = inject(config, map_path)
         socket_path = admin_socket_of(config)
         routes = serve_routes(ours)
-        write_atomically(map_path, map_text(routable(read_table(str(directory / TABLE_FILE_NAME)), routes)))
+        backends = prefix_affinity.backend_prefixes(ours)
+        table = read_table(str(directory / TABLE_FILE_NAME))
+        write_atomically(map_path, map_text(routable(table, routes)))
+        write_atomically(prefix_map_path, prefix_affinity.map_text(
+            prefix_affinity.map_entries(routing_policies(table, routes), backends)))
         if ours == config:
-            return (socket_path, map_path, routes) if socket_path else None
-        with_engines = with_engine_path(ours, directory)
-        complaint = _checks_text(binary, config_path, with_engines)
-        if complaint is not None and with_engines != ours:
-            print(f"ray-dstack-haproxy: the engine path is left out, haproxy -c refused it: {complaint}",
-                  file=sys.stderr, flush=True)
-            with_engines, complaint = ours, _checks_text(binary, config_path, ours)
+            return _sync_args(socket_path, map_path, routes, backends, config)
+        # The fullest configuration haproxy accepts: each addition that haproxy refuses is left out, with a word.
+        with_affinity = prefix_affinity.inject(ours, prefix_map_path)
+        candidates = [(with_engine_path(with_affinity, directory), ""),
+                      (with_affinity, "the engine path"), (ours, "prefix affinity and the engine path")]
+        complaint = first_complaint = None
+        for text, left_out in _distinct(candidates):
+            complaint = _checks_text(binary, config_path, text)
+            if complaint is None:
+                break
+            first_complaint = first_complaint or complaint
         if complaint is not None:
             raise ConfigShapeError(f"haproxy -c refused the configuration with the rules: {complaint}")
-        Path(config_path).write_text(with_engines)
-    return (socket_path, map_path, routes) if socket_path else None
+        if first_complaint is not None:
+            print(f"ray-dstack-haproxy: {left_out} left out, haproxy -c refused it: {first_complaint}",
+                  file=sys.stderr, flush=True)
+        Path(config_path).write_text(text)
+    return _sync_args(socket_path, map_path, routes, backends, text)
+
+
+def _sync_args(socket_path: str | None, map_path: str, routes: dict[str, str], backends: dict[str, str],
+               config: str) -> tuple[str, str, dict[str, str], dict[str, str]] | None:
+    """What the map-sync process needs; backends only when the configuration has the prefix-affinity rules (the
+    map they read exists in that haproxy)."""
+    if not socket_path:
+        return None
+    return socket_path, map_path, routes, backends if prefix_affinity.MARKER in config else {}
 
 
 def main(argv: list[str] | None = None) -> None:

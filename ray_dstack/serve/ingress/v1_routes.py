@@ -36,8 +36,10 @@ from ray_dstack.serve.ingress.haproxy_v1 import (
     decode_table,
     encode_table,
     routable,
+    routing_policies,
     write_atomically,
 )
+from ray_dstack.serve.ingress import prefix_affinity
 
 log = logging.getLogger("ray.serve")
 
@@ -47,13 +49,16 @@ ADMIN_TIMEOUT_S = 5.0
 
 
 def map_table(routes: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """The gateway's routing table → what HAProxy's map is made from: model → [route prefix, application]."""
+    """The gateway's routing table → what HAProxy's maps are made from: model → [route prefix, application], and
+    the service's `routing` policy third when it is not Serve's own least-connections (prefix_affinity.py)."""
     table: dict[str, list[str]] = {}
     for model, route in routes.items():
         app = str(route.get("app", ""))
         prefix = (route.get("route_prefix") or f"/{app}").rstrip("/")
         if SAFE_NAME.fullmatch(model) and SAFE_NAME.fullmatch(prefix) and prefix.startswith("/") and app:
             table[model] = [prefix, app]
+            if route.get("routing") == prefix_affinity.POLICY:
+                table[model].append(prefix_affinity.POLICY)
     return table
 
 
@@ -127,7 +132,9 @@ class MapSync:
     for (`routes`: route prefix → application, from its configuration); `step` is one poll."""
 
     def __init__(self, read_table: Callable[[], dict[str, list[str]] | None], admin: HAProxyAdmin, map_path: str,
-                 haproxy_pid: int, routes: dict[str, str]) -> None:
+                 haproxy_pid: int, routes: dict[str, str], backends: dict[str, str] | None = None) -> None:
+        """`backends`: route prefix → backend, when the configuration has prefix_affinity.py's rules (their map,
+        beside `map_path`, is then kept too)."""
         self.read_table = read_table
         self.admin = admin
         self.map_path = map_path
@@ -137,6 +144,9 @@ class MapSync:
         self.owned = False
         self.pushed: dict[str, str] | None = None
         self.saved: dict[str, list[str]] | None = None
+        self.backends = backends or {}
+        self.prefix_map_path = os.path.join(os.path.dirname(map_path), prefix_affinity.MAP_FILE_NAME)
+        self.prefix_pushed: dict[str, str] | None = None
 
     def step(self) -> bool:
         """Push the map if it changed since the last push; True when haproxy's map is now the table's. Raises
@@ -159,6 +169,13 @@ class MapSync:
             if self.pushed is not None or entries:
                 log.info("ray-dstack: /v1 map of haproxy %d: %d models", self.haproxy_pid, len(entries))
             self.pushed = entries
+        if self.backends:
+            affinity = prefix_affinity.map_entries(routing_policies(table, self.routes), self.backends)
+            if affinity != self.prefix_pushed:
+                self.admin.replace_map(self.prefix_map_path, affinity)
+                log.info("ray-dstack: prefix affinity in haproxy %d for %s", self.haproxy_pid,
+                         ", ".join(sorted(affinity.values())) or "no service")
+                self.prefix_pushed = affinity
         return True
 
 
@@ -191,6 +208,8 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--map", required=True, help="the map file the rules name")
     parser.add_argument("--haproxy-pid", type=int, required=True, help="the haproxy this process serves")
     parser.add_argument("--routes", required=True, help="JSON: route prefix → application, of that haproxy")
+    parser.add_argument("--backends", default="{}",
+                        help="JSON: route prefix → backend, when that haproxy has the prefix-affinity rules")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
@@ -199,7 +218,8 @@ def run(argv: list[str] | None = None) -> None:
         log.warning("ray-dstack: /v1 map of haproxy %d not kept current (no Ray cluster found: %r)",
                     args.haproxy_pid, exc)
         sys.exit(1)
-    sync = MapSync(read_table, HAProxyAdmin(args.socket), args.map, args.haproxy_pid, json.loads(args.routes))
+    sync = MapSync(read_table, HAProxyAdmin(args.socket), args.map, args.haproxy_pid, json.loads(args.routes),
+                   json.loads(args.backends))
     errors = 0
     while os.getppid() == args.haproxy_pid:  # ends with its haproxy (also PR_SET_PDEATHSIG)
         try:

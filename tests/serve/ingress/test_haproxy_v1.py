@@ -225,13 +225,25 @@ def test_prepare_keeps_serves_configuration_when_haproxy_refuses_the_result(tmp_
     assert haproxy_v1.MARKER not in cfg.read_text()
 
 
+def test_prepare_leaves_out_an_addition_haproxy_refuses_and_keeps_the_v1_rules(tmp_path, monkeypatch, capfd):
+    from ray_dstack.serve.ingress import prefix_affinity
+
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
+    monkeypatch.setattr(prefix_affinity, "inject", lambda config, map_path: config + "backend broken\n    nonsense\n")
+    assert haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))[3] == {}
+    assert haproxy_v1.MARKER in cfg.read_text() and "nonsense" not in cfg.read_text()
+    assert "prefix affinity and the engine path left out, haproxy -c refused it" in capfd.readouterr().err
+
+
 def test_prepare_builds_the_map_for_this_haproxys_backends(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
     (tmp_path / haproxy_v1.TABLE_FILE_NAME).write_text(json.dumps(
         {"acme/a": ["/svc", "svc"], "acme/b": ["/other", "other"]}))
-    socket_path, map_path, routes = haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
+    socket_path, map_path, routes, backends = haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
     assert socket_path == str(tmp_path / "admin.sock") and routes["/svc"] == "svc"
+    assert backends == {}  # servers without health checks: no ring can track them, so no prefix affinity
     assert Path(map_path).read_text() == "acme/a /svc\n"
     assert haproxy_v1.MARKER in cfg.read_text()
     before = cfg.read_text()
