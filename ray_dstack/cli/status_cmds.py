@@ -21,6 +21,7 @@ from ray_dstack.deploy.local import connect
 from ray_dstack.deploy.probe_state import add_probe_states
 from ray_dstack.deploy.router_state import add_router_states, one_line
 from ray_dstack.errors import RayDstackError, UsageError
+from ray_dstack.plan.traffic import routing_description
 from ray_dstack.spec import REPLICA_DEPLOYMENT_NAME
 
 # --- status / list ------------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ def print_summary(s: dict[str, Any], *, detailed: bool) -> None:
     if s.get("model"):
         m = s["model"]
         con.print(f"  model: {m['name']} ({m['format']}) at {m['openai_base_url']}", markup=False)
+        con.print(f"  routing: {routing_description(m.get('routing') or 'least_connections')}", markup=False)
     if s.get("scaling"):
         con.print(f"  scaling: {scaling_line(s['scaling'])}", markup=False)
     if s.get("environment"):

@@ -194,6 +194,7 @@ def gateway_routes(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
             # (serve/ingress/gateway_traffic.py); whose X-Forwarded-For to believe comes with them.
             "rate_limits": [r.model_dump(mode="json") for r in spec.rate_limits],
             "trusted_proxies": list(spec.trusted_proxies),
+            "routing": spec.routing,  # HAProxy's choice of replica (serve/ingress/prefix_affinity.py)
         }
     return routes
 
@@ -371,6 +372,7 @@ def service_summary(
             "name": spec.model.name,
             "format": spec.model.format,
             "openai_base_url": base_url + GATEWAY_ROUTE_PREFIX,
+            "routing": spec.routing,
         }
     if groups:
         summary["groups"] = groups

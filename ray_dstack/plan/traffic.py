@@ -75,7 +75,17 @@ def traffic_lines(spec: rt.ServiceSpec) -> list[str]:
     for r in spec.rate_limits:
         key = f"header {r.header}" if r.key == "header" else "client address"
         lines.append(f"rate limit: {r.prefix} {r.rps:g} rps, burst {r.burst}, per {key}")
+    if spec.model is not None:
+        lines.append(f"routing: {routing_description(spec.routing)}")
     return lines
+
+
+def routing_description(policy: str) -> str:
+    """How HAProxy picks a replica for a model service's chat/completions requests (`routing`), in words."""
+    if policy == "prefix":
+        return ("prefix affinity: chat/completions requests go to the replica that had the same prompt start, "
+                "unless it carries 1.5x the mean load; other requests by least connections")
+    return "least connections"
 
 
 # In every application's runtime env: uvicorn (Serve's per-replica HTTP server) believes `X-Forwarded-For`

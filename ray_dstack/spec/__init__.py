@@ -225,7 +225,7 @@ class GroupSpec(_Spec):
 # Fields a Serve config carries only when they differ from their default: the config of a service that does not
 # use them stays what it was before they existed, so upgrading ray-dstack does not restart it.
 OPTIONAL_SPEC_FIELDS = ("volumes", "uploads", "git_repo", "shell", "user", "privileged", "docker", "dstack_api",
-                        "strip_prefix", "max_duration_s", "schedule")
+                        "strip_prefix", "max_duration_s", "schedule", "routing")
 
 
 class ServiceSpec(_Spec):
@@ -255,6 +255,8 @@ class ServiceSpec(_Spec):
         default_factory=list, description="HTTP probes, all must pass; none: ready once the port accepts connections"
     )
     rate_limits: list[RateLimitSpec] = Field(default_factory=list, description="Request rate limits (429 past them)")
+    routing: Literal["least_connections", "prefix"] = Field(
+        "least_connections", description="How HAProxy picks a replica for the model's chat/completions requests")
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="Addresses/networks whose X-Forwarded-For is believed (`deploy --trusted-proxies`)",

@@ -42,6 +42,8 @@ CASES = [
     (BASE + "resources:\n  memory: 8XB\n", "resources.memory", 5, "Invalid memory size `8XB`"),
     (BASE + "model:\n  name: m\n  format: openai\n  chat_template: x\n", "model", 4, "`chat_template` is not allowed with model format `openai`"),
     (BASE + "port: 1\n", "port", 4, "Duplicate key"),
+    (BASE + "routing: prefix\n", "routing", 4, "`routing: prefix` routes a model's chat/completions requests"),
+    (BASE + "model: m\nrouting: sticky\n", "routing", 5, "Input should be 'least_connections' or 'prefix'"),
 ]
 
 

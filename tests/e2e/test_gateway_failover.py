@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,3 +181,89 @@ def test_replica_actor_killed_under_16_clients_fails_no_request_that_had_not_sta
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     assert all(client.post(f"{svc.http}/v1/chat/completions", headers=AUTH, json=body).status_code == 200
                for _ in range(4))
+
+
+# --- prefix affinity ([3.4], ray_dstack/serve/ingress/prefix_affinity.py) ----------------------------------------
+
+AFFINITY_NAME = "aff"
+AFFINITY_MODEL = "acme/affine"
+
+
+@pytest.fixture(scope="module")
+def affinity(cli_cluster, tmp_path_factory):
+    from tests.apps.replica_id_server import service_yaml as replica_id_yaml
+
+    tmp = tmp_path_factory.mktemp("affinity")
+    text = replica_id_yaml(AFFINITY_NAME, model=AFFINITY_MODEL, replicas=3, python=sys.executable,
+                           repo=str(Path(__file__).resolve().parents[2]))
+    proc = cli_cluster.run("deploy", str(write_service(tmp, AFFINITY_NAME, text)), "--token", TOKEN, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "routing: prefix affinity" in cli_cluster.run("status", AFFINITY_NAME, check=True).stdout
+    cli_cluster.wait_until(lambda: f"http-{AFFINITY_NAME}" in prefix_mapped(live_admin()), timeout=30,
+                           interval=0.5, what="HAProxy's prefix map to hold the service")
+    return cli_cluster
+
+
+def prefix_mapped(admin) -> set[str]:
+    from ray_dstack.serve.ingress.prefix_affinity import MAP_FILE_NAME
+
+    path = os.path.join(os.path.dirname(admin.path), MAP_FILE_NAME)
+    return {line.split()[2] for line in admin.command(f"show map {path}").splitlines() if len(line.split()) == 3}
+
+
+def _conversation(i: int, turns: int = 0) -> list[dict]:
+    system = f"You are assistant {i}. " + "Keep answers short and cite sources. " * 50
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}]
+    for t in range(turns):
+        messages += [{"role": "assistant", "content": f"answer {t}"}, {"role": "user", "content": f"and {t}?"}]
+    return messages
+
+
+def _replica_of(cluster, client, i: int, turns: int = 0, *, via_v1: bool = False, **extra) -> str:
+    url = f"{cluster.http}/v1" if via_v1 else f"{cluster.http}/{AFFINITY_NAME}/v1"
+    r = client.post(f"{url}/chat/completions", headers=AUTH,
+                    json={"model": AFFINITY_MODEL, "messages": _conversation(i, turns), **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["replica"]
+
+
+def _owners(cluster, client, prefixes=range(6)) -> dict[int, str]:
+    owners = {}
+    for i in prefixes:
+        seen = {_replica_of(cluster, client, i, turns, via_v1=turns % 2 == 1, max_tokens=turns + 1)
+                for turns in range(4)}
+        assert len(seen) == 1, (i, seen)
+        owners[i] = seen.pop()
+    return owners
+
+
+def test_prefix_affinity_keeps_each_conversation_on_one_replica_and_a_crash_moves_only_its_own(affinity, client):
+    affinity.wait_until(lambda: affinity.status(AFFINITY_NAME)["replicas"]["running"] == 3, timeout=120,
+                        what="3 replicas")
+    before = _owners(affinity, client)
+    assert len(set(before.values())) >= 2, before  # six long prefixes over three replicas, not all on one
+    victim = before[0]
+    _replica_of(affinity, client, 0, die=True)  # its model server answers, then crashes
+
+    def settled() -> dict[int, str] | None:
+        status = affinity.status(AFFINITY_NAME)
+        if status["replicas"]["running"] != 3 or status["status"] != "RUNNING":
+            return None
+        now = _owners(affinity, client)
+        return now if victim not in now.values() else None
+
+    after = affinity.wait_until(settled, timeout=180, interval=2, what="the crashed replica replaced")
+    survivors = set(before.values()) - {victim}
+    for i, owner in before.items():
+        if owner in survivors:  # a survivor keeps its prefixes, or gives some to the newcomer: never to the other
+            assert after[i] in (owner, *(set(after.values()) - set(before.values()))), (before, after)
+    print(f"\nprefix owners before the crash {before}, after {after}")
+
+
+def test_a_hot_prefix_spreads_once_its_replica_carries_more_than_its_share(affinity, client):
+    import concurrent.futures
+
+    owner = _replica_of(affinity, client, 42)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        served = list(pool.map(lambda _: _replica_of(affinity, client, 42, hold_s=1.5), range(12)))
+    assert served.count(owner) <= 6 and len(set(served)) >= 2, served

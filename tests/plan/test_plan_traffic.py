@@ -64,3 +64,39 @@ def test_rate_limits_carried_and_no_warning():
 def test_old_spec_with_single_probe_still_reads():
     s = ServiceSpec.model_validate({"name": "a", "commands": ["x"], "port": 1, "probe": {"path": "/h"}})
     assert s.probe is not None and s.probe.path == "/h" and len(s.probes) == 1
+
+
+def test_routing_prefix_reaches_the_spec_the_gateways_table_and_the_plan():
+    from ray_dstack.deploy import apps
+
+    plan = build_plan(load(BASE + "model: m\nrouting: prefix\nreplicas: 2\n"))
+    assert ServiceSpec.model_validate(plan.application()["args"]["service"]).routing == "prefix"
+    assert any(line.startswith("routing: prefix affinity") for line in plan.summary_lines())
+    assert apps.gateway_routes({"svc": plan.application()})["m"]["routing"] == "prefix"
+
+
+def test_least_connections_is_the_default_and_leaves_the_serve_config_as_it_was():
+    plan = build_plan(load(BASE + "model: m\n"))
+    assert "routing" not in plan.application()["args"]["service"]  # running services are not restarted
+    assert "routing: least connections" in plan.summary_lines()
+    assert not any(line.startswith("routing:") for line in build_plan(load(BASE)).summary_lines())
+
+
+def test_a_router_group_and_prefix_routing_are_refused():
+    from tests.support.config_helpers import errors
+
+    text = """type: service
+port: 8000
+model: m
+routing: prefix
+groups:
+  - name: router
+    router: {type: sglang}
+    replicas: 1
+    commands: [smg launch --port 8000]
+  - name: workers
+    replicas: 2
+    commands: [python3 -m http.server]
+"""
+    err = errors(text)
+    assert any(p.path == "routing" and "router" in p.message for p in err.problems), str(err)

@@ -135,6 +135,12 @@ class ServiceConfig(CoreModel):
         "`probes: []` turns it off",
     )
     rate_limits: list[RateLimit] = Field(default_factory=list, description="Per-client request rate limits")
+    routing: Literal["least_connections", "prefix"] = Field(
+        "least_connections",
+        description="ray-dstack's own (dstack has no such field): how the ingress picks a replica for the model's "
+        "chat/completions requests. `least_connections`: the least busy one; `prefix`: the one that served the "
+        "same prompt start before (its KV cache holds it), passed over when it carries 1.5x the mean load",
+    )
 
     # dstack's container and service fields, honoured on Ray (ray_dstack/plan/container_fields.py).
     volumes: list[Mount] = Field(
@@ -349,6 +355,12 @@ class ServiceConfig(CoreModel):
             problems.append(at("schedule", "Scheduled services with autoscaling to zero are not supported"))
         if self.registry_auth is not None:
             problems.extend(self._interpolate_registry_auth())
+        if self.routing == "prefix" and self.model is None:
+            problems.append(at("routing", "`routing: prefix` routes a model's chat/completions requests by their "
+                                          "prompt: it needs `model`"))
+        if self.routing == "prefix" and any(g.router is not None for g in self.groups or []):
+            problems.append(at("routing", "`routing: prefix` and a `router` group: the router group picks the "
+                                          "worker; leave `routing` out"))
         if problems:
             raise ValueError(PROBLEM_SEP.join(problems))
         return self
