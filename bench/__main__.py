@@ -62,9 +62,9 @@ UNREACHABLE_LIMIT = "rate_limits:\n  - {prefix: /, rps: 1000000, burst: 1000000}
 
 
 def service_yaml(name: str, model: str, fmt: str, *, rate: float, tokens: int, port: str = "$RAY_DSTACK_PORT",
-                 rate_limits: str = "") -> str:
+                 rate_limits: str = "", routing: str = "least_connections") -> str:
     """`port`: `$RAY_DSTACK_PORT` (a free port on the node) or a fixed one (`8000`: a network namespace per replica).
-    `rate_limits`: YAML appended as is (`UNREACHABLE_LIMIT`)."""
+    `rate_limits`: YAML appended as is (`UNREACHABLE_LIMIT`). `routing`: the service's `routing` policy."""
     extra = ""
     if fmt == "tgi":
         extra = f'  chat_template: "{SYNTH_CHAT_TEMPLATE}"\n  eos_token: "</s>"\n'
@@ -76,6 +76,7 @@ commands:
 working_dir: {stack.REPO}
 port: 8000
 auth: false
+routing: {routing}
 probes:
   - type: http
     url: /health

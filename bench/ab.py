@@ -1,13 +1,14 @@
 """Interleaved A/B of two ray-dstack service paths, for differences smaller than the bench's run-to-run drift.
 
-    python -m bench.ab [--b svc-ns|svc-rl|gw-openai] [--rounds 8] [--requests 400] [--streams 12] [--concurrency 64]
+    python -m bench.ab [--b svc-ns|svc-rl|gw-openai|svc-prefix] [--rounds 8] [--requests 400] [--streams 12] [--concurrency 64]
                        [--window 6] [--out DIR]
 
 `python -m bench` measures its paths one after another, so a machine whose load drifts over the run (other
 jobs, Ray's own background work on the server core) moves one path against the other by more than the
 0.2 ms a target may allow. Here one Ray cluster serves both services (A, `svc-openai`: `$RAY_DSTACK_PORT`;
 B, `--b`: `svc-ns`, a fixed `--port 8000` in a network namespace of its own, `svc-rl`, a rate limit that never
-refuses, or `gw-openai`, A's own service called through `/v1/chat/completions`), and each round measures A then B then
+refuses, `gw-openai`, A's own service called through `/v1/chat/completions`, or `svc-prefix`, `routing: prefix`:
+HAProxy keys each chat by its prompt and picks the replica on a consistent ring), and each round measures A then B then
 B then A with the same sequential client (non-streaming requests: end-to-end latency; streams: time to first
 token) and with `--concurrency` streams at once (tokens/s, 64 tokens at 50 tokens/s each, as in the bench), so
 drift cancels out of the per-round differences. Reported: each path's median over all rounds, and
@@ -33,12 +34,13 @@ from bench import loadgen, stack
 from bench.__main__ import UNREACHABLE_LIMIT, service_yaml
 
 A = "svc-openai"
-# path -> (service name, port, rate_limits YAML)
+# path -> (service name, port, rate_limits YAML, routing)
 PATHS = {
-    "svc-openai": ("synth-openai", "$RAY_DSTACK_PORT", ""),
-    "svc-ns": ("synth-ns", "8000", ""),
-    "svc-rl": ("synth-rl", "$RAY_DSTACK_PORT", UNREACHABLE_LIMIT),
-    "gw-openai": ("synth-openai", "$RAY_DSTACK_PORT", ""),  # A's service, through `/v1`
+    "svc-openai": ("synth-openai", "$RAY_DSTACK_PORT", "", "least_connections"),
+    "svc-ns": ("synth-ns", "8000", "", "least_connections"),
+    "svc-rl": ("synth-rl", "$RAY_DSTACK_PORT", UNREACHABLE_LIMIT, "least_connections"),
+    "gw-openai": ("synth-openai", "$RAY_DSTACK_PORT", "", "least_connections"),  # A's service, through `/v1`
+    "svc-prefix": ("synth-prefix", "$RAY_DSTACK_PORT", "", "prefix"),
 }
 VIA_V1 = {"gw-openai"}
 
@@ -86,11 +88,11 @@ def main() -> None:
         try:
             deployed = set()
             for path in (A, a.b):
-                name, port, limits = PATHS[path]
+                name, port, limits, routing = PATHS[path]
                 if name not in deployed:
                     yml = tmp / f"{name}.dstack.yml"
                     yml.write_text(service_yaml(name, name, "openai", rate=50.0, tokens=64, port=port,
-                                                rate_limits=limits))
+                                                rate_limits=limits, routing=routing))
                     cluster.deploy(yml)
                     deployed.add(name)
                 route = "" if path in VIA_V1 else f"/{name}"

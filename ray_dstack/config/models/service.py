@@ -139,7 +139,8 @@ class ServiceConfig(CoreModel):
         "least_connections",
         description="ray-dstack's own (dstack has no such field): how the ingress picks a replica for the model's "
         "chat/completions requests. `least_connections`: the least busy one; `prefix`: the one that served the "
-        "same prompt start before (its KV cache holds it), passed over when it carries 1.5x the mean load",
+        "same prompt start before (its KV cache holds it), passed over while it carries 1.5x the mean of the requests "
+        "in flight",
     )
 
     # dstack's container and service fields, honoured on Ray (ray_dstack/plan/container_fields.py).

@@ -301,8 +301,9 @@ def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str], di
             return _sync_args(socket_path, map_path, routes, backends, config)
         # The fullest configuration haproxy accepts: each addition that haproxy refuses is left out, with a word.
         with_affinity = prefix_affinity.inject(ours, prefix_map_path)
-        candidates = [(with_engine_path(with_affinity, directory), ""),
-                      (with_affinity, "the engine path"), (ours, "prefix affinity and the engine path")]
+        candidates = [(with_engine_path(with_affinity, directory), ""), (with_affinity, "the engine path"),
+                      (with_engine_path(ours, directory), "prefix affinity"),
+                      (ours, "prefix affinity and the engine path")]
         complaint = first_complaint = None
         for text, left_out in _distinct(candidates):
             complaint = _checks_text(binary, config_path, text)

@@ -18,15 +18,23 @@ the replica from the prompt's leading content, with no router to run and no extr
   order, move no prefix, every node's HAProxy has the same ring, and a replica that joins or leaves moves only
   its own share of prefixes.
 - **Bounded load**: `hash-balance-factor` (BALANCE_FACTOR %): a replica already serving more than that share
-  of the mean load is passed over for the next one on the ring, so one hot prefix cannot pile onto one replica.
-- **What keeps least-connections**: requests without a key (other routes, `GET`s, a prompt that is not a
-  string, a body larger than HAProxy's buffer or slower than BODY_WAIT_S, a route prefix of more than one path
-  segment) go to Serve's own backend, as before.
+  of the mean is passed over for the next one on the ring, so one hot prefix cannot pile onto one replica. The
+  load is what this HAProxy process has in flight on the service's ring: not the replica's other requests, nor
+  other nodes'.
+- **What keeps least-connections**: requests without a key (other routes, `GET`s, a prompt that is not text or
+  is empty, a first message that does not fit in HAProxy's buffer, a body slower than BODY_WAIT_S, a route
+  prefix of more than one path segment) go to Serve's own backend, as before. A body larger than the buffer is
+  keyed by what the buffer holds, its first message included.
 - **Which services**: the map `MAP_FILE_NAME` (first path segment → Serve's backend), kept equal to the
   published routing table by v1_routes.py's map sync without a reload, names the backends whose policy is
   `prefix`: switching a service's policy takes effect on every node within a second of its deploy.
 - **Not here (yet)**: the engine path (engine_path.py, opt-in) sends its requests to its node's engines by
-  least-connections; its rules come first, so a service on the engine path keeps that.
+  least-connections; its rules come first, so a service on the engine path keeps that. Serve reads only its own
+  backends' counters (haproxy.py `get_all_stats`), so a node whose proxy Serve drains does not wait for the
+  ring's requests in flight (as for the engine path's backends); nor does Serve's ongoing-requests gauge count
+  them (ray-dstack's replicas count their own).
+- **Why not Serve's own**: Serve's ingress request router (HAProxy mode) asks a Python deployment over HTTP for
+  every request: the extra hop [3.4] rules out. Serve's HTTP prefix-aware routers do not apply in HAProxy mode.
 
 This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
 (haproxy_v1.py) runs it on every reload.
@@ -54,6 +62,7 @@ ID_SPACE = 2**20 - 1
 _PLAIN = re.compile(r"[A-Za-z0-9._-]+")
 _SERVER = re.compile(r"^(\s+)server (\S+) (\S+)(.*)$")
 _USE_BACKEND = re.compile(r"^\s+use_backend (\S+) if is_(\S+)\s*$")
+_OBSERVE = re.compile(r"observe layer[47]( error-limit \d+)?( on-error [a-z-]+)?")
 _ACL = re.compile(r"^\s+acl is_(\S+) path (\S+)\s*$")  # Serve's exact-path ACL of a backend's route prefix
 
 
@@ -96,6 +105,8 @@ def frontend_rules(map_path: str) -> list[str]:
         f" if {{ var({KEY_VAR}) -m found }} {{ var({_SECOND_VAR}) -m found }}",
         f"    http-request set-var({KEY_VAR}) req.body,json_query('$.prompt'),bytes(0,{KEY_BYTES})"
         " if ray_dstack_prefix_routed { path_end /v1/completions }",
+        # An empty prompt is no prefix: it keeps least connections rather than piling onto one replica.
+        f"    http-request unset-var({KEY_VAR}) if {{ var({KEY_VAR}) -m len 0 }}",
     ]
 
 
@@ -133,8 +144,13 @@ def backend_section(backend: str, server_lines: list[str]) -> list[str]:
         "    http-reuse always",
     ]
     for m in parsed:
-        backup = " backup" if re.search(r"\sbackup\b", m.group(4)) else ""
-        lines.append(f"    server {m.group(2)} {m.group(3)} track {backend}/{m.group(2)} id {ids[m.group(2)]}{backup}")
+        options = m.group(4)
+        backup = " backup" if re.search(r"\sbackup\b", options) else ""
+        # Serve's fast mark-down (`observe layer4 error-limit N on-error mark-down`): connection errors of the
+        # ring's own traffic count too, not only the health checks.
+        observe = _OBSERVE.search(options)
+        lines.append(f"    server {m.group(2)} {m.group(3)} track {backend}/{m.group(2)} id {ids[m.group(2)]}"
+                     f"{' ' + observe.group(0) if observe else ''}{backup}")
     return lines
 
 

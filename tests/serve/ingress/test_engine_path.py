@@ -560,6 +560,21 @@ def test_the_wrapper_adds_the_engine_path_of_registered_engines(tmp_path, engine
     assert haproxy_v1.MARKER in text and f"    server a 127.0.0.1:{port} namespace {netns} track svc/a" in text
 
 
+def test_prefix_affinity_that_haproxy_refuses_leaves_the_engine_path_in(tmp_path, engine, monkeypatch):
+    from ray_dstack.serve.ingress import prefix_affinity
+
+    netns, port = engine
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
+    entries = tmp_path / engine_path.ENGINE_DIR_NAME
+    entries.mkdir()
+    engine_path.entry_path(entries, "a").write_text(_entry(netns, port=port).to_json())
+    monkeypatch.setattr(prefix_affinity, "inject", lambda config, map_path: config + "backend broken\n    nonsense\n")
+    haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
+    text = cfg.read_text()
+    assert engine_path.MARKER in text and "nonsense" not in text
+
+
 # --- back-pressure: Serve's max_ongoing_requests as the engine server's maxconn -------------------------------
 
 

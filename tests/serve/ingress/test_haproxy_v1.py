@@ -233,7 +233,7 @@ def test_prepare_leaves_out_an_addition_haproxy_refuses_and_keeps_the_v1_rules(t
     monkeypatch.setattr(prefix_affinity, "inject", lambda config, map_path: config + "backend broken\n    nonsense\n")
     assert haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))[3] == {}
     assert haproxy_v1.MARKER in cfg.read_text() and "nonsense" not in cfg.read_text()
-    assert "prefix affinity and the engine path left out, haproxy -c refused it" in capfd.readouterr().err
+    assert "prefix affinity left out, haproxy -c refused it" in capfd.readouterr().err
 
 
 def test_prepare_builds_the_map_for_this_haproxys_backends(tmp_path):

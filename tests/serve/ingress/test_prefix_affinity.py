@@ -38,6 +38,7 @@ frontend http_frontend
 backend svc
     option httpchk GET /-/healthz
     http-check expect status 200
+    timeout check 5s
 {servers}
 backend gw
     server g 127.0.0.1:{g}
@@ -108,7 +109,7 @@ def _haproxy(tmp_path: Path, replicas, order=REPLICAS):
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=20)
     admin = v1_routes.HAProxyAdmin(str(tmp_path / "admin.sock"))
     try:
-        wait_until(lambda: os.path.exists(admin.path) and admin.pid() == proc.pid and _up(admin) == len(order),
+        wait_until(lambda: os.path.exists(admin.path) and admin.pid() == proc.pid and _up(admin) == set(order),
                    timeout=20, interval=0.05,
                    what="haproxy with every replica up")
         yield client, admin, prefix_map
@@ -118,9 +119,15 @@ def _haproxy(tmp_path: Path, replicas, order=REPLICAS):
         proc.wait(10)
 
 
-def _up(admin: v1_routes.HAProxyAdmin) -> int:
+def _status(admin: v1_routes.HAProxyAdmin) -> dict[str, str]:
+    """Each server of Serve's backend → its check status (`UP`, `DOWN`, or `UP 1/3` on its way down)."""
     rows = [line.split(",") for line in admin.command("show stat").splitlines() if line.startswith("svc,")]
-    return sum(1 for row in rows if row[1] not in ("FRONTEND", "BACKEND") and row[17] == "UP")
+    return {row[1]: row[17] for row in rows if row[1] not in ("FRONTEND", "BACKEND")}
+
+
+def _up(admin: v1_routes.HAProxyAdmin) -> set[str]:
+    """The servers of Serve's backend that its health checks hold fully up."""
+    return {name for name, status in _status(admin).items() if status == "UP"}
 
 
 def _system(i: int) -> str:
@@ -177,7 +184,8 @@ def test_a_replica_that_goes_down_moves_only_its_own_prefixes(tmp_path, replicas
         victim = max(set(before.values()), key=list(before.values()).count)
         replicas[victim].RequestHandlerClass.healthy = False
         try:
-            wait_until(lambda: _up(admin) == len(REPLICAS) - 1, timeout=10, interval=0.05, what="the replica down")
+            wait_until(lambda: _status(admin) == {n: "DOWN" if n == victim else "UP" for n in REPLICAS}, timeout=10,
+                       interval=0.05, what="the replica down, the others up")
             after = {i: _chat(client, _system(i), "q") for i in range(12)}
         finally:
             replicas[victim].RequestHandlerClass.healthy = True
@@ -208,7 +216,9 @@ def test_requests_without_a_prompt_and_services_off_the_map_keep_least_connectio
         client.post("/svc/v1/embeddings", json={"model": MODEL, "input": "x"})
         image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
         client.post("/svc/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": image}]})
-        assert ring_sessions() == 1  # a GET, another route, a prompt without text: Serve's backend
+        client.post("/svc/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": ""}]})
+        client.post("/svc/v1/completions", json={"model": MODEL, "prompt": ""})
+        assert ring_sessions() == 1  # a GET, another route, a prompt without text or empty: Serve's backend
         # The policy switched off (the map sync empties the map): the same conversation spreads by least
         # connections again.
         admin.replace_map(prefix_map, {})
@@ -270,3 +280,14 @@ def test_the_wrapper_adds_the_rules_and_the_map_sync_keeps_the_prefix_map(tmp_pa
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_ring_servers_keep_serves_fast_mark_down_and_its_backup():
+    lines = ["    server r1 10.0.0.1:30001 check observe layer4 error-limit 10 on-error mark-down",
+             "    server SERVE_PROXY_ACTOR-x 10.0.0.9:8000 check backup"]
+    section = prefix_affinity.backend_section("http-svc", lines)
+    ids = prefix_affinity.server_ids(["r1", "SERVE_PROXY_ACTOR-x"])
+    assert (f"    server r1 10.0.0.1:30001 track http-svc/r1 id {ids['r1']} observe layer4 error-limit 10 "
+            "on-error mark-down") in section
+    assert f"    server SERVE_PROXY_ACTOR-x 10.0.0.9:8000 track http-svc/SERVE_PROXY_ACTOR-x " \
+           f"id {ids['SERVE_PROXY_ACTOR-x']} backup" in section
