@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 from ray.serve.config import AutoscalingConfig
 
 from ray_dstack.serve.scaling import autoscaling_policy
