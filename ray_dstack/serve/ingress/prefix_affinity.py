@@ -20,7 +20,7 @@ the replica from the prompt's leading content, with no router to run and no extr
 - **Bounded load**: `hash-balance-factor` (BALANCE_FACTOR %): a replica already serving more than that share
   of the mean is passed over for the next one on the ring, so one hot prefix cannot pile onto one replica. The
   load is what this HAProxy process has in flight on the service's ring: not the replica's other requests, nor
-  other nodes'.
+  other nodes'. Each of HAProxy's threads checks the bound alone, so a burst can pass it by a request per thread.
 - **What keeps least-connections**: requests without a key (other routes, `GET`s, a prompt that is not text or
   is empty, a first message that does not fit in HAProxy's buffer, a body slower than BODY_WAIT_S, a route
   prefix of more than one path segment) go to Serve's own backend, as before. A body larger than the buffer is
