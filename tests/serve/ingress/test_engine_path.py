@@ -548,13 +548,19 @@ def test_entries_round_trip_and_a_dead_replicas_entry_is_skipped(tmp_path, engin
     assert engine_path.read_entries(tmp_path) == [alive]
 
 
-def test_the_wrapper_adds_the_engine_path_of_registered_engines(tmp_path, engine):
-    netns, port = engine
+def _serve_config_with_an_engine(tmp_path: Path, netns: str, port: int) -> Path:
+    """Serve's haproxy.cfg, and replica a's engine registered beside it."""
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
     entries = tmp_path / engine_path.ENGINE_DIR_NAME
     entries.mkdir()
     engine_path.entry_path(entries, "a").write_text(_entry(netns, port=port).to_json())
+    return cfg
+
+
+def test_the_wrapper_adds_the_engine_path_of_registered_engines(tmp_path, engine):
+    netns, port = engine
+    cfg = _serve_config_with_an_engine(tmp_path, netns, port)
     haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
     text = cfg.read_text()
     assert haproxy_v1.MARKER in text and f"    server a 127.0.0.1:{port} namespace {netns} track svc/a" in text
@@ -564,11 +570,7 @@ def test_prefix_affinity_that_haproxy_refuses_leaves_the_engine_path_in(tmp_path
     from ray_dstack.serve.ingress import prefix_affinity
 
     netns, port = engine
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(SERVE_LIKE.format(socket=str(tmp_path / "admin.sock"), port=free_port(), a=2, b=3, g=4))
-    entries = tmp_path / engine_path.ENGINE_DIR_NAME
-    entries.mkdir()
-    engine_path.entry_path(entries, "a").write_text(_entry(netns, port=port).to_json())
+    cfg = _serve_config_with_an_engine(tmp_path, netns, port)
     monkeypatch.setattr(prefix_affinity, "inject", lambda config, map_path: config + "backend broken\n    nonsense\n")
     haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
     text = cfg.read_text()
