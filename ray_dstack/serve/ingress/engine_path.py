@@ -55,7 +55,7 @@ So this module writes HAProxy rules that send exactly those requests to the engi
   in-flight streams gauge (HAProxy's log has no time to the first body byte, and counting SSE events is
   per-chunk work).
 
-This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
+This module is pure and imports nothing but the standard library and serve_haproxy_config.py: the HAProxy wrapper
 (haproxy_v1.py) runs it on every reload.
 """
 
@@ -67,6 +67,8 @@ import re
 from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
+
+from ray_dstack.serve.ingress.serve_haproxy_config import backend_prefixes, backend_servers, sectioned
 
 MARKER = "# ray-dstack: the engine path"
 ENGINE_BACKEND_SUFFIX = "--engine"
@@ -290,11 +292,8 @@ def inject(config: str, routes: list[EngineRoute], log_socket: str | None = None
     if logged:
         rules.append(f"    log {log_socket} len 8192 format rfc5424 local1 {LOG_LEVEL}")
     out: list[str] = []
-    section = ""
     added = sd_added = False
-    for line in config.split("\n"):
-        if line and not line[0].isspace():
-            section = line.strip()
+    for section, line in sectioned(config):
         if section == "frontend http_frontend":
             if logged and _SD_LINE.match(line):  # Serve's per-request metrics line: one more element
                 line = line.rstrip()[:-1] + LOG_SD + '"'
@@ -319,12 +318,8 @@ _SD_LINE = re.compile(r'^\s+log-format-sd ".*"\s*$')
 def _extensible_sd(config: str) -> bool:
     """Whether `frontend http_frontend` has at most one `log-format-sd`, in the quoted shape `inject` extends (a
     second one would replace Serve's, whose element Serve's metrics read)."""
-    section, found = "", []
-    for line in config.split("\n"):
-        if line and not line[0].isspace():
-            section = line.strip()
-        elif section == "frontend http_frontend" and line.split(None, 1)[:1] == ["log-format-sd"]:
-            found.append(line)
+    found = [line for section, line in sectioned(config)
+             if section == "frontend http_frontend" and line.split(None, 1)[:1] == ["log-format-sd"]]
     return not found or (len(found) == 1 and _SD_LINE.match(found[0]) is not None)
 
 
@@ -394,29 +389,15 @@ def read_entries(directory: str | Path) -> list[Entry]:
     return [entry for _, entry in entry_files(directory) if Path(NETNS_DIR, entry.netns).exists()]
 
 
-_ACL = re.compile(r"^\s+acl is_(\S+) path (\S+)\s*$")
-_SERVER = re.compile(r"^\s+server (\S+) (\S+)")
-
-
 def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
     """The engine routes of this node's entries in Serve's configuration: an entry counts when its server is in
     the backend whose exact-path ACL is the entry's prefix (a replica Serve no longer lists, or another
     application at that prefix now, gets nothing)."""
-    prefix_of: dict[str, str] = {}  # backend → its route prefix (`acl is_<backend> path <prefix>`)
-    servers: dict[str, dict[str, str]] = {}  # backend → its servers' names → addresses, in the file's order
-    backend = None
-    for line in config.split("\n"):
-        if line and not line[0].isspace():
-            words = line.split()
-            backend = words[1] if len(words) > 1 and words[0] == "backend" else None
-            continue
-        acl = _ACL.match(line)
-        if acl:
-            prefix_of[acl.group(1)] = acl.group(2)
-        server = _SERVER.match(line)
-        if backend is not None and server and " backup" not in line:  # Serve's fallback to its proxy: not a replica
-            servers.setdefault(backend, {})[server.group(1)] = server.group(2)
-    by_prefix = {prefix: b for b, prefix in prefix_of.items()}
+    by_prefix = backend_prefixes(config)
+    # backend → its replicas' server names → addresses, in the file's order (Serve's fallback to its proxy, a
+    # `backup` server, is not a replica)
+    servers = {b: {s.name: s.address for s in listed if not s.backup}
+               for b, listed in backend_servers(config).items()}
     routes = []
     for prefix, group in _group(entries).items():
         b = by_prefix.get(prefix)
@@ -429,7 +410,7 @@ def routes_for(config: str, entries: list[Entry]) -> list[EngineRoute]:
         if any((e.model, e.token_sha256, e.upstream_prefix, e.timeout_s)
                != (first.model, first.token_sha256, first.upstream_prefix, first.timeout_s) for e in local):
             continue  # replicas of two versions of the service during a rollout: the replicas decide
-        shadowed = tuple(sorted(o for o, p in prefix_of.items() if o != b and p.startswith(prefix + "/")))
+        shadowed = tuple(sorted(o for p, o in by_prefix.items() if o != b and p.startswith(prefix + "/")))
         routes.append(EngineRoute(
             backend=b, prefix=prefix, model=first.model, token_sha256=first.token_sha256,
             servers=tuple(EngineServer(e.server, e.netns, e.port, e.max_ongoing) for e in local),

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ray_dstack.serve.ingress import engine_path, prefix_affinity
+from ray_dstack.serve.ingress.serve_haproxy_config import backend_prefixes, sectioned
 
 # Serve starts this program on every haproxy (re)load and waits for it: it imports nothing heavy (no pydantic), so
 # these two are spelled out here; tests/serve/ingress/test_haproxy_v1.py checks they equal ray_dstack.spec's.
@@ -81,12 +82,9 @@ def inject(config: str, map_path: str) -> str:
         return config
     lines = config.split("\n")
     out: list[str] = []
-    section = ""
     added_rules = added_retry = False
-    for line in lines:
+    for section, line in sectioned(config):
         stripped = line.strip()
-        if line and not line[0].isspace():
-            section = stripped
         if section == "defaults" and stripped.startswith("retry-on ") and not added_retry:
             kinds = [k for k in stripped.split()[1:] if k != "none"]  # `none` must stand alone
             kinds += [k for k in V1_RETRY_ON if k not in kinds]
@@ -266,17 +264,6 @@ def with_engine_path(config: str, directory: Path) -> str:
     return engine_path.inject(config, engine_path.routes_for(config, entries), log_socket=log_socket)
 
 
-def _distinct(candidates: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The candidates whose text differs from every earlier one's (an addition with nothing to add is no try)."""
-    seen: set[str] = set()
-    out = []
-    for text, left_out in candidates:
-        if text not in seen:
-            seen.add(text)
-            out.append((text, left_out))
-    return out
-
-
 def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str], dict[str, str]] | None:
     """Rewrite Serve's configuration in place with the rules, and the node's maps for it; returns (admin socket,
     map path, routes, backends by route prefix) for the map-sync process, or None without an admin socket.
@@ -292,7 +279,7 @@ def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str], di
         ours = inject(config, map_path)
         socket_path = admin_socket_of(config)
         routes = serve_routes(ours)
-        backends = prefix_affinity.backend_prefixes(ours)
+        backends = backend_prefixes(ours)
         table = read_table(str(directory / TABLE_FILE_NAME))
         write_atomically(map_path, map_text(routable(table, routes)))
         write_atomically(prefix_map_path, prefix_affinity.map_text(
@@ -300,12 +287,19 @@ def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str], di
         if ours == config:
             return _sync_args(socket_path, map_path, routes, backends, config)
         # The fullest configuration haproxy accepts: each addition that haproxy refuses is left out, with a word.
+        # The fallbacks are built only when needed (the engine path reads the node's entries).
         with_affinity = prefix_affinity.inject(ours, prefix_map_path)
-        candidates = [(with_engine_path(with_affinity, directory), ""), (with_affinity, "the engine path"),
-                      (with_engine_path(ours, directory), "prefix affinity"),
-                      (ours, "prefix affinity and the engine path")]
+        candidates = [(lambda: with_engine_path(with_affinity, directory), ""),
+                      (lambda: with_affinity, "the engine path"),
+                      (lambda: with_engine_path(ours, directory), "prefix affinity"),
+                      (lambda: ours, "prefix affinity and the engine path")]
         complaint = first_complaint = None
-        for text, left_out in _distinct(candidates):
+        tried: set[str] = set()
+        for build, left_out in candidates:
+            text = build()
+            if text in tried:
+                continue  # an addition with nothing to add is no try
+            tried.add(text)
             complaint = _checks_text(binary, config_path, text)
             if complaint is None:
                 break

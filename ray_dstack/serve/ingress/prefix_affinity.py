@@ -36,7 +36,7 @@ the replica from the prompt's leading content, with no router to run and no extr
 - **Why not Serve's own**: Serve's ingress request router (HAProxy mode) asks a Python deployment over HTTP for
   every request: the extra hop [3.4] rules out. Serve's HTTP prefix-aware routers do not apply in HAProxy mode.
 
-This module is pure and imports nothing of ray_dstack or beyond the standard library: the HAProxy wrapper
+This module is pure and imports nothing but the standard library and serve_haproxy_config.py: the HAProxy wrapper
 (haproxy_v1.py) runs it on every reload.
 """
 
@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+
+from ray_dstack.serve.ingress.serve_haproxy_config import Server, backend_prefixes, backend_servers, sectioned
 
 MARKER = "# ray-dstack: prefix affinity"
 BACKEND_SUFFIX = "--prefix"
@@ -60,10 +62,8 @@ BODY_WAIT_S = 10  # as haproxy_v1.BODY_WAIT_S: a slower body goes to Serve's bac
 # those points distinct between servers.
 ID_SPACE = 2**20 - 1
 _PLAIN = re.compile(r"[A-Za-z0-9._-]+")
-_SERVER = re.compile(r"^(\s+)server (\S+) (\S+)(.*)$")
 _USE_BACKEND = re.compile(r"^\s+use_backend (\S+) if is_(\S+)\s*$")
 _OBSERVE = re.compile(r"observe layer[47]( error-limit \d+)?( on-error [a-z-]+)?")
-_ACL = re.compile(r"^\s+acl is_(\S+) path (\S+)\s*$")  # Serve's exact-path ACL of a backend's route prefix
 
 
 def server_ids(names: list[str]) -> dict[str, int]:
@@ -110,31 +110,20 @@ def frontend_rules(map_path: str) -> list[str]:
     ]
 
 
-def _backends(config: str) -> dict[str, list[str]]:
-    """Serve's application backends that can have a ring: name → their `server` lines, in the file's order. Those
-    with a `use_backend <name> if is_<name>` rule in the frontend (neither `default_backend` nor ours), a route
-    prefix of one path segment (the map's key) and health-checked servers (a ring's servers track them)."""
+def _backends(config: str) -> dict[str, list[Server]]:
+    """Serve's application backends that can have a ring: name → their servers, in the file's order. Those with a
+    `use_backend <name> if is_<name>` rule in the frontend (neither `default_backend` nor ours), a route prefix of
+    one path segment (the map's key) and health-checked servers (a ring's servers track them)."""
     used = {m.group(1) for line in config.split("\n") if (m := _USE_BACKEND.match(line)) and m.group(1) == m.group(2)}
     one_segment = {b for prefix, b in backend_prefixes(config).items() if _PLAIN.fullmatch(prefix[1:])
                    and prefix.startswith("/")}
-    servers: dict[str, list[str]] = {}
-    backend = None
-    for line in config.split("\n"):
-        if line and not line[0].isspace():
-            words = line.split()
-            backend = (words[1] if len(words) == 2 and words[0] == "backend" and words[1] in used & one_segment
-                       else None)
-            continue
-        if backend is not None and (m := _SERVER.match(line)):
-            servers.setdefault(backend, []).append(line)
-    return {b: lines for b, lines in servers.items() if _PLAIN.fullmatch(b)
-            and all(re.search(r"\scheck\b", _SERVER.match(line).group(4)) for line in lines)}
+    return {b: servers for b, servers in backend_servers(config).items()
+            if b in used & one_segment and _PLAIN.fullmatch(b) and all(s.checked for s in servers)}
 
 
-def backend_section(backend: str, server_lines: list[str]) -> list[str]:
+def backend_section(backend: str, servers: list[Server]) -> list[str]:
     """`<backend>--prefix`: Serve's servers of `backend` on a consistent ring, each tracking its original."""
-    parsed = [m for line in server_lines if (m := _SERVER.match(line))]
-    ids = server_ids([m.group(2) for m in parsed])
+    ids = server_ids([s.name for s in servers])
     lines = [
         f"backend {backend}{BACKEND_SUFFIX}",
         f"    {MARKER}: {backend}'s replicas by the prompt's leading content",
@@ -143,14 +132,12 @@ def backend_section(backend: str, server_lines: list[str]) -> list[str]:
         f"    hash-balance-factor {BALANCE_FACTOR}",
         "    http-reuse always",
     ]
-    for m in parsed:
-        options = m.group(4)
-        backup = " backup" if re.search(r"\sbackup\b", options) else ""
+    for s in servers:
         # Serve's fast mark-down (`observe layer4 error-limit N on-error mark-down`): connection errors of the
         # ring's own traffic count too, not only the health checks.
-        observe = _OBSERVE.search(options)
-        lines.append(f"    server {m.group(2)} {m.group(3)} track {backend}/{m.group(2)} id {ids[m.group(2)]}"
-                     f"{' ' + observe.group(0) if observe else ''}{backup}")
+        observe = _OBSERVE.search(s.options)
+        lines.append(f"    server {s.name} {s.address} track {backend}/{s.name} id {ids[s.name]}"
+                     f"{' ' + observe.group(0) if observe else ''}{' backup' if s.backup else ''}")
     return lines
 
 
@@ -162,11 +149,8 @@ def inject(config: str, map_path: str) -> str:
     if not backends or MARKER in config or not _PLAIN.fullmatch(map_path.replace("/", "")):
         return config
     out: list[str] = []
-    section = ""
     added = False
-    for line in config.split("\n"):
-        if line and not line[0].isspace():
-            section = line.strip()
+    for section, line in sectioned(config):
         if section == "frontend http_frontend":
             if not added and line.strip().startswith("use_backend "):
                 out += frontend_rules(map_path)
@@ -183,11 +167,6 @@ def inject(config: str, map_path: str) -> str:
         return config
     sections = [line for b, servers in backends.items() for line in backend_section(b, servers)]
     return "\n".join(out).rstrip("\n") + "\n" + "\n".join(sections) + "\n"
-
-
-def backend_prefixes(config: str) -> dict[str, str]:
-    """Route prefix → Serve's backend for it, from the frontend's exact-path ACLs (`acl is_<backend> <prefix>`)."""
-    return {m.group(2): m.group(1) for line in config.split("\n") if (m := _ACL.match(line))}
 
 
 def map_text(entries: dict[str, str]) -> str:

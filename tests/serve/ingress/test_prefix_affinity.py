@@ -20,6 +20,7 @@ from conftest import free_port, wait_until
 from tests.support.haproxy_config import SERVE_PREAMBLE, answer_json
 
 from ray_dstack.serve.ingress import haproxy_v1, prefix_affinity, v1_routes
+from ray_dstack.serve.ingress.serve_haproxy_config import backend_servers
 
 MODEL = "acme/chat"
 REPLICAS = ("SERVE_REPLICA--svc--r-aaa", "SERVE_REPLICA--svc--r-bbb", "SERVE_REPLICA--svc--r-ccc")
@@ -285,7 +286,8 @@ def test_the_wrapper_adds_the_rules_and_the_map_sync_keeps_the_prefix_map(tmp_pa
 def test_ring_servers_keep_serves_fast_mark_down_and_its_backup():
     lines = ["    server r1 10.0.0.1:30001 check observe layer4 error-limit 10 on-error mark-down",
              "    server SERVE_PROXY_ACTOR-x 10.0.0.9:8000 check backup"]
-    section = prefix_affinity.backend_section("http-svc", lines)
+    servers = backend_servers("\n".join(["backend http-svc", *lines]))["http-svc"]
+    section = prefix_affinity.backend_section("http-svc", servers)
     ids = prefix_affinity.server_ids(["r1", "SERVE_PROXY_ACTOR-x"])
     assert (f"    server r1 10.0.0.1:30001 track http-svc/r1 id {ids['r1']} observe layer4 error-limit 10 "
             "on-error mark-down") in section
