@@ -8,7 +8,7 @@ jobs, Ray's own background work on the server core) moves one path against the o
 0.2 ms a target may allow. Here one Ray cluster serves both services (A, `svc-openai`: `$RAY_DSTACK_PORT`;
 B, `--b`: `svc-ns`, a fixed `--port 8000` in a network namespace of its own, `svc-rl`, a rate limit that never
 refuses, `gw-openai`, A's own service called through `/v1/chat/completions`, or `svc-prefix`, `routing: prefix`:
-HAProxy keys each chat by its prompt and picks the replica on a consistent ring), and each round measures A then B then
+HAProxy keys each chat by its prompt and sends it back to the replica its key went to last), and each round measures A then B then
 B then A with the same sequential client (non-streaming requests: end-to-end latency; streams: time to first
 token) and with `--concurrency` streams at once (tokens/s, 64 tokens at 50 tokens/s each, as in the bench), so
 drift cancels out of the per-round differences. Reported: each path's median over all rounds, and

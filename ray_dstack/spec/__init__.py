@@ -31,6 +31,12 @@ GATEWAY_IMPORT_PATH = "ray_dstack.serve.app:build_gateway"
 # Set by ray-dstack's rules in Serve's HAProxy (ray_dstack/serve/ingress/haproxy_v1.py) on a `/v1/...` request it sent
 # straight to the model's service, to the request's original path; removed from every request clients send.
 V1_ROUTE_HEADER = "x-ray-dstack-v1"
+# Set by the prefix-affinity rules (serve/ingress/prefix_affinity.py) on each request they route, removed from
+# clients' requests: how the replica was chosen, one of PREFIX_ROUTE_OUTCOMES (the replica counts them).
+PREFIX_ROUTE_HEADER = "x-ray-dstack-prefix-route"
+# `affinity`: back to the replica the prefix went to last; `spilled`: that replica carried more than its share;
+# `moved`: that replica is down or gone; `new`: no replica known for the prefix (least connections chose).
+PREFIX_ROUTE_OUTCOMES = ("affinity", "spilled", "moved", "new")
 # ray-dstack's namespace in Ray's internal KV: `registry_auth` for the replicas (ray_dstack/deploy/registry_auth.py),
 # image pull progress (serve/runtime/pull_progress.py), the /v1 model table (serve/ingress/v1_routes.py).
 KV_NAMESPACE = b"ray-dstack"

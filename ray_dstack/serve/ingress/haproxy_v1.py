@@ -31,13 +31,16 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ray_dstack.serve.ingress import engine_path, prefix_affinity
 from ray_dstack.serve.ingress.serve_haproxy_config import backend_prefixes, sectioned
+from ray_dstack.spec import PREFIX_ROUTE_HEADER
 
 # Serve starts this program on every haproxy (re)load and waits for it: it imports nothing heavy (no pydantic), so
 # these two are spelled out here; tests/serve/ingress/test_haproxy_v1.py checks they equal ray_dstack.spec's.
@@ -62,6 +65,7 @@ def frontend_rules(map_path: str) -> list[str]:
     return [
         f"    {MARKER} (ray_dstack/serve/ingress/haproxy_v1.py)",
         f"    http-request del-header {V1_ROUTE_HEADER}",
+        f"    http-request del-header {PREFIX_ROUTE_HEADER}",  # prefix_affinity.py's word to the replica
         f"    acl ray_dstack_v1 path_beg {GATEWAY_ROUTE_PREFIX}/",
         f"    http-request wait-for-body time {BODY_WAIT_S}s if ray_dstack_v1 METH_POST",
         f"    http-request set-var({var}) req.body,json_query('$.model'),map({map_path}) if ray_dstack_v1 METH_POST",
@@ -178,6 +182,57 @@ def map_text(entries: dict[str, str]) -> str:
     return "".join(f"{model} {prefix}\n" for model, prefix in sorted(entries.items()))
 
 
+def admin_command(path: str, line: str, timeout: float = 1.0) -> str:
+    """One command on HAProxy's admin socket (its non-interactive mode: the answer ends with the connection)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(line.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def save_prefix_tables(socket_path: str | None, config: str, directory: Path) -> None:
+    """Before a reload, in the process that becomes the new haproxy: the running haproxy's prefix tables
+    (prefix_affinity.py) into the file this haproxy's map sync restores, with what earlier files not restored yet
+    held (a reload before the last one's restore: the running haproxy's own rows win). Nothing is saved when no
+    haproxy answers (the node's first start) or the configuration has no table."""
+    tables = prefix_affinity.affinity_backends(config)  # each backend holds its own table
+    saved: dict[str, dict[str, int]] = {}
+    earlier = sorted(directory.glob(prefix_affinity.TABLE_STATE_PREFIX + "*.json"), key=_mtime)
+    for path in earlier:
+        if time.time() - _mtime(path) < prefix_affinity.TABLE_STATE_MAX_AGE_S:
+            try:
+                rows = json.loads(path.read_text())
+            except (OSError, ValueError):
+                rows = {}
+            for table, entries in rows.items() if isinstance(rows, dict) else ():
+                if isinstance(entries, dict):
+                    saved.setdefault(table, {}).update(entries)
+    if socket_path and tables and os.path.exists(socket_path):
+        try:
+            for table in tables:
+                saved.setdefault(table, {}).update(
+                    prefix_affinity.table_rows(admin_command(socket_path, f"show table {table}")))
+        except OSError as exc:  # a stale socket: the last haproxy is gone, and its tables with it
+            print(f"ray-dstack-haproxy: prefix tables not saved: {exc!r}", file=sys.stderr, flush=True)
+    saved = {table: rows for table, rows in saved.items() if table in tables and rows}
+    if saved:
+        write_atomically(str(directory / prefix_affinity.table_state_file(os.getpid())), json.dumps(saved))
+    for path in earlier:  # merged here, or too old: no other haproxy restores them now
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def admin_socket_of(config: str) -> str | None:
     """The path of the `stats socket` (HAProxy's admin socket) the configuration declares."""
     found = re.search(r"^\s*stats socket (\S+)", config, re.MULTILINE)
@@ -284,14 +339,15 @@ def prepare(binary: str, config_path: str) -> tuple[str, str, dict[str, str], di
         write_atomically(map_path, map_text(routable(table, routes)))
         write_atomically(prefix_map_path, prefix_affinity.map_text(
             prefix_affinity.map_entries(routing_policies(table, routes), backends)))
+        save_prefix_tables(socket_path, ours, directory)
         if ours == config:
             return _sync_args(socket_path, map_path, routes, backends, config)
         # The fullest configuration haproxy accepts: each addition that haproxy refuses is left out, with a word.
         # The fallbacks are built only when needed (the engine path reads the node's entries).
         with_affinity = prefix_affinity.inject(ours, prefix_map_path)
         candidates = [(lambda: with_engine_path(with_affinity, directory), ""),
-                      (lambda: with_affinity, "the engine path"),
                       (lambda: with_engine_path(ours, directory), "prefix affinity"),
+                      (lambda: with_affinity, "the engine path"),
                       (lambda: ours, "prefix affinity and the engine path")]
         complaint = first_complaint = None
         tried: set[str] = set()

@@ -18,11 +18,11 @@ the map, from which the wrapper builds the map the node's next haproxy starts wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +32,7 @@ from typing import Any
 from ray_dstack.spec import KV_NAMESPACE
 from ray_dstack.serve.ingress.haproxy_v1 import (
     SAFE_NAME,
+    admin_command,
     TABLE_FILE_NAME,
     decode_table,
     encode_table,
@@ -45,6 +46,7 @@ log = logging.getLogger("ray.serve")
 
 KV_KEY = b"v1-routes"
 POLL_S = 1.0
+RESTORE_WAIT_S = 10.0  # how long the map sync waits, polling fast, for its haproxy to answer before restoring
 ADMIN_TIMEOUT_S = 5.0
 
 
@@ -94,14 +96,7 @@ class HAProxyAdmin:
         self.timeout = timeout
 
     def command(self, line: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-            sock.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace")
+        return admin_command(self.path, line, self.timeout)
 
     def pid(self) -> int | None:
         """The pid of the haproxy answering on the socket (during a reload, the old one until the new takes over)."""
@@ -147,6 +142,8 @@ class MapSync:
         self.backends = backends or {}
         self.prefix_map_path = os.path.join(os.path.dirname(map_path), prefix_affinity.MAP_FILE_NAME)
         self.prefix_pushed: dict[str, str] | None = None
+        self.tables_path = os.path.join(os.path.dirname(map_path), prefix_affinity.table_state_file(haproxy_pid))
+        self.tables_restored = not self.backends
 
     def step(self) -> bool:
         """Push the map if it changed since the last push; True when haproxy's map is now the table's. Raises
@@ -157,6 +154,8 @@ class MapSync:
                 raise Superseded(f"haproxy {pid} answers on {self.admin.path}")
             return False  # during a reload the socket is the old haproxy's until this one takes over
         self.owned = True
+        if not self.tables_restored:
+            self.restore_prefix_tables()
         table = self.read_table()
         if table is None:
             return self.pushed is not None
@@ -177,6 +176,48 @@ class MapSync:
                          ", ".join(sorted(affinity.values())) or "no service")
                 self.prefix_pushed = affinity
         return True
+
+    def restore_prefix_tables(self) -> None:
+        """The prefix tables the previous haproxy had (haproxy_v1.save_prefix_tables), into this one, once."""
+        try:
+            saved = json.loads(Path(self.tables_path).read_text())
+        except (OSError, ValueError):
+            saved = {}
+        ours = set(self.backends.values())  # each backend holds its own table
+        restored = 0
+        for table, rows in saved.items() if isinstance(saved, dict) else ():
+            if table not in ours or not isinstance(rows, dict):
+                continue
+            # Not over a key this haproxy placed already: its newest cache is there.
+            placed = prefix_affinity.table_rows(self.admin.command(f"show table {table}"))
+            rows = {k: v for k, v in rows.items() if isinstance(k, str) and isinstance(v, int) and k not in placed}
+            for line in prefix_affinity.set_table_commands(table, rows):
+                answer = self.admin.command(line)
+                if answer.strip():  # not worth holding the maps back for: these prefixes are placed again
+                    log.warning("ray-dstack: set table %s in haproxy %d: %s", table, self.haproxy_pid,
+                                answer.strip()[:200])
+                    break
+            else:
+                restored += len(rows)
+        if restored:
+            log.info("ray-dstack: %d prefixes of the last haproxy restored in haproxy %d", restored, self.haproxy_pid)
+        self.tables_restored = True  # once: an OSError (haproxy going away) before this line tries again
+        with contextlib.suppress(OSError):
+            os.unlink(self.tables_path)
+
+    def restore_when_owned(self, timeout: float = RESTORE_WAIT_S) -> None:
+        """Restore the tables as soon as this haproxy answers (before anything slower, such as connecting to the
+        cluster): until then it places every prefix afresh."""
+        deadline = time.monotonic() + timeout
+        while not self.tables_restored and time.monotonic() < deadline:
+            try:
+                if self.admin.pid() == self.haproxy_pid:
+                    self.owned = True
+                    self.restore_prefix_tables()
+                    return
+            except OSError:
+                pass  # its socket not bound yet
+            time.sleep(0.05)
 
 
 def gcs_address() -> str:
@@ -212,14 +253,15 @@ def run(argv: list[str] | None = None) -> None:
                         help="JSON: route prefix → backend, when that haproxy has the prefix-affinity rules")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    sync = MapSync(lambda: None, HAProxyAdmin(args.socket), args.map, args.haproxy_pid, json.loads(args.routes),
+                   json.loads(args.backends))
+    sync.restore_when_owned()
     try:
-        read_table = kv_reader(gcs_address())
+        sync.read_table = kv_reader(gcs_address())
     except Exception as exc:  # noqa: BLE001 - no cluster here: the map haproxy loaded stays as it is
         log.warning("ray-dstack: /v1 map of haproxy %d not kept current (no Ray cluster found: %r)",
                     args.haproxy_pid, exc)
         sys.exit(1)
-    sync = MapSync(read_table, HAProxyAdmin(args.socket), args.map, args.haproxy_pid, json.loads(args.routes),
-                   json.loads(args.backends))
     errors = 0
     while os.getppid() == args.haproxy_pid:  # ends with its haproxy (also PR_SET_PDEATHSIG)
         try:

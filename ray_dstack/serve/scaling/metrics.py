@@ -24,6 +24,8 @@ straight to the engine (the engine path), once from HAProxy's log line (ray_dsta
 requests and latency only, the latency from HAProxy's first byte of the request, so with its upload); a `/v1`
 request the gateway routes once at the gateway (its own 4xx included, with `service`/`model` empty when the model is unknown). Either way
 a model's `/v1` requests carry the same service, model and route tags. `route` is `chat/completions`, `completions`, `models` or `other` (so tags stay bounded).
+A request routed by prefix (`routing: prefix`, ray_dstack/serve/ingress/prefix_affinity.py) is also counted by
+how HAProxy chose the replica (`prefix_routed`: affinity, spilled, moved, new), from the header HAProxy sets.
 
 Cost per request: a few Ray metric calls at the end of the request. Per streamed chunk: one `bytes.count`
 for the SSE `data:` events and an integer add; nothing is parsed. Output tokens of a stream are its SSE events
@@ -43,6 +45,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray_dstack.serve.transport.forward import path_below_root
+from ray_dstack.spec import PREFIX_ROUTE_HEADER, PREFIX_ROUTE_OUTCOMES
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,10 @@ class _Instruments:
         self.gateway_retries = Counter(
             PREFIX + "gateway_retries", "/v1 requests retried on another replica before their first byte",
             tag_keys=("service", "reason"))
+        self.prefix_routed = Counter(
+            PREFIX + "prefix_routed", "Requests HAProxy routed by prefix (`routing: prefix`), by how it chose this "
+            "replica: affinity (the prefix's own), spilled (its own carried too much), moved (its own is down or "
+            "gone), new (none known)", tag_keys=("service", "model", "replica", "outcome"))
         self.replica_rps = Gauge(
             PREFIX + REPLICA_RPS, "Requests per second a replica served over its scaling window",
             tag_keys=("service", "replica"))
@@ -154,6 +161,7 @@ class Recorder:
         self._tags: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._replica: str | None = None
         self._inflight: dict[tuple[str, str, str], int] = {}
+        self._prefix_tags: dict[str, dict[str, str]] = {}  # outcome → tags (PREFIX_ROUTE_OUTCOMES: bounded)
 
     def _tag(self, service: str, model: str, route: str, status: str = "") -> dict[str, str]:
         key = (service, model, route, status)
@@ -170,6 +178,19 @@ class Recorder:
         tags = self._tag(service, model, route, str(status))
         m.requests.inc(1, tags)
         m.latency.observe(latency_s, tags)
+
+    def prefix_routed(self, outcome: str) -> None:
+        """A request HAProxy's prefix rules sent here (`outcome`: one of PREFIX_ROUTE_OUTCOMES)."""
+        m = instruments()
+        if m is None:
+            return
+        tags = self._prefix_tags.get(outcome)
+        if tags is None:
+            if self._replica is None:
+                self._replica = _replica_id()
+            tags = self._prefix_tags[outcome] = {"service": self.service, "model": self.model,
+                                                 "replica": self._replica, "outcome": outcome}
+        m.prefix_routed.inc(1, tags)
 
     def answered(self, route: str, status: int, latency_s: float, *, service: str, model: str) -> None:
         """A request another process timed (HAProxy, for the engine path): count it and its latency."""
@@ -308,6 +329,9 @@ def _observe_service(replica, request, response, start: float):
         spec = replica.spec
         recorder = replica._metrics = Recorder(spec.name, spec.model.name if spec.model else "")
     route = route_tag(path_below_root(request.scope)) if recorder.model else OTHER_ROUTE
+    outcome = request.headers.get(PREFIX_ROUTE_HEADER)
+    if outcome is not None and outcome in PREFIX_ROUTE_OUTCOMES and recorder.model:
+        recorder.prefix_routed(outcome)
     return observe_response(recorder, response, route, start)
 
 

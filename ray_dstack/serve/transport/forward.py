@@ -9,6 +9,8 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from ray_dstack.spec import PREFIX_ROUTE_HEADER
+
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones a proxy recomputes.
 HOP_BY_HOP = frozenset(
     {
@@ -64,7 +66,8 @@ class Forwarder:
 
     def __init__(self, client: httpx.AsyncClient, *, strip_authorization: bool) -> None:
         self.client = client
-        drop = {"authorization"} if strip_authorization else set()
+        # The prefix rules' word to the replica (serve/scaling/metrics.py) is not the service's business.
+        drop = {"authorization", PREFIX_ROUTE_HEADER} if strip_authorization else {PREFIX_ROUTE_HEADER}
         self._drop_request = frozenset(drop)
 
     async def forward(self, request: Request, path: str | None = None) -> Response:

@@ -243,7 +243,7 @@ def test_prepare_builds_the_map_for_this_haproxys_backends(tmp_path):
         {"acme/a": ["/svc", "svc"], "acme/b": ["/other", "other"]}))
     socket_path, map_path, routes, backends = haproxy_v1.prepare(haproxy_v1.real_binary(), str(cfg))
     assert socket_path == str(tmp_path / "admin.sock") and routes["/svc"] == "svc"
-    assert backends == {}  # servers without health checks: no ring can track them, so no prefix affinity
+    assert backends == {}  # servers without health checks: prefix affinity adds nothing
     assert Path(map_path).read_text() == "acme/a /svc\n"
     assert haproxy_v1.MARKER in cfg.read_text()
     before = cfg.read_text()
