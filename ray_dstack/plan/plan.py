@@ -379,7 +379,9 @@ def _plan_group(
         name=name, commands=commands, env=dict(config.env), working_dir=config.working_dir,
         python=python, network_namespace=namespace,
         port=config.port.container_port, port_from_env=port_from_env, probes=probe_specs(config),
-        rate_limits=rate_limit_specs(config), routing=config.routing,
+        rate_limits=rate_limit_specs(config),
+        routing=defaults.routing(config.routing, model=config.model is not None, rate_limits=bool(config.rate_limits),
+                                 router=any(g.router is not None for g in config.groups or [])),
         # Each replica of the ingress group enforces 1/N of `rate_limits`; the other groups take no traffic
         # from Serve, and a count that is not in their spec lets Serve scale them without restarting them.
         replicas=group.replicas.min or 0 if index == ingress else 1,

@@ -70,7 +70,7 @@ def test_summary_of_a_model_service_with_scaling():
     assert summary["replicas"]["running"] == 1 and summary["replicas"]["target"] == 2
     assert [r["node_ip"] for r in summary["replicas"]["items"]] == ["10.0.0.1", "10.0.0.2"]
     assert summary["model"] == {"name": "m1", "format": "openai", "openai_base_url": "http://head.example:8100/v1",
-                                "routing": "least_connections"}
+                                "routing": "prefix"}
     assert summary["auth"] is True
     assert summary["scaling"]["min"] == 1 and summary["scaling"]["max"] == 3 and summary["scaling"]["target_rps"] == 10
     apps.with_measured_rps([summary], [METRICS])

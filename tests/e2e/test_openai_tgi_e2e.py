@@ -188,7 +188,7 @@ def test_deploy_fails_for_unknown_or_gated_model_and_a_token_fixes_gated(cli_clu
         "name": gated_model,
         "format": "tgi",
         "openai_base_url": f"{cli_cluster.http}/v1",
-        "routing": "least_connections",
+        "routing": "prefix",  # the default for a model service
     }
 
     # Each service's token opens its own model only.

@@ -75,11 +75,26 @@ def test_routing_prefix_reaches_the_spec_the_gateways_table_and_the_plan():
     assert apps.gateway_routes({"svc": plan.application()})["m"]["routing"] == "prefix"
 
 
-def test_least_connections_is_the_default_and_leaves_the_serve_config_as_it_was():
-    plan = build_plan(load(BASE + "model: m\n"))
-    assert "routing" not in plan.application()["args"]["service"]  # running services are not restarted
-    assert "routing: least connections" in plan.summary_lines()
+def test_prefix_is_the_default_for_a_model_service():
+    plan = build_plan(load(BASE + "model: m\nreplicas: 2\n"))
+    assert ServiceSpec.model_validate(plan.application()["args"]["service"]).routing == "prefix"
+    assert any(line.startswith("routing: prefix affinity") for line in plan.summary_lines())
+
+
+def test_least_connections_without_a_model_with_rate_limits_or_chosen_leaves_the_serve_config_as_it_was():
+    limits = "rate_limits:\n  - {prefix: /, rps: 5}\n"
+    for text in (BASE, BASE + "model: m\n" + limits, BASE + "model: m\nrouting: least_connections\n"):
+        plan = build_plan(load(text))
+        assert "routing" not in plan.application()["args"]["service"], text  # running services are not restarted
     assert not any(line.startswith("routing:") for line in build_plan(load(BASE)).summary_lines())
+    assert "routing: least connections" in build_plan(load(BASE + "model: m\n" + limits)).summary_lines()
+
+
+def test_prefix_routing_and_rate_limits_are_refused_together():
+    from tests.support.config_helpers import errors
+
+    err = errors(BASE + "model: m\nrouting: prefix\nrate_limits:\n  - {prefix: /, rps: 5}\n")
+    assert any(p.path == "routing" and "rate_limits" in p.message for p in err.problems), str(err)
 
 
 def test_a_router_group_and_prefix_routing_are_refused():
@@ -100,3 +115,8 @@ groups:
 """
     err = errors(text)
     assert any(p.path == "routing" and "router" in p.message for p in err.problems), str(err)
+    # Without `routing`, the router group picks the worker: least connections to the router, no error.
+    from tests.plan.test_plan_groups import specs
+
+    plan = build_plan(load(text.replace("routing: prefix\n", "")))
+    assert {spec.routing for spec in specs(plan).values()} == {"least_connections"}

@@ -135,12 +135,13 @@ class ServiceConfig(CoreModel):
         "`probes: []` turns it off",
     )
     rate_limits: list[RateLimit] = Field(default_factory=list, description="Per-client request rate limits")
-    routing: Literal["least_connections", "prefix"] = Field(
-        "least_connections",
+    routing: Optional[Literal["least_connections", "prefix"]] = Field(
+        None,
         description="ray-dstack's own (dstack has no such field): how the ingress picks a replica for the model's "
-        "chat/completions requests. `least_connections`: the least busy one; `prefix`: the one that served the "
-        "same prompt start before (its KV cache holds it), passed over while it carries 1.5x the mean of the requests "
-        "in flight",
+        "chat/completions requests. `least_connections`: the least busy one; `prefix`: the one the same prompt start "
+        "went to before (its KV cache holds it), passed over while it carries 1.5x the mean of the requests in "
+        "flight. Default: `prefix` for a `model` service without `rate_limits` or a `router` group, else "
+        "`least_connections`",
     )
 
     # dstack's container and service fields, honoured on Ray (ray_dstack/plan/container_fields.py).
@@ -362,6 +363,10 @@ class ServiceConfig(CoreModel):
         if self.routing == "prefix" and any(g.router is not None for g in self.groups or []):
             problems.append(at("routing", "`routing: prefix` and a `router` group: the router group picks the "
                                           "worker; leave `routing` out"))
+        if self.routing == "prefix" and self.rate_limits:
+            problems.append(at("routing", "`routing: prefix` and `rate_limits`: each replica enforces its share of "
+                                          "the limits, which holds only while a client's requests spread over the "
+                                          "replicas; use `routing: least_connections` or drop `rate_limits`"))
         if problems:
             raise ValueError(PROBLEM_SEP.join(problems))
         return self
