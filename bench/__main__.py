@@ -87,14 +87,9 @@ model:
 {extra}"""
 
 
-def router_service_yaml(name: str, model: str, *, rate: float, tokens: int) -> str:
-    """The same synthetic backend behind SGLang's router (SMG) in a router group (docs/groups.md): the path a
-    dstack 0.21 service with `router: {type: sglang}` takes, one worker."""
-    return f"""type: service
-name: {name}
-working_dir: {stack.REPO}
-port: 8000
-groups:
+def router_groups_yaml(policy: str, workers: int, worker_command: str) -> str:
+    """`groups:` of a service with an SGLang router group (docs/groups.md), SMG's `--policy` and its workers."""
+    return f"""groups:
   - name: router
     replicas: 1
     router:
@@ -102,12 +97,23 @@ groups:
     commands:
       - pip install --quiet smg
       - METRICS_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-      - exec smg launch --host 127.0.0.1 --port $RAY_DSTACK_PORT --prometheus-port $METRICS_PORT --policy round_robin
+      - exec smg launch --host 127.0.0.1 --port $RAY_DSTACK_PORT --prometheus-port $METRICS_PORT --policy {policy}
   - name: workers
-    replicas: 1
+    replicas: {workers}
     commands:
-      - exec {sys.executable} -m bench.synth --port $RAY_DSTACK_PORT --rate {rate} --tokens {tokens} --model {model}
-auth: false
+      - {worker_command}
+"""
+
+
+def router_service_yaml(name: str, model: str, *, rate: float, tokens: int) -> str:
+    """The same synthetic backend behind SGLang's router (SMG) in a router group (docs/groups.md): the path a
+    dstack 0.21 service with `router: {type: sglang}` takes, one worker."""
+    synth = f"exec {sys.executable} -m bench.synth --port $RAY_DSTACK_PORT --rate {rate} --tokens {tokens} --model {model}"
+    return f"""type: service
+name: {name}
+working_dir: {stack.REPO}
+port: 8000
+{router_groups_yaml("round_robin", 1, synth)}auth: false
 probes:
   - type: http
     url: /health

@@ -281,6 +281,9 @@ def test_a_hot_prefix_spreads_once_its_replica_carries_more_than_its_share(affin
     assert served.count(owner) <= 6 + 3 and len(set(served)) >= 2, served
 
 
+EXPORT_INTERVAL_S = 11  # Ray's metrics export interval (10 s) and a margin
+
+
 def _prefix_routed(url: str, replicas: set[str] | None = None) -> dict[str, dict[str, float]]:
     """ray_dstack_prefix_routed_total of the affinity service: replica → outcome → count."""
     out: dict[str, dict[str, float]] = {}
@@ -300,7 +303,15 @@ def test_a_replica_taken_out_of_haproxy_moves_exactly_its_own_prefixes(affinity,
     url = metrics_url()
     prefixes = range(100, 112)
     pid = live_admin().pid()
-    start = _prefix_routed(url)
+
+    def exported() -> dict | None:
+        """The counts once the earlier tests' are all exported (Ray exports every few seconds): two scrapes
+        an export interval apart agree."""
+        first = _prefix_routed(url)
+        time.sleep(EXPORT_INTERVAL_S)
+        return first if _prefix_routed(url) == first else None
+
+    start = affinity.wait_until(exported, timeout=90, interval=0.1, what="the earlier prefix_routed counts exported")
     before = _owners(affinity, client, prefixes)
     admin = live_admin()
     backend = f"http-{AFFINITY_NAME}"
@@ -329,6 +340,7 @@ def test_a_replica_taken_out_of_haproxy_moves_exactly_its_own_prefixes(affinity,
         now = _prefix_routed(url, replicas)
         delta = {how: sum(now.get(r, {}).get(how, 0) - start.get(r, {}).get(how, 0) for r in replicas)
                  for how in ("affinity", "spilled", "moved", "new")}
+        assert sum(delta.values()) <= sent, delta  # more would be requests counted twice, or another test's
         return delta if sum(delta.values()) == sent else None
 
     delta = affinity.wait_until(counted, timeout=60, interval=2, what="the replicas' prefix_routed counts")

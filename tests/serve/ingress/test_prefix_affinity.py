@@ -20,7 +20,7 @@ from conftest import free_port, wait_until
 from tests.support.haproxy_config import SERVE_PREAMBLE, answer_json
 
 from ray_dstack.serve.ingress import haproxy_v1, prefix_affinity, v1_routes
-from ray_dstack.serve.ingress.serve_haproxy_config import backend_servers, sectioned
+from ray_dstack.serve.ingress.serve_haproxy_config import sectioned
 
 MODEL = "acme/chat"
 REPLICAS = ("SERVE_REPLICA--svc--r-aaa", "SERVE_REPLICA--svc--r-bbb", "SERVE_REPLICA--svc--r-ccc")
