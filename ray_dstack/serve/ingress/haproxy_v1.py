@@ -201,16 +201,12 @@ def save_prefix_tables(socket_path: str | None, config: str, directory: Path) ->
     haproxy answers (the node's first start) or the configuration has no table."""
     tables = prefix_affinity.affinity_backends(config)  # each backend holds its own table
     saved: dict[str, dict[str, int]] = {}
-    earlier = sorted(directory.glob(prefix_affinity.TABLE_STATE_PREFIX + "*.json"), key=_mtime)
-    for path in earlier:
-        if time.time() - _mtime(path) < prefix_affinity.TABLE_STATE_MAX_AGE_S:
-            try:
-                rows = json.loads(path.read_text())
-            except (OSError, ValueError):
-                rows = {}
-            for table, entries in rows.items() if isinstance(rows, dict) else ():
-                if isinstance(entries, dict):
-                    saved.setdefault(table, {}).update(entries)
+    now = time.time()
+    earlier = sorted((_mtime(path), path) for path in directory.glob(prefix_affinity.TABLE_STATE_PREFIX + "*.json"))
+    for mtime, path in earlier:
+        if now - mtime < prefix_affinity.TABLE_STATE_MAX_AGE_S:
+            for table, rows in read_prefix_tables(path).items():
+                saved.setdefault(table, {}).update(rows)
     if socket_path and tables and os.path.exists(socket_path):
         try:
             for table in tables:
@@ -221,9 +217,21 @@ def save_prefix_tables(socket_path: str | None, config: str, directory: Path) ->
     saved = {table: rows for table, rows in saved.items() if table in tables and rows}
     if saved:
         write_atomically(str(directory / prefix_affinity.table_state_file(os.getpid())), json.dumps(saved))
-    for path in earlier:  # merged here, or too old: no other haproxy restores them now
+    for _, path in earlier:  # merged here, or too old: no other haproxy restores them now
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def read_prefix_tables(path: Path | str) -> dict[str, dict[str, int]]:
+    """A file save_prefix_tables wrote: table → key → replica id (what is not of that shape is left out)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {table: {k: v for k, v in rows.items() if isinstance(k, str) and isinstance(v, int)}
+            for table, rows in saved.items() if isinstance(rows, dict)}
 
 
 def _mtime(path: Path) -> float:

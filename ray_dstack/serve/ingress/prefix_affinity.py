@@ -61,7 +61,14 @@ import hashlib
 import re
 
 from ray_dstack.spec import PREFIX_ROUTE_HEADER
-from ray_dstack.serve.ingress.serve_haproxy_config import Server, backend_prefixes, backend_servers, sectioned
+from ray_dstack.serve.ingress.serve_haproxy_config import (
+    Server,
+    backend_prefixes,
+    backend_servers,
+    section_backend,
+    sectioned,
+    server_of,
+)
 
 MARKER = "# ray-dstack: prefix affinity"
 MAP_FILE_NAME = "ray-dstack-prefix.map"
@@ -88,7 +95,6 @@ BODY_WAIT_S = 10  # as haproxy_v1.BODY_WAIT_S: a slower body goes to Serve's bac
 ID_SPACE = 2**20 - 1
 _PLAIN = re.compile(r"[A-Za-z0-9._-]+")
 _USE_BACKEND = re.compile(r"^\s+use_backend (\S+) if is_(\S+)\s*$")
-_SERVER_NAME = re.compile(r"^\s+server (\S+) ")
 
 
 def server_ids(names: list[str]) -> dict[str, int]:
@@ -151,13 +157,13 @@ def affinity_backends(config: str) -> list[str]:
     return list(_backends(config))
 
 
-def backend_rules(backend: str, servers: list[Server]) -> list[str]:
+def backend_rules(backend: str, servers: list[Server], ids: dict[str, int]) -> list[str]:
     """Lines for Serve's `backend <backend>`, right after its header: its table of the replica each prefix went to
     last (`TABLE_*`), for the requests the frontend keyed for it. A prefix goes back to its replica unless that one
     is down or carries its share of the requests in flight times BALANCE_FACTOR %; a new one (or one passed over)
     goes where Serve's `balance leastconn` sends it, and the table then names that replica. ROUTED_HEADER tells the
-    replica which (metrics). Requests without a key are untouched: Serve's least connections."""
-    ids = server_ids([s.name for s in servers])
+    replica which (metrics). Requests without a key are untouched: Serve's least connections. `ids`: `server_ids`
+    of the servers."""
     keyed = f"ray_dstack_prefix_keyed {{ var({BACKEND_VAR}) -m str {backend} }}"
     lines = [
         f"    {MARKER}: the replica by the prompt's leading content (ray_dstack/serve/ingress/prefix_affinity.py)",
@@ -198,16 +204,16 @@ def inject(config: str, map_path: str) -> str:
     out: list[str] = []
     added = False
     for section, line in sectioned(config):
-        words = section.split()
-        backend = words[1] if len(words) == 2 and words[0] == "backend" and words[1] in backends else None
+        backend = section_backend(section)
+        backend = backend if backend in backends else None
         if section == "frontend http_frontend" and not added and line.strip().startswith("use_backend "):
             out += frontend_rules(map_path)
             added = True
-        if backend is not None and (m := _SERVER_NAME.match(line)) and " id " not in line:
-            line = f"{line.rstrip()} id {ids[backend][m.group(1)]}"
+        if backend is not None and (server := server_of(line)) is not None and " id " not in line:
+            line = f"{line.rstrip()} id {ids[backend][server.name]}"
         out.append(line)
         if backend is not None and line.strip() == section:
-            out += backend_rules(backend, backends[backend])
+            out += backend_rules(backend, backends[backend], ids[backend])
     return "\n".join(out) if added else config
 
 

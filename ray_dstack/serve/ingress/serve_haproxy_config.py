@@ -46,11 +46,22 @@ def backend_prefixes(config: str) -> dict[str, str]:
     return {m.group(2): m.group(1) for line in config.split("\n") if (m := _ACL.match(line))}
 
 
+def section_backend(section: str) -> str | None:
+    """The backend a section header names (`backend <name>`), or None for any other section."""
+    words = section.split()
+    return words[1] if len(words) > 1 and words[0] == "backend" else None
+
+
+def server_of(line: str) -> Server | None:
+    """The `server` a line declares, or None."""
+    m = _SERVER.match(line)
+    return Server(m.group(1), m.group(2), m.group(3)) if m else None
+
+
 def backend_servers(config: str) -> dict[str, list[Server]]:
     """Each backend → its `server` lines, in the file's order (backends without one are left out)."""
     servers: dict[str, list[Server]] = {}
     for section, line in sectioned(config):
-        words = section.split()
-        if len(words) > 1 and words[0] == "backend" and (m := _SERVER.match(line)):
-            servers.setdefault(words[1], []).append(Server(m.group(1), m.group(2), m.group(3)))
+        if (backend := section_backend(section)) is not None and (server := server_of(line)) is not None:
+            servers.setdefault(backend, []).append(server)
     return servers

@@ -36,6 +36,7 @@ from ray_dstack.serve.ingress.haproxy_v1 import (
     TABLE_FILE_NAME,
     decode_table,
     encode_table,
+    read_prefix_tables,
     routable,
     routing_policies,
     write_atomically,
@@ -179,18 +180,14 @@ class MapSync:
 
     def restore_prefix_tables(self) -> None:
         """The prefix tables the previous haproxy had (haproxy_v1.save_prefix_tables), into this one, once."""
-        try:
-            saved = json.loads(Path(self.tables_path).read_text())
-        except (OSError, ValueError):
-            saved = {}
         ours = set(self.backends.values())  # each backend holds its own table
         restored = 0
-        for table, rows in saved.items() if isinstance(saved, dict) else ():
-            if table not in ours or not isinstance(rows, dict):
+        for table, rows in read_prefix_tables(self.tables_path).items():
+            if table not in ours:
                 continue
             # Not over a key this haproxy placed already: its newest cache is there.
             placed = prefix_affinity.table_rows(self.admin.command(f"show table {table}"))
-            rows = {k: v for k, v in rows.items() if isinstance(k, str) and isinstance(v, int) and k not in placed}
+            rows = {k: v for k, v in rows.items() if k not in placed}
             for line in prefix_affinity.set_table_commands(table, rows):
                 answer = self.admin.command(line)
                 if answer.strip():  # not worth holding the maps back for: these prefixes are placed again
